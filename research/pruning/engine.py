@@ -1,0 +1,408 @@
+"""The hook engine: applies a scorer and a pruning plan to a Hugging Face VLM through forward hooks.
+
+No transformers code is copied or patched. The hooks, per forward of the multimodal model:
+
+* multimodal model, pre-hook: reads image / question positions from ``input_ids`` (prefill) or
+  notices a cached decode step;
+* language model, pre-hook: the vision-language interface. Keeps a reference to the LLM input
+  embeddings; with location -1 it prunes ``inputs_embeds`` and slices mask and positions;
+* decoder layer 0, pre-hook: keeps the per-call kwargs every layer receives (mask, cos/sin,
+  position ids), which later stages slice;
+* ``q_proj`` / ``k_proj`` of pruning layers, forward hooks (prefill): keep references to the
+  layer's own projections, from which attention rows are recomputed only if a scorer asks;
+* pruning layer, forward hook (prefill): scores the vision tokens, keeps the top-k and gathers
+  the layer output;
+* every later layer, pre-hook: swaps in the mask / cos / sin / position ids sliced to the kept
+  tokens. In decode the kept set is fixed; mask columns are remapped to ``kept ∪ new tokens``
+  for each stage's KV cache (DynamicCache, StaticCache and no cache alike).
+
+Tokens keep their original rotary positions unless the plan says ``positions="compact"``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from research.models import adapter_for
+from research.pruning.plan import INTERFACE, PruningPlan
+from research.pruning.signals import InterfaceSignals, Signals, TokenLayout, gather_seq, read_layout
+
+
+@dataclass
+class ForwardRecord:
+    """What one prefill did."""
+
+    tokens_per_layer: list[int]  # vision tokens each decoder layer ran on
+    kept: list[Tensor] = field(default_factory=list)  # per stage: [B, k] input_ids indices of kept vision tokens
+    locations: list[int] = field(default_factory=list)  # the stage of each entry of ``kept``
+    scoring_seconds: float = 0.0  # time spent computing signals, scores and top-k
+
+
+@dataclass
+class _Stage:
+    location: int
+    kept: Tensor  # [B, S_s] indices, in the coordinates of decoder layer 0's input, of the kept tokens
+    call_kwargs: dict | None = None  # sliced layer kwargs for the current call
+
+
+class _Timer:
+    """Accumulates wall time on CPU; CUDA events (read lazily) on GPU."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._events: list[tuple[Any, Any]] = []
+
+    def start(self, device: torch.device) -> Any:
+        if device.type == "cuda":
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            return begin
+        return time.perf_counter()
+
+    def stop(self, token: Any) -> None:
+        if isinstance(token, float):
+            self.seconds += time.perf_counter() - token
+        else:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((token, end))
+
+    def total(self) -> float:
+        if self._events:
+            torch.cuda.synchronize()
+            self.seconds += sum(b.elapsed_time(e) for b, e in self._events) / 1000.0
+            self._events.clear()
+        return self.seconds
+
+
+class _ForwardState:
+    """Per-prefill state, kept through the cached decode steps that follow it."""
+
+    def __init__(self, layout: TokenLayout) -> None:
+        self.input_layout = layout  # in input_ids coordinates
+        self.layout = layout  # of the current sequence (updated by every stage)
+        self.input_len = layout.seq_len
+        self.is_prefill = True
+        self.interface: InterfaceSignals | None = None
+        self.interface_kept: Tensor | None = None  # [B, S1] input_ids indices kept at location -1
+        self.base_layout = layout  # layout of decoder layer 0's input
+        self.base_len = layout.seq_len
+        self.stages: list[_Stage] = []
+        self.base_kwargs: dict | None = None
+        self.captured: dict[str, Tensor] = {}
+        self.memo: dict = {}
+        self.timer = _Timer()
+        self.record = ForwardRecord(tokens_per_layer=[])
+        self.recorded = False
+
+
+def _masked_value(mask: Tensor) -> Any:
+    return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+
+
+def slice_mask(mask: Tensor, rows: Tensor | None, columns: Tensor, width: int) -> Tensor:
+    """Remap a 4D mask [B or 1, 1, R, W] to the kept tokens.
+
+    ``rows`` [B, R'] selects query rows (None keeps them); ``columns`` [B, C] gives, for each key
+    slot of the pruned layer, the original column it corresponds to; slots whose column is >= W
+    (never written in a static cache) are masked out.
+    """
+    batch = columns.shape[0]
+    mask = mask.expand(batch, *mask.shape[1:])
+    if rows is not None:
+        mask = mask.gather(2, rows[:, None, :, None].expand(batch, 1, rows.shape[1], mask.shape[-1]))
+    original_width = mask.shape[-1]
+    out = mask.gather(3, columns.clamp(max=original_width - 1)[:, None, None, :].expand(
+        batch, 1, mask.shape[2], columns.shape[1]))
+    overflow = columns >= original_width
+    if width > original_width or bool(overflow.any()):
+        out = out.masked_fill(overflow[:, None, None, :], _masked_value(mask))
+    return out
+
+
+def _column_map(kept: Tensor, base_len: int, width: int) -> Tensor:
+    """[B, width]: kept tokens' original columns, then the tokens appended after the prompt."""
+    tail = torch.arange(base_len, base_len + width - kept.shape[1], device=kept.device)
+    return torch.cat([kept, tail.expand(kept.shape[0], -1)], dim=1)
+
+
+class PruningEngine:
+    """Context manager that installs the pruning hooks on ``model`` and removes them on exit.
+
+    Example::
+
+        plan = PruningPlan.of(locations=[2, 8], keep=[192, 64])
+        with PruningEngine(model, SCORERS.get("text_prior")(), plan) as engine:
+            model.generate(**inputs, max_new_tokens=8)
+        engine.records[-1].tokens_per_layer
+
+    Args:
+        model: a model with an adapter (``research.models.adapter_for``).
+        scorer: any registered scorer instance (``score(signals) -> [B, V]``, higher = keep).
+        plan: where to prune and how many vision tokens to keep.
+        replay: optional per-stage [B, k] input_ids indices of vision tokens to keep instead of
+            scoring (reproduces an earlier forward's choice exactly).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scorer: Any,
+        plan: PruningPlan,
+        replay: Sequence[Tensor] | None = None,
+        adapter: Any | None = None,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter or adapter_for(model)
+        self.scorer = scorer
+        self.plan = plan
+        plan.check(self.adapter.num_layers)
+        if replay is not None and len(replay) != len(plan.locations):
+            raise ValueError(f"replay has {len(replay)} stages but the plan has {len(plan.locations)}")
+        self.replay = list(replay) if replay is not None else None
+        self.records: list[ForwardRecord] = []
+        self._handles: list[Any] = []
+        self._state: _ForwardState | None = None
+        self._layer_locations = [x for x in plan.locations if x != INTERFACE]
+
+    # ---- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> PruningEngine:
+        a = self.adapter
+        self._hook_pre(a.multimodal_model, self._on_multimodal_input)
+        self._hook_pre(a.language_model, self._on_llm_input)
+        if self._layer_locations:
+            self._hook_pre(a.decoder_layers[0], self._on_first_layer)
+            first = self._layer_locations[0]
+            for idx in range(first + 1, a.num_layers):
+                self._hook_pre(a.decoder_layers[idx], self._make_slicer(idx))
+            for loc in self._layer_locations:
+                q_proj, k_proj = a.attention_projections(loc)
+                self._handles.append(q_proj.register_forward_hook(self._make_capture("q")))
+                self._handles.append(k_proj.register_forward_hook(self._make_capture("k")))
+                self._handles.append(
+                    a.decoder_layers[loc].register_forward_hook(self._make_pruner(loc), with_kwargs=True)
+                )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._finish_prefill()
+        self._state = None
+
+    @property
+    def last(self) -> ForwardRecord:
+        """The record of the most recent prefill."""
+        self._finish_prefill()
+        return self.records[-1]
+
+    def _hook_pre(self, module: nn.Module, fn: Any) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+    def _finish_prefill(self) -> None:
+        st = self._state
+        if st is not None and not st.recorded:
+            st.record.scoring_seconds = st.timer.total()
+            self.records.append(st.record)
+            st.recorded = True
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def _on_multimodal_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("the pruning engine needs input_ids to locate the image tokens")
+        self._finish_prefill()
+        if bool((input_ids == self.adapter.image_token_id).any()):
+            layout = read_layout(input_ids, self.adapter.image_token_id, kwargs.get("attention_mask"))
+            self._state = _ForwardState(layout)
+            num_vision = layout.vision.shape[1]
+            self.plan.check(self.adapter.num_layers, num_vision)
+            self._state.record.tokens_per_layer = self.plan.tokens_per_layer(self.adapter.num_layers, num_vision)
+            return
+        cache = kwargs.get("past_key_values")
+        if self._state is not None and cache is not None and int(cache.get_seq_length()) > 0:
+            self._state.is_prefill = False  # a cached decode step of the last prefill
+            self._state.base_kwargs = None
+            for stage in self._state.stages:
+                stage.call_kwargs = None
+        else:
+            self._state = None  # text-only forward: nothing to prune
+
+    def _on_llm_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        st = self._state
+        if st is None:
+            return None
+        if st.is_prefill:
+            st.interface = InterfaceSignals(kwargs["inputs_embeds"], st.layout)
+        if not self.plan.locations or self.plan.locations[0] != INTERFACE:
+            return None
+        if st.is_prefill:
+            self._prune_at_interface(st, kwargs)
+        kept = st.interface_kept
+        if kept is None:
+            return None
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if st.is_prefill:
+            kwargs["inputs_embeds"] = gather_seq(kwargs["inputs_embeds"], kept)
+        if mask is not None:
+            if mask.dim() == 2:
+                width = mask.shape[1] - (st.input_len - kept.shape[1])
+                columns = _column_map(kept, st.input_len, width)
+                kwargs["attention_mask"] = mask.gather(1, columns)
+            else:
+                width = self._kv_length(kwargs.get("past_key_values"), 0, mask, kept, st.input_len,
+                                        query_len=kept.shape[1] if st.is_prefill else mask.shape[2])
+                kwargs["attention_mask"] = slice_mask(
+                    mask, kept if st.is_prefill else None, _column_map(kept, st.input_len, width), width)
+        kwargs["position_ids"] = self._positions_at_interface(st, kwargs, kept)
+        return args, kwargs
+
+    def _prune_at_interface(self, st: _ForwardState, kwargs: dict) -> None:
+        k = self.plan.keep[0]
+        if self.replay is None and k >= st.layout.vision.shape[1]:
+            return
+        timer = st.timer.start(kwargs["inputs_embeds"].device)
+        signals = Signals(layout=st.layout, interface=st.interface, layer_idx=INTERFACE, stage=0, memo=st.memo)
+        kept, selected = self._select(st, signals, stage=0)
+        st.timer.stop(timer)
+        st.layout = st.layout.keep(kept, selected)
+        st.interface_kept = kept
+        st.base_layout, st.base_len = st.layout, kept.shape[1]
+
+    def _positions_at_interface(self, st: _ForwardState, kwargs: dict, kept: Tensor) -> Tensor:
+        pos = kwargs.get("position_ids")
+        pruned = st.input_len - kept.shape[1]
+        if st.is_prefill:
+            if pos is None:
+                pos = torch.arange(st.input_len, device=kept.device)[None]
+            pos = gather_seq(pos, kept)
+            if self.plan.positions == "compact":
+                pos = pos - (kept - torch.arange(kept.shape[1], device=kept.device))
+            return pos
+        if pos is None:
+            cache = kwargs["past_key_values"]
+            query_len = kwargs["inputs_embeds"].shape[1]
+            pos = (torch.arange(query_len, device=kept.device) + int(cache.get_seq_length()) + pruned)[None]
+        return pos - pruned if self.plan.positions == "compact" else pos
+
+    def _on_first_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._state is not None:
+            self._state.base_kwargs = kwargs
+
+    def _make_capture(self, name: str) -> Any:
+        def capture(module: nn.Module, args: tuple, output: Tensor) -> None:
+            st = self._state
+            if st is not None and st.is_prefill:
+                st.captured[name] = output
+
+        return capture
+
+    def _make_pruner(self, location: int) -> Any:
+        stage_idx = self.plan.locations.index(location)
+
+        def prune(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            st = self._state
+            if st is None or not st.is_prefill:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            k = self.plan.keep[stage_idx]
+            if self.replay is None and k >= st.layout.vision.shape[1]:
+                return None  # nothing to prune: the stage is a no-op
+            timer = st.timer.start(hidden.device)
+            cos, sin = kwargs["position_embeddings"]
+            signals = Signals(
+                layout=st.layout, interface=st.interface, layer_idx=location, stage=stage_idx,
+                q=st.captured.pop("q", None), k=st.captured.pop("k", None), cos=cos, sin=sin,
+                mask=kwargs.get("attention_mask"), num_heads=self.adapter.num_heads,
+                num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(location),
+                memo=st.memo,
+            )
+            kept, selected = self._select(st, signals, stage_idx)
+            st.timer.stop(timer)
+            st.layout = st.layout.keep(kept, selected)
+            previous = st.stages[-1].kept if st.stages else None
+            st.stages.append(_Stage(location, kept if previous is None else previous.gather(1, kept)))
+            hidden = gather_seq(hidden, kept)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return prune
+
+    def _select(self, st: _ForwardState, signals: Signals, stage: int) -> tuple[Tensor, Tensor]:
+        """Kept sequence slots [B, S'] and the kept vision tokens' vision indices [B, k]."""
+        layout = st.layout
+        if self.replay is not None:
+            wanted = self.replay[stage].to(layout.vision_orig.device)
+            is_kept = (layout.vision_orig[:, :, None] == wanted[:, None, :]).any(-1)  # [B, V]
+            k = wanted.shape[1]
+        else:
+            k = self.plan.keep[stage]
+            scores = self.scorer.score(signals)  # [B, V]
+            is_kept = torch.zeros_like(layout.vision, dtype=torch.bool)
+            is_kept.scatter_(1, scores.topk(k, dim=1).indices, True)
+        selected = torch.argsort((~is_kept).to(torch.uint8), dim=1, stable=True)[:, :k]  # ascending
+        keep = torch.ones_like(layout.valid)
+        keep.scatter_(1, layout.vision, False).scatter_(1, layout.vision.gather(1, selected), True)
+        new_len = layout.seq_len - (layout.vision.shape[1] - k)
+        kept = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :new_len]
+        st.record.kept.append(layout.vision_orig.gather(1, selected))
+        st.record.locations.append(self.plan.locations[stage])
+        return kept, selected
+
+    def _make_slicer(self, layer_idx: int) -> Any:
+        def slice_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            st = self._state
+            if st is None or st.base_kwargs is None:
+                return None
+            stage = None
+            for candidate in st.stages:
+                if candidate.location < layer_idx:
+                    stage = candidate
+            if stage is None:
+                return None
+            if stage.call_kwargs is None:
+                stage.call_kwargs = self._stage_kwargs(st, stage, layer_idx, args[0].shape[1])
+            return args, {**kwargs, **stage.call_kwargs}
+
+        return slice_inputs
+
+    def _stage_kwargs(self, st: _ForwardState, stage: _Stage, layer_idx: int, query_len: int) -> dict:
+        """Layer kwargs of this call sliced to the stage's kept tokens."""
+        base = st.base_kwargs
+        kept = stage.kept
+        cos, sin = base["position_embeddings"]
+        pos = base.get("position_ids")
+        mask = base.get("attention_mask")
+        out: dict[str, Any] = {}
+        if st.is_prefill:
+            cos, sin = gather_seq(cos, kept), gather_seq(sin, kept)
+            if pos is not None:
+                pos = gather_seq(pos, kept)
+        if mask is not None:
+            width = self._kv_length(base.get("past_key_values"), layer_idx, mask, kept, st.base_len, query_len)
+            out["attention_mask"] = slice_mask(
+                mask, kept if st.is_prefill else None, _column_map(kept, st.base_len, width), width)
+        if self.plan.positions == "compact" and pos is not None:
+            if st.is_prefill:
+                pos = pos - (kept - torch.arange(kept.shape[1], device=kept.device))
+            else:
+                pos = pos - (st.base_len - kept.shape[1])
+            cos, sin = self.adapter.rotary_emb(cos, position_ids=pos)
+        out["position_embeddings"] = (cos, sin)
+        if pos is not None:
+            out["position_ids"] = pos
+        return out
+
+    @staticmethod
+    def _kv_length(cache: Any, layer_idx: int, mask: Tensor, kept: Tensor, base_len: int, query_len: int) -> int:
+        """Key length the pruned layer will attend over in this call."""
+        if cache is not None and hasattr(cache, "layers") and layer_idx < len(cache.layers):
+            return int(cache.layers[layer_idx].get_mask_sizes(query_len)[0])
+        return mask.shape[-1] - (base_len - kept.shape[1])

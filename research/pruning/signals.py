@@ -1,0 +1,226 @@
+"""Signals a scorer may ask for, computed lazily from what the layer already computed.
+
+At a pruning layer the engine holds references to that layer's own ``q_proj`` / ``k_proj``
+outputs (captured by forward hooks, no extra projection), the layer's rotary cos/sin and
+attention mask. Attention rows are recomputed from those for the requested query subset only,
+so SDPA stays the model's attention implementation and nothing is run twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenLayout:
+    """Where each kind of token sits in the current (possibly already pruned) sequence.
+
+    ``text`` are the question tokens: the non-padding tokens after the last image token, read from
+    ``input_ids`` per sample. Rows have different numbers of them; ``text_valid`` marks real ones.
+    """
+
+    vision: Tensor  # [B, V] slots of the remaining vision tokens (ascending)
+    vision_orig: Tensor  # [B, V] their indices in the model's input_ids
+    text: Tensor  # [B, T] slots of question tokens (the last T slots)
+    text_valid: Tensor  # [B, T] bool
+    valid: Tensor  # [B, S] bool, False on left padding
+
+    @property
+    def seq_len(self) -> int:
+        return self.valid.shape[1]
+
+    def keep(self, kept: Tensor, selected: Tensor) -> TokenLayout:
+        """Layout after keeping sequence slots ``kept`` [B, S'] (ascending), among them the vision
+        tokens ``selected`` [B, k] (ascending indices into this layout's vision dimension)."""
+        keep = torch.zeros_like(self.valid).scatter_(1, kept, True)
+        new_slot = keep.cumsum(1) - 1  # [B, S] new index of each kept slot
+        return TokenLayout(
+            vision=new_slot.gather(1, self.vision.gather(1, selected)),
+            vision_orig=self.vision_orig.gather(1, selected),
+            text=new_slot.gather(1, self.text),
+            text_valid=self.text_valid,
+            valid=self.valid.gather(1, kept),
+        )
+
+
+def read_layout(input_ids: Tensor, image_token_id: int, attention_mask: Tensor | None) -> TokenLayout:
+    """Image and question positions of each row of ``input_ids`` [B, S] (left padding allowed).
+
+    One host sync (the number of image tokens); every row must hold the same number of them.
+    """
+    is_image = input_ids == image_token_id  # [B, S]
+    counts = is_image.sum(1).tolist()
+    if len(set(counts)) != 1:
+        raise ValueError(f"every row must hold the same number of image tokens, got {counts}")
+    num_vision = counts[0]
+    batch, seq_len = input_ids.shape
+    positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
+    # Stable argsort puts image slots first, in ascending order, without a data-dependent shape.
+    vision = torch.argsort((~is_image).to(torch.uint8), dim=1, stable=True)[:, :num_vision]  # [B, V]
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
+    last_image = vision[:, -1:]  # [B, 1]
+    num_text = int((seq_len - 1 - last_image).max()) if num_vision else seq_len
+    text = torch.arange(seq_len - num_text, seq_len, device=input_ids.device).expand(batch, num_text)
+    text_valid = (text > last_image) & valid.gather(1, text)
+    return TokenLayout(vision=vision, vision_orig=vision.clone(), text=text, text_valid=text_valid, valid=valid)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def gather_seq(x: Tensor, index: Tensor) -> Tensor:
+    """``x`` [B or 1, S, ...] gathered along the sequence at ``index`` [B, S'] -> [B, S', ...]."""
+    batch = index.shape[0]
+    x = x.expand(batch, *x.shape[1:])
+    view = index.view(*index.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, view.expand(*index.shape, *x.shape[2:]))
+
+
+def query_attention(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    query_slots: Tensor,
+    mask: Tensor | None,
+    num_heads: int,
+    num_kv_heads: int,
+    scaling: float,
+) -> Tensor:
+    """Head-averaged softmax attention of the queries at ``query_slots`` over all keys.
+
+    Args:
+        q: [B, S, H*hd] the layer's q_proj output. k: [B, S, Hkv*hd] its k_proj output.
+        cos, sin: [B or 1, S, hd] the layer's rotary embedding. query_slots: [B, Q].
+        mask: the layer's 4D mask [B or 1, 1, S, >=S] (bool: True = attend; float: additive), or
+            None for plain causal attention.
+    Returns: [B, Q, S] float32; rows that attend to nothing are 0.
+    """
+    batch, seq_len, _ = k.shape
+    head_dim = k.shape[-1] // num_kv_heads
+    groups = num_heads // num_kv_heads
+    num_queries = query_slots.shape[1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B or 1, 1, S, hd]
+    keys = k.view(batch, seq_len, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, hd]
+    keys = keys * cos + rotate_half(keys) * sin
+    queries = gather_seq(q, query_slots).view(batch, num_queries, num_heads, head_dim).transpose(1, 2)
+    cos_q = gather_seq(cos.squeeze(1), query_slots).unsqueeze(1)
+    sin_q = gather_seq(sin.squeeze(1), query_slots).unsqueeze(1)
+    queries = queries * cos_q + rotate_half(queries) * sin_q  # [B, H, Q, hd]
+    # Grouped-query attention without materialising repeated keys: head h uses kv head h // groups.
+    queries = queries.reshape(batch, num_kv_heads, groups * num_queries, head_dim)
+    scores = (queries @ keys.transpose(-1, -2)).float() * scaling  # [B, Hkv, g*Q, S]
+    scores = scores.view(batch, num_heads, num_queries, seq_len)
+    if mask is None:
+        keys_pos = torch.arange(seq_len, device=k.device)
+        allowed = keys_pos[None, None, :] <= query_slots[:, :, None]  # [B, Q, S]
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    else:
+        rows = mask.expand(batch, *mask.shape[1:])[:, 0, :, :seq_len]  # [B, S, S]
+        rows = rows.gather(1, query_slots[:, :, None].expand(batch, num_queries, seq_len))  # [B, Q, S]
+        if rows.dtype == torch.bool:
+            scores = scores.masked_fill(~rows[:, None], float("-inf"))
+        else:
+            scores = scores + rows[:, None].float()
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs.mean(1)  # [B, Q, S]
+
+
+@dataclass
+class InterfaceSignals:
+    """What is known at the vision-language interface, before the LLM runs."""
+
+    inputs_embeds: Tensor  # [B, S, D] the LLM's input embeddings (text + projected image features)
+    layout: TokenLayout
+
+    @cached_property
+    def text_embeds(self) -> Tensor:
+        """[B, T, D] original embeddings of the question tokens (invalid rows zeroed)."""
+        return gather_seq(self.inputs_embeds, self.layout.text) * self.layout.text_valid[..., None]
+
+    @cached_property
+    def vision_embeds(self) -> Tensor:
+        """[B, V, D] projected vision tokens as they enter the LLM."""
+        return gather_seq(self.inputs_embeds, self.layout.vision)
+
+
+@dataclass
+class Signals:
+    """Lazily computed scoring inputs at one pruning location (shapes per property)."""
+
+    layout: TokenLayout  # the current sequence's layout
+    interface: InterfaceSignals  # embeddings at the LLM input, for prompt-guided scorers
+    layer_idx: int  # -1 at the vision-language interface
+    stage: int
+    q: Tensor | None = None  # [B, S, H*hd]
+    k: Tensor | None = None  # [B, S, Hkv*hd]
+    cos: Tensor | None = None
+    sin: Tensor | None = None
+    mask: Tensor | None = None
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    scaling: float = 1.0
+    memo: dict = field(default_factory=dict)  # shared by all stages of one forward
+
+    def attention(self, query: str) -> Tensor:
+        """[B, Q, S] head-mean attention from ``query`` in {"text", "last", "all"} over all tokens."""
+        if query in self.memo.get(("attention", self.stage), {}):
+            return self.memo[("attention", self.stage)][query]
+        if self.q is None:
+            raise RuntimeError(
+                "attention signals exist only inside the LLM; this scorer cannot act at the "
+                "vision-language interface (location -1)"
+            )
+        slots = {
+            "text": lambda: self.layout.text,
+            "last": lambda: self.layout.text[:, -1:],
+            "all": lambda: torch.arange(self.layout.seq_len, device=self.q.device).expand(self.q.shape[0], -1),
+        }
+        if query not in slots:
+            raise ValueError(f"unknown attention query {query!r}; choose one of {sorted(slots)}")
+        result = query_attention(
+            self.q, self.k, self.cos, self.sin, slots[query](), self.mask,
+            self.num_heads, self.num_kv_heads, self.scaling,
+        )
+        self.memo.setdefault(("attention", self.stage), {})[query] = result
+        return result
+
+    @property
+    def text_valid(self) -> Tensor:
+        """[B, T] bool: real question tokens."""
+        return self.layout.text_valid
+
+    @property
+    def t2t(self) -> Tensor:
+        """[B, T, T] attention among question tokens (rows = queries); padding rows/cols are 0."""
+        a = gather_seq(self.attention("text").transpose(1, 2), self.layout.text).transpose(1, 2)
+        valid = self.layout.text_valid
+        return a * valid[:, :, None] * valid[:, None, :]
+
+    @property
+    def t2v(self) -> Tensor:
+        """[B, T, V] attention from question tokens to the remaining vision tokens."""
+        a = gather_seq(self.attention("text").transpose(1, 2), self.layout.vision).transpose(1, 2)
+        return a * self.layout.text_valid[:, :, None]
+
+    @property
+    def last_t2v(self) -> Tensor:
+        """[B, V] attention from the last instruction token to the vision tokens."""
+        return self.attention("last")[:, 0].gather(1, self.layout.vision)
+
+    @property
+    def all_t2v(self) -> Tensor:
+        """[B, V] attention received by each vision token, averaged over all non-padding queries."""
+        a = self.attention("all")  # [B, S, S]
+        received = (a * self.layout.valid[:, :, None]).sum(1) / self.layout.valid.sum(1, keepdim=True)
+        return received.gather(1, self.layout.vision)
+
+    @property
+    def num_vision(self) -> int:
+        return self.layout.vision.shape[1]
