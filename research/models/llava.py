@@ -77,12 +77,71 @@ class LlavaAdapter:
         attn_implementation: str = "sdpa",
         device: str | torch.device = "cpu",
     ) -> tuple[LlavaAdapter, Any]:
-        """Load a local checkpoint directory (safetensors) and its processor; never downloads."""
-        raise NotImplementedError
+        """Load a local checkpoint directory (safetensors) and its processor; never downloads.
+
+        Args:
+            path: Local Hugging Face LLaVA checkpoint directory (``config.json`` + ``*.safetensors``
+                + processor files).
+            dtype: Dtype of the loaded weights.
+            attn_implementation: Attention backend, e.g. ``"sdpa"`` or ``"eager"``.
+            device: Device the model is moved to.
+
+        Returns:
+            ``(adapter, processor)``; the processor's tokenizer pads on the left.
+
+        Raises:
+            FileNotFoundError: If ``path`` is not a directory holding a ``config.json``.
+        """
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: expected a local Hugging Face LLaVA checkpoint directory "
+                "(config.json + *.safetensors)"
+            )
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+        )
+        model = model.eval().to(device)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor.tokenizer.padding_side = "left"
+        return cls(model), processor
 
     def build_inputs(self, processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict:
-        """Batched, left-padded model inputs for (image, question) pairs in the model's chat format."""
-        raise NotImplementedError
+        """Batched, left-padded model inputs for (image, question) pairs in the model's chat format.
+
+        Each prompt comes from the processor's chat template when it has one, otherwise from
+        LLaVA-1.5's ``"USER: <image>\\n{question} ASSISTANT:"``; the processor expands ``<image>``
+        to the model's number of image tokens.
+
+        Args:
+            processor: The model's ``LlavaProcessor`` (e.g. from :meth:`from_pretrained`).
+            images: One image (e.g. a PIL image) per question.
+            questions: The questions, one per image.
+
+        Returns:
+            A ``BatchFeature`` with ``input_ids``, ``attention_mask`` and ``pixel_values`` on the
+            model's device, ``pixel_values`` in the model's dtype.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+        if getattr(processor, "chat_template", None):
+            prompts = [
+                processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                    add_generation_prompt=True,
+                )
+                for q in questions
+            ]
+        else:
+            prompts = [f"USER: <image>\n{q} ASSISTANT:" for q in questions]
+        inputs = processor(
+            images=list(images), text=prompts, return_tensors="pt", padding=True, padding_side="left"
+        )
+        inputs = inputs.to(self.model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
 
 
 def adapter_for(model: nn.Module) -> LlavaAdapter:

@@ -257,11 +257,11 @@ class PruningEngine:
                 width = mask.shape[1] - (st.input_len - kept.shape[1])
                 columns = _column_map(kept, st.input_len, width)
                 kwargs["attention_mask"] = mask.gather(1, columns)
-            else:
-                width = self._kv_length(kwargs.get("past_key_values"), 0, mask, kept, st.input_len,
-                                        query_len=kept.shape[1] if st.is_prefill else mask.shape[2])
-                kwargs["attention_mask"] = slice_mask(
-                    mask, kept if st.is_prefill else None, _column_map(kept, st.input_len, width), width)
+            elif st.is_prefill:
+                width = self._kv_length(kwargs.get("past_key_values"), 0, mask, kept, st.input_len, kept.shape[1])
+                kwargs["attention_mask"] = slice_mask(mask, kept, _column_map(kept, st.input_len, width), width)
+            # A 4D mask in decode was built by generate() from the (already pruned) cache of layer 0:
+            # it is in cache coordinates and needs no remapping.
         kwargs["position_ids"] = self._positions_at_interface(st, kwargs, kept)
         return args, kwargs
 

@@ -58,15 +58,23 @@ def read_layout(input_ids: Tensor, image_token_id: int, attention_mask: Tensor |
         raise ValueError(f"every row must hold the same number of image tokens, got {counts}")
     num_vision = counts[0]
     batch, seq_len = input_ids.shape
-    positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
     # Stable argsort puts image slots first, in ascending order, without a data-dependent shape.
     vision = torch.argsort((~is_image).to(torch.uint8), dim=1, stable=True)[:, :num_vision]  # [B, V]
-    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
+    valid = padding_from_mask(attention_mask, seq_len) if attention_mask is not None else torch.ones_like(is_image)
     last_image = vision[:, -1:]  # [B, 1]
     num_text = int((seq_len - 1 - last_image).max()) if num_vision else seq_len
     text = torch.arange(seq_len - num_text, seq_len, device=input_ids.device).expand(batch, num_text)
     text_valid = (text > last_image) & valid.gather(1, text)
     return TokenLayout(vision=vision, vision_orig=vision.clone(), text=text, text_valid=text_valid, valid=valid)
+
+
+def padding_from_mask(mask: Tensor, seq_len: int) -> Tensor:
+    """[B, S] bool, False on padding, from a 2D mask or a 4D one (generate builds 4D masks for
+    static caches): the last query of a prompt attends to every non-padding token."""
+    if mask.dim() == 2:
+        return mask.bool()
+    last_row = mask[:, 0, -1, :seq_len]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
 def rotate_half(x: Tensor) -> Tensor:
