@@ -1,0 +1,138 @@
+"""Schedule contract tests over every registered schedule, the budget solver and the paper's settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from research.pruning.plan import PruningPlan
+from schedules import COUNTING, SCHEDULES, Schedule, solve_budget
+
+NUM_VISION = 576
+# Defaults that legitimately need a deeper LLM: the paper's [1, 10, 20] needs >= 21 layers.
+# Below that the default must raise the range error, not return locations.
+MIN_LAYERS = {"layers": 21}
+
+
+@pytest.mark.parametrize("num_layers", [8, 16, 32])
+@pytest.mark.parametrize("name", SCHEDULES.names())
+def test_default_locations_contract(name: str, num_layers: int) -> None:
+    cls = SCHEDULES.get(name)
+    schedule = cls()
+    assert isinstance(schedule, Schedule)
+    if num_layers < MIN_LAYERS.get(name, 0):
+        with pytest.raises(ValueError, match="out of range"):
+            schedule.locations(num_layers)
+        return
+    locs = schedule.locations(num_layers)
+    assert locs and all(isinstance(x, int) for x in locs)
+    assert locs == sorted(set(locs))
+    lowest = -1 if cls.allows_interface else 0
+    assert all(lowest <= x < num_layers for x in locs)
+    assert cls().locations(num_layers) == locs  # deterministic
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+@pytest.mark.parametrize("num_layers", [8, 16, 32])
+@pytest.mark.parametrize("name", SCHEDULES.names())
+def test_default_solve_contract(name: str, num_layers: int, fraction: float) -> None:
+    schedule = SCHEDULES.get(name)()
+    if num_layers < MIN_LAYERS.get(name, 0):
+        schedule = SCHEDULES.get(name)(layers=[1, num_layers // 2])
+    locs = schedule.locations(num_layers)
+    # Layers before the first location always count all tokens ("post"): aim at least that high.
+    floor = max(locs[0], 0) * NUM_VISION / num_layers
+    target = max(fraction * NUM_VISION, floor)
+    budget = schedule.solve(num_layers, NUM_VISION, target)
+    assert budget.locations == tuple(locs)
+    assert list(budget.keep) == sorted(budget.keep, reverse=True)
+    assert all(0 <= k <= NUM_VISION for k in budget.keep)
+    assert abs(budget.reported_avg - target) <= 1
+
+
+@pytest.mark.parametrize("target", [64, 128])
+def test_paper_schedule_hits_target(target: int) -> None:
+    budget = solve_budget([1, 10, 20], 32, NUM_VISION, target)
+    assert abs(budget.reported_avg - target) <= 1
+    assert budget.counting == "post"
+    # A pruning layer runs at its pre-pruning size, so more tokens ran than the papers' count.
+    assert budget.computed_avg > budget.reported_avg
+    assert budget.computed_avg == sum(budget.tokens_per_layer()) / 32
+    assert budget.reported_avg == sum(budget.tokens_per_layer("post")) / 32
+    assert budget.tokens_per_layer() == budget.plan().tokens_per_layer(32, NUM_VISION)
+    assert isinstance(budget.plan("compact"), PruningPlan)
+
+
+@pytest.mark.parametrize("counting", COUNTING)
+def test_counting_conventions(counting: str) -> None:
+    budget = solve_budget([1, 10, 20], 32, NUM_VISION, 64, counting=counting)
+    assert abs(budget.reported_avg - 64) <= 1
+    post = budget.tokens_per_layer("post")
+    pre = budget.tokens_per_layer("pre")
+    assert post[:1] == [NUM_VISION] and pre[:2] == [NUM_VISION, NUM_VISION]
+    assert pre[1:] == post[:-1]  # "pre" lags "post" by one layer
+
+
+def test_interface_location_counts_equal() -> None:
+    budget = solve_budget([-1], 32, NUM_VISION, 64)
+    assert budget.keep == (64,)
+    assert budget.computed_avg == budget.reported_avg == 64
+
+
+def test_full_budget_keeps_everything() -> None:
+    budget = solve_budget([1, 10, 20], 32, NUM_VISION, NUM_VISION)
+    assert budget.keep == (NUM_VISION,) * 3
+    assert budget.reported_avg == budget.computed_avg == NUM_VISION
+
+
+def test_target_above_vision_tokens() -> None:
+    with pytest.raises(ValueError, match="576"):
+        solve_budget([1, 10, 20], 32, NUM_VISION, 700)
+
+
+def test_negative_target() -> None:
+    with pytest.raises(ValueError, match="-1"):
+        solve_budget([1, 10, 20], 32, NUM_VISION, -1)
+
+
+def test_location_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"\[32\].*-1 \.\. 31"):
+        solve_budget([1, 10, 32], 32, NUM_VISION, 64)
+    with pytest.raises(ValueError, match=r"\[40\].*0 \.\. 31"):
+        SCHEDULES.get("single")(layer=40).locations(32)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        solve_budget([10, 1], 32, NUM_VISION, 64)
+
+
+def test_unknown_counting() -> None:
+    with pytest.raises(ValueError, match=r"'mean'.*\['post', 'pre'\]"):
+        solve_budget([1, 10, 20], 32, NUM_VISION, 64, counting="mean")
+
+
+def test_unreachable_target() -> None:
+    # Layers 0..9 always keep all 576 tokens: the minimum "post" average is 10 * 576 / 32 = 180.
+    with pytest.raises(ValueError, match="minimum average is 180"):
+        solve_budget([10, 20], 32, NUM_VISION, 64)
+
+
+def test_bad_ratio() -> None:
+    with pytest.raises(ValueError, match="ratio"):
+        solve_budget([1, 10, 20], 32, NUM_VISION, 64, ratio=0)
+    with pytest.raises(ValueError, match="ratio"):
+        SCHEDULES.get("uniform")(ratio=1.5)
+
+
+def test_uniform_paper_settings() -> None:
+    uniform = SCHEDULES.get("uniform")
+    assert uniform(num_stages=3, start=2).locations(32) == [2, 12, 22]
+    assert uniform(num_stages=4, start=0, step=9).locations(32) == [0, 9, 18, 27]
+    with pytest.raises(ValueError, match="out of range"):
+        uniform(num_stages=4, start=0, step=11).locations(32)
+
+
+def test_random_is_seeded() -> None:
+    random_schedule = SCHEDULES.get("random")
+    assert random_schedule(seed=3).locations(32) == random_schedule(seed=3).locations(32)
+    draws = {tuple(random_schedule(seed=seed).locations(32)) for seed in range(5)}
+    assert len(draws) > 1
+    for locs in draws:
+        assert 1 <= len(locs) <= 4 and all(1 <= x <= 30 for x in locs)
