@@ -42,6 +42,7 @@ class ForwardRecord:
     kept: list[Tensor] = field(default_factory=list)  # per stage: [B, k] input_ids indices of kept vision tokens
     locations: list[int] = field(default_factory=list)  # the stage of each entry of ``kept``
     scoring_seconds: float = 0.0  # time spent computing signals, scores and top-k
+    hook_seconds: float = 0.0  # host time inside the engine's hooks during prefill (scoring included)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class _ForwardState:
         self.timer = _Timer()
         self.record = ForwardRecord(tokens_per_layer=[])
         self.recorded = False
+        self.hook_seconds = 0.0
 
 
 def _masked_value(mask: Tensor) -> Any:
@@ -183,10 +185,10 @@ class PruningEngine:
                 self._hook_pre(a.decoder_layers[idx], self._make_slicer(idx))
             for loc in self._layer_locations:
                 q_proj, k_proj = a.attention_projections(loc)
-                self._handles.append(q_proj.register_forward_hook(self._make_capture("q")))
-                self._handles.append(k_proj.register_forward_hook(self._make_capture("k")))
+                self._handles.append(q_proj.register_forward_hook(self._timed(self._make_capture("q"))))
+                self._handles.append(k_proj.register_forward_hook(self._timed(self._make_capture("k"))))
                 self._handles.append(
-                    a.decoder_layers[loc].register_forward_hook(self._make_pruner(loc), with_kwargs=True)
+                    a.decoder_layers[loc].register_forward_hook(self._timed(self._make_pruner(loc)), with_kwargs=True)
                 )
         return self
 
@@ -204,12 +206,25 @@ class PruningEngine:
         return self.records[-1]
 
     def _hook_pre(self, module: nn.Module, fn: Any) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        self._handles.append(module.register_forward_pre_hook(self._timed(fn), with_kwargs=True))
+
+    def _timed(self, fn: Any) -> Any:
+        """``fn`` with its wall time added to the current forward's ``hook_seconds``."""
+
+        def timed(*args: Any) -> Any:
+            start = time.perf_counter()
+            result = fn(*args)
+            if self._state is not None:
+                self._state.hook_seconds += time.perf_counter() - start
+            return result
+
+        return timed
 
     def _finish_prefill(self) -> None:
         st = self._state
         if st is not None and not st.recorded:
             st.record.scoring_seconds = st.timer.total()
+            st.record.hook_seconds = st.hook_seconds
             self.records.append(st.record)
             st.recorded = True
 
