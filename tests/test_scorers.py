@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 from tiny import NUM_IMAGE_TOKENS, tiny_inputs, tiny_llava
 
+from research.models import adapter_for
 from research.pruning import PruningEngine, PruningPlan
 from research.pruning.signals import TokenLayout
+from research.shapes_model.vocab import build_tokenizer
 from scorers import SCORERS, Scorer
+from scorers.atp import atp_scores
+from scorers.mixture import mixture_scores, peakedness
 from scorers.static_prompt import select_raters
 from scorers.text_prior import text_prior_scores
 
@@ -43,12 +50,35 @@ def tiny():
     return tiny_llava(), tiny_inputs([5, 9, 7])
 
 
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny CLIPModel (vision width = the tiny LLaVA's tower) and a word tokenizer, saved to disk."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = tiny_llava().config.vision_config
+    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    path = tmp_path_factory.mktemp("clip")
+    clip.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_scorer(name: str, clip_dir: Path) -> Scorer:
+    """A registered scorer with the configuration a test model needs (none for most)."""
+    needs = {"atp": {"clip_path": str(clip_dir)}}
+    return SCORERS.get(name)(**needs.get(name, {}))
+
+
 def locations_for(scorer_cls: type[Scorer]) -> list[int]:
     return [-1] if scorer_cls.pre_llm else [1, 3]
 
 
 @pytest.mark.parametrize("name", SCORERS.names())
-def test_scorer_contract(tiny, name):
+def test_scorer_contract(tiny, tiny_clip_dir, name):
     """Shape [B, V], finite, deterministic under a seed, budget respected, for every registered scorer."""
     model, inputs = tiny
     scorer_cls = SCORERS.get(name)
@@ -69,7 +99,10 @@ def test_scorer_contract(tiny, name):
 
     kept = []
     for _ in range(2):
-        with torch.no_grad(), PruningEngine(model, Spy(scorer_cls()), PruningPlan.of(locations, keep)) as engine:
+        scorer = make_scorer(name, tiny_clip_dir)
+        if hasattr(scorer, "bind"):
+            scorer.bind(adapter_for(model))
+        with torch.no_grad(), PruningEngine(model, Spy(scorer), PruningPlan.of(locations, keep)) as engine:
             model(**inputs)
         record = engine.last
         assert record.tokens_per_layer == PruningPlan.of(locations, keep).tokens_per_layer(6, NUM_IMAGE_TOKENS)
@@ -86,6 +119,7 @@ def test_scorer_contract(tiny, name):
 def test_random_scorer_seed_changes_the_draw():
     layout = TokenLayout(
         vision=torch.arange(64).expand(2, -1), vision_orig=torch.arange(64).expand(2, -1),
+        vision_rank=torch.arange(64).expand(2, -1),
         text=torch.zeros(2, 1, dtype=torch.long), text_valid=torch.ones(2, 1, dtype=torch.bool),
         valid=torch.ones(2, 64, dtype=torch.bool),
     )
@@ -97,3 +131,43 @@ def test_random_scorer_seed_changes_the_draw():
     stub.layout = layout
     draws = [SCORERS.get("random")(seed=s).score(stub) for s in (0, 0, 1)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_atp_mixes_min_max_normalised_signals_by_hand():
+    cls = torch.tensor([[0.1, 0.3, 0.2]])  # -> [0, 1, 0.5]
+    sim = torch.tensor([[0.9, -0.1, 0.4]])  # -> [1, 0, 0.5]
+    torch.testing.assert_close(atp_scores(cls, sim, alpha=0.75), torch.tensor([[0.25, 0.75, 0.5]]))
+
+
+def test_atp_without_clip_model_says_what_to_configure(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="atp needs a CLIP text model .* set the scorer's clip_path"):
+        PruningEngine(model, SCORERS.get("atp")(), PruningPlan.of([-1], [8]))
+
+
+def test_mixture_weights_the_peaked_signal():
+    flat = torch.full((1, 4), 0.25)
+    peaked = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    assert peakedness(flat).item() == pytest.approx(0.0, abs=1e-6)
+    assert peakedness(peaked).item() == pytest.approx(1.0, abs=1e-6)
+    # the flat signal gets (almost) no weight: the mixture follows the peaked one
+    torch.testing.assert_close(mixture_scores([flat, peaked]), peaked, atol=1e-5, rtol=0)
+
+
+def test_cls_attention_equals_eager_vision_attentions():
+    model = tiny_llava("eager")
+    inputs = tiny_inputs([5])
+    captured = {}
+
+    class Capture:
+        def score(self, signals):
+            captured["cls"] = signals.cls_attention
+            return signals.cls_attention
+
+    with torch.no_grad(), PruningEngine(model, Capture(), PruningPlan.of([-1], [8])):
+        model(**inputs)
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    layer = model.config.vision_feature_layer  # -2: the attentions of layers[-2]
+    expected = out.attentions[layer][:, :, 0, 1:].mean(1)
+    torch.testing.assert_close(captured["cls"], expected, atol=1e-6, rtol=0)

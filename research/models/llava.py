@@ -68,6 +68,20 @@ class LlavaAdapter:
     def attention_scaling(self, layer_idx: int) -> float:
         return float(self.decoder_layers[layer_idx].self_attn.scaling)
 
+    def vision_attention(self) -> tuple[nn.Module, nn.Module, int, float]:
+        """(q_proj, k_proj, num_heads, scale) of the vision-tower layer whose output feeds the projector."""
+        feature_layer = self.model.config.vision_feature_layer
+        index = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer
+        layers = self.vision_tower.encoder.layers
+        attn = layers[index if index < 0 else index - 1].self_attn  # hidden_states[i] is layers[i-1]'s output
+        return attn.q_proj, attn.k_proj, attn.num_heads, float(attn.scale)
+
+    @property
+    def path(self) -> Path | None:
+        """The local directory the model was loaded from, if any."""
+        name = getattr(self.model.config, "_name_or_path", "")
+        return Path(name) if name and Path(name).is_dir() else None
+
     # ---- loading and inputs --------------------------------------------------------------------
     @classmethod
     def from_pretrained(

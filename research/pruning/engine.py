@@ -91,6 +91,7 @@ class _ForwardState:
         self.input_len = layout.seq_len
         self.is_prefill = True
         self.interface: InterfaceSignals | None = None
+        self.input_ids: Tensor | None = None
         self.interface_kept: Tensor | None = None  # [B, S1] input_ids indices kept at location -1
         self.base_layout = layout  # layout of decoder layer 0's input
         self.base_len = layout.seq_len
@@ -168,6 +169,8 @@ class PruningEngine:
         if replay is not None and len(replay) != len(plan.locations):
             raise ValueError(f"replay has {len(replay)} stages but the plan has {len(plan.locations)}")
         self.replay = list(replay) if replay is not None else None
+        if hasattr(scorer, "bind"):
+            scorer.bind(self.adapter)  # scorers with models of their own (e.g. a CLIP text tower) load them here
         self.records: list[ForwardRecord] = []
         self._handles: list[Any] = []
         self._state: _ForwardState | None = None
@@ -178,6 +181,9 @@ class PruningEngine:
         a = self.adapter
         self._hook_pre(a.multimodal_model, self._on_multimodal_input)
         self._hook_pre(a.language_model, self._on_llm_input)
+        vision_q, vision_k, _, _ = a.vision_attention()
+        for module, name in ((vision_q, "vision_q"), (vision_k, "vision_k"), (a.vision_tower, "vision_states")):
+            self._handles.append(module.register_forward_hook(self._timed(self._make_capture(name))))
         if self._layer_locations:
             self._hook_pre(a.decoder_layers[0], self._on_first_layer)
             first = self._layer_locations[0]
@@ -237,6 +243,7 @@ class PruningEngine:
         if bool((input_ids == self.adapter.image_token_id).any()):
             layout = read_layout(input_ids, self.adapter.image_token_id, kwargs.get("attention_mask"))
             self._state = _ForwardState(layout)
+            self._state.input_ids = input_ids
             num_vision = layout.vision.shape[1]
             self.plan.check(self.adapter.num_layers, num_vision)
             self._state.record.tokens_per_layer = self.plan.tokens_per_layer(self.adapter.num_layers, num_vision)
@@ -255,7 +262,13 @@ class PruningEngine:
         if st is None:
             return None
         if st.is_prefill:
-            st.interface = InterfaceSignals(kwargs["inputs_embeds"], st.layout)
+            _, _, vision_heads, vision_scaling = self.adapter.vision_attention()
+            st.interface = InterfaceSignals(
+                kwargs["inputs_embeds"], st.layout, input_ids=st.input_ids,
+                vision_q=st.captured.pop("vision_q", None), vision_k=st.captured.pop("vision_k", None),
+                vision_heads=vision_heads, vision_scaling=vision_scaling,
+                vision_states=st.captured.pop("vision_states", None),
+            )
         if not self.plan.locations or self.plan.locations[0] != INTERFACE:
             return None
         if st.is_prefill:
@@ -313,10 +326,10 @@ class PruningEngine:
             self._state.base_kwargs = kwargs
 
     def _make_capture(self, name: str) -> Any:
-        def capture(module: nn.Module, args: tuple, output: Tensor) -> None:
+        def capture(module: nn.Module, args: tuple, output: Any) -> None:
             st = self._state
             if st is not None and st.is_prefill:
-                st.captured[name] = output
+                st.captured[name] = getattr(output, "last_hidden_state", output)
 
         return capture
 

@@ -25,6 +25,7 @@ class TokenLayout:
 
     vision: Tensor  # [B, V] slots of the remaining vision tokens (ascending)
     vision_orig: Tensor  # [B, V] their indices in the model's input_ids
+    vision_rank: Tensor  # [B, V] their indices among the image's tokens (= patch index for LLaVA)
     text: Tensor  # [B, T] slots of question tokens (the last T slots)
     text_valid: Tensor  # [B, T] bool
     valid: Tensor  # [B, S] bool, False on left padding
@@ -41,6 +42,7 @@ class TokenLayout:
         return TokenLayout(
             vision=new_slot.gather(1, self.vision.gather(1, selected)),
             vision_orig=self.vision_orig.gather(1, selected),
+            vision_rank=self.vision_rank.gather(1, selected),
             text=new_slot.gather(1, self.text),
             text_valid=self.text_valid,
             valid=self.valid.gather(1, kept),
@@ -65,7 +67,8 @@ def read_layout(input_ids: Tensor, image_token_id: int, attention_mask: Tensor |
     num_text = int((seq_len - 1 - last_image).max()) if num_vision else seq_len
     text = torch.arange(seq_len - num_text, seq_len, device=input_ids.device).expand(batch, num_text)
     text_valid = (text > last_image) & valid.gather(1, text)
-    return TokenLayout(vision=vision, vision_orig=vision.clone(), text=text, text_valid=text_valid, valid=valid)
+    rank = torch.arange(num_vision, device=input_ids.device).expand(batch, num_vision)
+    return TokenLayout(vision, vision.clone(), rank, text, text_valid, valid)
 
 
 def padding_from_mask(mask: Tensor, seq_len: int) -> Tensor:
@@ -140,12 +143,31 @@ def query_attention(
     return probs.mean(1)  # [B, Q, S]
 
 
+def cls_attention(q: Tensor, k: Tensor, num_heads: int, scaling: float) -> Tensor:
+    """Head-mean attention of a ViT's CLS token (position 0) over its patch tokens.
+
+    Args: q, k [B, 1+P, H*hd] outputs of the layer's q_proj / k_proj. Returns: [B, P].
+    """
+    batch, tokens, width = k.shape
+    head_dim = width // num_heads
+    query = q[:, :1].view(batch, 1, num_heads, head_dim).transpose(1, 2)  # [B, H, 1, hd]
+    keys = k.view(batch, tokens, num_heads, head_dim).transpose(1, 2)  # [B, H, 1+P, hd]
+    probs = torch.softmax((query @ keys.transpose(-1, -2)).float() * scaling, dim=-1)
+    return probs.mean(1)[:, 0, 1:]
+
+
 @dataclass
 class InterfaceSignals:
-    """What is known at the vision-language interface, before the LLM runs."""
+    """What is known at the vision-language interface, before the LLM runs (original token order)."""
 
     inputs_embeds: Tensor  # [B, S, D] the LLM's input embeddings (text + projected image features)
-    layout: TokenLayout
+    layout: TokenLayout  # of the complete input
+    input_ids: Tensor | None = None  # [B, S]
+    vision_q: Tensor | None = None  # [B, 1+P, Hv*hd] q_proj output of the vision tower's feature layer
+    vision_k: Tensor | None = None
+    vision_heads: int = 0
+    vision_scaling: float = 1.0
+    vision_states: Tensor | None = None  # [B, 1+P, Dv] the vision tower's last hidden state
 
     @cached_property
     def text_embeds(self) -> Tensor:
@@ -156,6 +178,21 @@ class InterfaceSignals:
     def vision_embeds(self) -> Tensor:
         """[B, V, D] projected vision tokens as they enter the LLM."""
         return gather_seq(self.inputs_embeds, self.layout.vision)
+
+    @cached_property
+    def cls_attention(self) -> Tensor:
+        """[B, V] the vision tower's CLS-to-patch attention at its feature layer (visual saliency)."""
+        if self.vision_q is None:
+            raise RuntimeError("the vision tower's CLS attention was not captured (no pixel_values in this forward?)")
+        attention = cls_attention(self.vision_q, self.vision_k, self.vision_heads, self.vision_scaling)
+        return attention[:, -self.layout.vision.shape[1]:]  # "default" drops CLS: patches are the image tokens
+
+    @cached_property
+    def patch_states(self) -> Tensor:
+        """[B, V, Dv] the vision tower's last hidden state of each image token's patch."""
+        if self.vision_states is None:
+            raise RuntimeError("the vision tower's output was not captured (no pixel_values in this forward?)")
+        return self.vision_states[:, -self.layout.vision.shape[1]:]
 
 
 @dataclass
@@ -232,3 +269,22 @@ class Signals:
     @property
     def num_vision(self) -> int:
         return self.layout.vision.shape[1]
+
+    def remaining(self, per_image_token: Tensor) -> Tensor:
+        """Select, from a [B, V0, ...] tensor over the image's original tokens, the remaining ones."""
+        return gather_seq(per_image_token, self.layout.vision_rank)
+
+    @property
+    def cls_attention(self) -> Tensor:
+        """[B, V] vision-tower CLS attention of the remaining vision tokens."""
+        return self.remaining(self.interface.cls_attention)
+
+    @property
+    def vision_embeds(self) -> Tensor:
+        """[B, V, D] LLM input embeddings of the remaining vision tokens."""
+        return self.remaining(self.interface.vision_embeds)
+
+    @property
+    def patch_states(self) -> Tensor:
+        """[B, V, Dv] vision-tower last hidden states of the remaining vision tokens."""
+        return self.remaining(self.interface.patch_states)

@@ -1,0 +1,1 @@
+"""The offline default: a small CLIP pair and a small LLaVA trained on the ``shapes`` benchmark."""

@@ -1,0 +1,97 @@
+"""The offline default: the training recipe (micro version, same code path) and the shipped model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from research.data.shapes import ShapesVQA, training_scene
+from research.models import MODELS, load_model
+from research.pruning import PruningEngine, PruningPlan
+from research.shapes_model.evaluate import predict, report
+from research.shapes_model.modeling import ShapesModelConfig
+from research.shapes_model.train import LlavaPhase, TrainConfig, llava_batch
+from research.train_offline_model import run
+from scorers import SCORERS
+
+MICRO = ShapesModelConfig(
+    vision_hidden=32, vision_layers=1, text_encoder_hidden=32, text_encoder_layers=1, projection_dim=16,
+    llm_hidden=32, llm_layers=2, llm_heads=2, llm_intermediate=64,
+)
+SHIPPED = MODELS.get("shapes")()
+
+
+def test_micro_training_runs_the_shipped_recipe(tmp_path):
+    cfg = TrainConfig(clip_steps=3, clip_batch=4, llava_steps=3, llava_batch=4, questions_per_image=2, warmup=1)
+    metrics = run(cfg, tmp_path, MICRO, eval_limit=10)
+    assert {"vanilla", "chance", "majority", "oracle@25%", "random@10%"} <= set(metrics)
+    assert all(0 <= v <= 1 for v in metrics["vanilla"].values())
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["samples"] == 10
+    assert (tmp_path / "MODEL_CARD.md").read_text().startswith("# shapes-llava")
+    adapter, _ = load_model("shapes", str(tmp_path))
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(tmp_path / "clip")
+    for (name, a), (_, b) in zip(adapter.vision_tower.state_dict().items(), clip.vision_model.state_dict().items()):
+        assert torch.equal(a, b), f"the LLaVA vision tower must stay the trained CLIP tower ({name})"
+
+
+def test_llava_batch_keeps_positions_and_the_needed_patches():
+    scenes = [training_scene(i, 0, 3) for i in range(6)]
+    batch = llava_batch(scenes, np.random.default_rng(0), drop_probability=1.0)
+    for row, (scene, questions) in enumerate(scenes):
+        shown = batch["image_index"][row]
+        patches = set(shown[shown >= 0].tolist())
+        needed = np.any([q.relevant.reshape(-1) for q in questions], 0) & scene.objects_mask.reshape(-1)
+        assert set(np.flatnonzero(needed).tolist()) <= patches
+        image_slots = (shown >= 0).nonzero()[:, 0]
+        assert torch.equal(batch["position_ids"][row, image_slots], 2 + shown[image_slots])
+        answers = batch["labels"][row][batch["labels"][row] >= 0]
+        assert len(answers) == 2 * len(questions)  # answer word + </s> per turn
+
+
+def test_micro_llava_loss_decreases():
+    from research.shapes_model.modeling import build_clip, build_llava
+
+    torch.manual_seed(0)
+    model = build_llava(MICRO, build_clip(MICRO))
+    module = LlavaPhase(model, TrainConfig())
+    module.log_dict = lambda *args, **kwargs: None
+    batch = llava_batch([training_scene(i, 0, 2) for i in range(8)], np.random.default_rng(0), 0.5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = module.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]  # it learns (3.8 -> 2.3 measured)
+
+
+needs_shipped = pytest.mark.skipif(
+    not (SHIPPED / "config.json").is_file(), reason="the shipped model is not trained yet (research/assets/shapes)"
+)
+
+
+@needs_shipped
+def test_shipped_model_accuracy_on_200_test_samples():
+    adapter, processor = load_model("shapes")
+    samples = list(ShapesVQA("test", size=200))
+    result = report(samples, predict(adapter, processor, samples))
+    assert result["overall"] > 0.85, result
+
+
+@needs_shipped
+@pytest.mark.parametrize("name", ["atp", "mixture"])
+def test_interface_scorers_run_on_the_shipped_model(name):
+    adapter, processor = load_model("shapes")
+    samples = list(ShapesVQA("test", size=8))
+    inputs = adapter.build_inputs(processor, [ShapesVQA.pil_image(s) for s in samples], [s.question for s in samples])
+    with torch.no_grad(), PruningEngine(adapter.model, SCORERS.get(name)(), PruningPlan.of([-1], [36])) as engine:
+        adapter.model(**inputs)
+    assert engine.last.kept[0].shape == (8, 36)
