@@ -19,6 +19,11 @@ class Layers(Schedule):
     allows_interface = True
 
     layers: list[int] = field(default_factory=lambda: [1, 10, 20])
+    scale_from: int | None = None  # depth the list was chosen for: rescale it to the model's depth
 
     def propose(self, num_layers: int) -> list[int]:
-        return [int(x) for x in self.layers]
+        if self.scale_from is None:
+            return [int(x) for x in self.layers]
+        # proportional, rounded half up: the paper's [1, 10, 20] of 32 layers -> [0, 3, 5] of 8, [1, 5, 10] of 16
+        scaled = [int(x) if x < 0 else int(x * num_layers / self.scale_from + 0.5) for x in self.layers]
+        return sorted(set(scaled))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 from tiny import NUM_IMAGE_TOKENS, tiny_inputs, tiny_llava
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
 from research.models import adapter_for
 from research.pruning import PruningEngine, PruningPlan

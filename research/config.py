@@ -1,0 +1,214 @@
+"""Typed run configuration: dataclasses merged with OmegaConf (experiment YAML, then ``key=value``).
+
+``experiment=NAME`` loads ``experiments/NAME.yaml`` (which may name one ``base:`` experiment to
+inherit from); command-line ``key=value`` pairs override it. Every name and value is validated
+here, before any model loads, and a bad one raises :class:`ConfigError` with one line naming the
+bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+COUNTING = ("post", "pre")
+DTYPES = ("float32", "float16", "bfloat16")
+ATTENTION = ("sdpa", "eager")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is one line naming the value and the valid choices."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "shapes"  # a registered model: shapes (shipped offline default) or llava15 (needs path)
+    path: str | None = None  # local checkpoint directory
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    split: str = "test"
+    limit: int | None = None  # first N samples of the split (None: all)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 100
+    max_new_tokens: int = 3  # greedy answer length (shapes answers are one word and </s>)
+    latency_samples: int = 12  # batch-1 prefills timed per combination, after warm-up
+    decode_tokens: int = 8  # tokens generated to time decoding
+    overlays: int = 3  # fixed images whose kept tokens are drawn per combination
+
+
+@dataclass
+class RunConfig:
+    """One experiment: every scorer x schedule x budget, plus the vanilla reference."""
+
+    experiment: str = "ablation_locations"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # entries: a registry name, or a mapping {name: ..., <its parameters>}
+    scorers: list[Any] = field(default_factory=lambda: ["text_prior"])
+    schedules: list[Any] = field(default_factory=lambda: [{"name": "layers", "layers": [1, 10, 20], "scale_from": 32}])
+    budgets: list[float] = field(default_factory=lambda: [32.0])  # average retained vision tokens
+    counting: str = "post"  # budget convention: post (papers': a pruning layer at its post-pruning size) | pre
+    positions: str = "original"  # original | compact (renumber kept tokens)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    output_dir: str = "runs"
+    imports: list[str] = field(default_factory=list)  # user modules that register scorers / schedules
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+
+
+def _experiment_file(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    path = EXPERIMENTS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown experiment {name!r}; choose one of {experiment_names()} (or a path to a .yaml)")
+    return path
+
+
+def _load_experiment(name: str) -> DictConfig:
+    node = OmegaConf.load(_experiment_file(name))
+    base = node.pop("base", None)
+    if base is None:
+        return node
+    parent = OmegaConf.load(_experiment_file(base))
+    if "base" in parent:
+        raise ConfigError(f"experiment {name!r}: base {base!r} has a base of its own; one level of inheritance only")
+    return OmegaConf.merge(parent, node)
+
+
+def _one_line(error: OmegaConfBaseException, schema: Any) -> str:
+    message = str(error).splitlines()[0]
+    key = getattr(error, "full_key", None)
+    if "not in struct" in message or "Key '" in message and "not" in message:
+        parent = key.rsplit(".", 1)[0] if key and "." in key else ""
+        node = OmegaConf.select(schema, parent) if parent else schema
+        valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        return f"unknown config key {key!r}; valid keys{f' under {parent!r}' if parent else ''}: {valid}"
+    return f"bad config value for {key!r}: {message}" if key else message
+
+
+def load_config(argv: list[str]) -> RunConfig:
+    """Parse ``key=value`` arguments (``experiment=NAME`` first picks the YAML) into a validated RunConfig."""
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(f"arguments must be key=value, got {bad}; e.g. experiment=ablation_locations budgets=[16]")
+    cli = OmegaConf.from_dotlist(argv)
+    name = cli.get("experiment", RunConfig.experiment)
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, _load_experiment(name), cli)
+        merged.experiment = Path(str(name)).stem
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error, schema)) from None
+    import_user_modules(cfg.imports)
+    validate(cfg)
+    return cfg
+
+
+def import_user_modules(modules: list[str]) -> None:
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(f"imports: cannot import {module!r} ({error})") from None
+
+
+def entry(spec: Any) -> tuple[str, dict]:
+    """(name, parameters) of a registry entry given as a name or a mapping ``{name: ..., **params}``."""
+    if isinstance(spec, (DictConfig, ListConfig)):
+        spec = OmegaConf.to_container(spec)
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, dict) and "name" in spec:
+        params = {k: v for k, v in spec.items() if k != "name"}
+        return str(spec["name"]), params
+    raise ConfigError(f"an entry must be a name or a mapping with a 'name' key, got {spec!r}")
+
+
+def label(name: str, params: dict) -> str:
+    """Short readable label of an entry: ``layers[1-10-20]``, ``random(seed=3)``."""
+    if not params:
+        return name
+    if name == "layers" and set(params) <= {"layers", "scale_from"}:
+        return f"layers[{'-'.join(str(x) for x in params['layers'])}]"
+    values = ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(params.items()))
+    return f"{name}({values})"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a label: ``layers[1-10-20]`` -> ``layers1-10-20``."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", re.sub(r"[\[\]()]", "", text)).strip("_")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every name and value that can be checked without loading weights."""
+    from research.data import DATASETS
+    from research.models import MODELS
+    from research.pruning.plan import POSITION_MODES
+    from schedules import SCHEDULES
+    from scorers import SCORERS
+
+    choices = {"counting": (cfg.counting, COUNTING), "positions": (cfg.positions, POSITION_MODES),
+               "model.dtype": (cfg.model.dtype, DTYPES),
+               "model.attn_implementation": (cfg.model.attn_implementation, ATTENTION)}
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"unknown {key} {value!r}; choose one of {list(valid)}")
+    for registry, items in ((SCORERS, cfg.scorers), (SCHEDULES, cfg.schedules)):
+        for spec in items:
+            name, params = entry(spec)
+            if name not in registry:
+                raise ConfigError(registry.unknown_message(name))
+            try:
+                registry.get(name)(**params)
+            except TypeError as error:
+                raise ConfigError(f"{registry.kind} {name!r}: {error}") from None
+    for registry, name in ((MODELS, cfg.model.name), (DATASETS, cfg.data.name)):
+        if name not in registry:
+            raise ConfigError(registry.unknown_message(name))
+    if not cfg.budgets:
+        raise ConfigError("budgets is empty; give at least one average number of retained vision tokens")
+
+
+def model_directory(cfg: RunConfig) -> Path:
+    """The local checkpoint directory of ``cfg.model`` (must hold config.json)."""
+    from research.models import MODELS
+
+    try:
+        path = MODELS.get(cfg.model.name)(cfg.model.path)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model path {str(path)!r} holds no config.json: expected a local Hugging Face checkpoint")
+    return path
+
+
+def model_shape(path: Path) -> tuple[int, int]:
+    """(decoder layers, image tokens) from a LLaVA checkpoint's config.json, without loading weights."""
+    config = json.loads((path / "config.json").read_text())
+    layers = config["text_config"]["num_hidden_layers"]
+    vision = config["vision_config"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    strategy = config.get("vision_feature_select_strategy", "default")
+    return layers, patches if strategy == "default" else patches + 1

@@ -1,0 +1,210 @@
+"""Lightning predict loop for one combination, its prediction writer and its TensorBoard report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+
+from research.pruning import PruningEngine
+from research.report.figures import token_overlay
+from research.report.flops import flops_for_model
+from research.sweep import Combination
+
+
+class SweepModule(L.LightningModule):
+    """Answers batches of samples (greedy generation) with the engine set up for one combination."""
+
+    def __init__(
+        self, adapter: Any, processor: Any, combo: Combination, positions: str, max_new_tokens: int, num_vision: int
+    ) -> None:
+        super().__init__()
+        self.adapter, self.processor, self.combo, self.num_vision = adapter, processor, combo, num_vision
+        self.model = adapter.model
+        self.plan = None if combo.is_vanilla else combo.plan(positions)
+        self.scorer = None if combo.is_vanilla else combo.make_scorer()
+        self.max_new_tokens = max_new_tokens
+        self.rows: list[dict] = []
+        self.metrics: dict[str, Any] = {}
+
+    def engine(self) -> contextlib.AbstractContextManager:
+        if self.plan is None:
+            return contextlib.nullcontext()
+        return PruningEngine(self.model, self.scorer, self.plan, adapter=self.adapter)
+
+    def inputs(self, samples: Sequence[Any]) -> dict:
+        images = [sample_image(s) for s in samples]
+        return self.adapter.build_inputs(self.processor, images, [s.question for s in samples])
+
+    def predict_step(self, batch: list, batch_idx: int) -> list[dict]:
+        inputs = self.inputs(batch)
+        prompt = inputs["input_ids"].shape[1]
+        with torch.no_grad(), self.engine() as engine:
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        answers = self.processor.batch_decode(out[:, prompt:], skip_special_tokens=True)
+        kept = engine.last.tokens_per_layer if engine is not None else None
+        rows = [
+            {
+                "id": s.id, "qtype": getattr(s, "qtype", None), "question": s.question, "answer": s.answer,
+                "prediction": a.strip(), "tokens_per_layer": kept,
+            }
+            for s, a in zip(batch, answers)
+        ]
+        self.rows += rows
+        return rows
+
+
+def sample_image(sample: Any) -> Any:
+    from PIL import Image
+
+    image = sample.image
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Per-sample predictions as JSONL: id, question, answer, prediction, correct, kept-token counts."""
+
+    def __init__(self, path: Path, metric: Callable[[list[str], list[str]], float]) -> None:
+        super().__init__(write_interval="batch")
+        self.path, self.metric = path, metric
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        with self.path.open("a") as f:
+            for row in prediction:
+                correct = self.metric([row["prediction"]], [row["answer"]]) == 1.0
+                f.write(json.dumps({**row, "correct": correct}) + "\n")
+
+
+class _Clock:
+    """Wall time of a block: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> _Clock:
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            self.seconds = self.begin.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.start
+
+
+@torch.no_grad()
+def measure_latency(module: SweepModule, samples: Sequence[Any], decode_tokens: int, warmup: int = 2) -> dict:
+    """Batch-1 prefill latency (median, p90), decode time per token, scoring time and peak memory."""
+    device = module.model.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill, decode, scoring = [], [], []
+    for timed, sample in [(False, s) for s in samples[:warmup]] + [(True, s) for s in samples]:
+        inputs = module.inputs([sample])
+        with module.engine() as engine, _Clock(device) as clock:
+            module.model(**inputs, logits_to_keep=1)
+        with module.engine(), _Clock(device) as total:
+            module.model.generate(
+                **inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False
+            )
+        if timed:
+            prefill.append(clock.seconds)
+            decode.append(max(0.0, total.seconds - clock.seconds) / max(1, decode_tokens - 1))
+            scoring.append(engine.last.scoring_seconds if engine is not None else 0.0)
+    peak = (
+        torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (CPU), MB
+    )
+    return {
+        "prefill_ms": 1000 * statistics.median(prefill),
+        "prefill_p90_ms": 1000 * float(np.percentile(prefill, 90)),
+        "decode_ms_per_token": 1000 * statistics.median(decode),
+        "scoring_ms": 1000 * statistics.median(scoring),
+        "peak_memory_mb": peak,
+    }
+
+
+@torch.no_grad()
+def kept_patches(module: SweepModule, samples: Sequence[Any]) -> list[list[np.ndarray]]:
+    """Per sample, per stage: the image-token indices (patch order) kept after that stage."""
+    if module.plan is None:
+        return [[] for _ in samples]
+    inputs = module.inputs(samples)
+    with module.engine() as engine:
+        module.model(**inputs, logits_to_keep=1)
+    first = (inputs["input_ids"] == module.adapter.image_token_id).int().argmax(1, keepdim=True)
+    stages = [(kept - first).cpu().numpy() for kept in engine.last.kept]
+    return [[stage[i] for stage in stages] for i in range(len(samples))]
+
+
+class TensorBoardReport(Callback):
+    """After the predict loop: accuracy, latency, FLOPs, tokens, hparams and overlay images to TensorBoard."""
+
+    def __init__(self, metric, vanilla_accuracy: float | None, latency_samples, overlay_samples, decode_tokens):
+        super().__init__()
+        self.metric, self.vanilla_accuracy = metric, vanilla_accuracy
+        self.latency_samples, self.overlay_samples, self.decode_tokens = latency_samples, overlay_samples, decode_tokens
+
+    def on_predict_end(self, trainer: L.Trainer, module: SweepModule) -> None:
+        combo, rows = module.combo, module.rows
+        accuracy = self.metric([r["prediction"] for r in rows], [r["answer"] for r in rows])
+        by_type: dict[str, float] = {}
+        for qtype in sorted({r["qtype"] for r in rows if r["qtype"]}):
+            subset = [r for r in rows if r["qtype"] == qtype]
+            by_type[qtype] = self.metric([r["prediction"] for r in subset], [r["answer"] for r in subset])
+        num_vision = module.num_vision
+        tokens_per_layer = (
+            [num_vision] * module.adapter.num_layers if combo.is_vanilla
+            else module.plan.tokens_per_layer(module.adapter.num_layers, num_vision)
+        )
+        prompt = module.inputs(self.latency_samples[:1])["input_ids"].shape[1]
+        flops = flops_for_model(module.adapter, tokens_per_layer, prompt - num_vision, combo.locations)
+        metrics = {
+            "accuracy": accuracy,
+            "accuracy_ratio": accuracy / self.vanilla_accuracy if self.vanilla_accuracy else 1.0,
+            **measure_latency(module, self.latency_samples, self.decode_tokens),
+            "gflops": flops.total_prefill / 1e9,
+            "avg_tokens": combo.reported_avg,
+            "computed_avg_tokens": combo.computed_avg,
+        }
+        module.metrics = {**metrics, "accuracy_by_type": by_type, "tokens_per_layer": tokens_per_layer,
+                          "flops": flops.total_prefill, "decode_flops_per_token": flops.decode_per_token}
+        writer = trainer.logger.experiment
+        for key, value in metrics.items():
+            writer.add_scalar(f"metrics/{key}", value, 0)
+        for qtype, value in by_type.items():
+            writer.add_scalar(f"accuracy_by_type/{qtype}", value, 0)
+        for layer, count in enumerate(tokens_per_layer):
+            writer.add_scalar("tokens_per_layer", count, layer)
+        hparams = {
+            "scorer": combo.scorer, "schedule": combo.schedule, "budget": combo.budget or float(num_vision),
+            "layers": str(combo.locations), "keep": str(combo.keep),
+        }
+        trainer.logger.log_hyperparams(hparams, {f"hparams/{k}": v for k, v in metrics.items()})
+        for sample, stages in zip(self.overlay_samples, kept_patches(module, self.overlay_samples)):
+            if not stages:
+                continue
+            grid = int(round(num_vision**0.5))
+            titles = [f"after layer {loc}" if loc >= 0 else "before LLM" for loc in combo.locations]
+            figure = token_overlay(np.asarray(sample_image(sample)), grid, stages, titles)
+            writer.add_figure(f"kept_tokens/{sample.id}", figure, 0)
+        writer.flush()
