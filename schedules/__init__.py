@@ -3,7 +3,7 @@
 One file per schedule, registered by decorator; importing the modules registers their entries.
 """
 
-from schedules import layers, random_layers, single, uniform  # noqa: F401
+from schedules import changepoint, layers, random_layers, single, uniform  # noqa: F401
 from schedules.base import SCHEDULES, Schedule
 from schedules.budget import COUNTING, Budget, solve_budget
 

@@ -22,7 +22,7 @@ Tokens keep their original rotary positions unless the plan says ``positions="co
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +151,9 @@ class PruningEngine:
         plan: where to prune and how many vision tokens to keep.
         replay: optional per-stage [B, k] input_ids indices of vision tokens to keep instead of
             scoring (reproduces an earlier forward's choice exactly).
+        observe: observer mode: called in prefill with the ``Signals`` of every layer in
+            ``observe_layers`` (default: all), before any pruning at that layer. With an empty plan
+            nothing is pruned and the model's outputs are untouched.
     """
 
     def __init__(
@@ -160,6 +163,8 @@ class PruningEngine:
         plan: PruningPlan,
         replay: Sequence[Tensor] | None = None,
         adapter: Any | None = None,
+        observe: Callable[[Signals], None] | None = None,
+        observe_layers: Sequence[int] | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter or adapter_for(model)
@@ -175,6 +180,10 @@ class PruningEngine:
         self._handles: list[Any] = []
         self._state: _ForwardState | None = None
         self._layer_locations = [x for x in plan.locations if x != INTERFACE]
+        self.observe = observe
+        self._observed = [] if observe is None else list(
+            range(self.adapter.num_layers) if observe_layers is None else observe_layers
+        )
 
     # ---- context manager -------------------------------------------------------------------------
     def __enter__(self) -> PruningEngine:
@@ -189,13 +198,13 @@ class PruningEngine:
             first = self._layer_locations[0]
             for idx in range(first + 1, a.num_layers):
                 self._hook_pre(a.decoder_layers[idx], self._make_slicer(idx))
-            for loc in self._layer_locations:
-                q_proj, k_proj = a.attention_projections(loc)
-                self._handles.append(q_proj.register_forward_hook(self._timed(self._make_capture("q"))))
-                self._handles.append(k_proj.register_forward_hook(self._timed(self._make_capture("k"))))
-                self._handles.append(
-                    a.decoder_layers[loc].register_forward_hook(self._timed(self._make_pruner(loc)), with_kwargs=True)
-                )
+        for idx in sorted(set(self._layer_locations) | set(self._observed)):
+            q_proj, k_proj = a.attention_projections(idx)
+            self._handles.append(q_proj.register_forward_hook(self._timed(self._make_capture("q"))))
+            self._handles.append(k_proj.register_forward_hook(self._timed(self._make_capture("k"))))
+            self._handles.append(
+                a.decoder_layers[idx].register_forward_hook(self._timed(self._make_layer_hook(idx)), with_kwargs=True)
+            )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -333,35 +342,44 @@ class PruningEngine:
 
         return capture
 
-    def _make_pruner(self, location: int) -> Any:
-        stage_idx = self.plan.locations.index(location)
+    def _make_layer_hook(self, layer_idx: int) -> Any:
+        """After decoder layer ``layer_idx`` in prefill: observe its signals, then prune if it is a location."""
+        stage_idx = self.plan.locations.index(layer_idx) if layer_idx in self.plan.locations else None
 
-        def prune(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        def after_layer(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             st = self._state
             if st is None or not st.is_prefill:
                 return None
+            signals = self._layer_signals(st, layer_idx, stage_idx, kwargs)
+            if self.observe is not None and layer_idx in self._observed:
+                self.observe(signals)
+            if stage_idx is None:
+                return None
             hidden = output[0] if isinstance(output, tuple) else output
-            k = self.plan.keep[stage_idx]
-            if self.replay is None and k >= st.layout.vision.shape[1]:
+            if self.replay is None and self.plan.keep[stage_idx] >= st.layout.vision.shape[1]:
                 return None  # nothing to prune: the stage is a no-op
             timer = st.timer.start(hidden.device)
-            cos, sin = kwargs["position_embeddings"]
-            signals = Signals(
-                layout=st.layout, interface=st.interface, layer_idx=location, stage=stage_idx,
-                q=st.captured.pop("q", None), k=st.captured.pop("k", None), cos=cos, sin=sin,
-                mask=kwargs.get("attention_mask"), num_heads=self.adapter.num_heads,
-                num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(location),
-                memo=st.memo,
-            )
             kept, selected = self._select(st, signals, stage_idx)
             st.timer.stop(timer)
             st.layout = st.layout.keep(kept, selected)
             previous = st.stages[-1].kept if st.stages else None
-            st.stages.append(_Stage(location, kept if previous is None else previous.gather(1, kept)))
+            st.stages.append(_Stage(layer_idx, kept if previous is None else previous.gather(1, kept)))
             hidden = gather_seq(hidden, kept)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-        return prune
+        return after_layer
+
+    def _layer_signals(self, st: _ForwardState, layer_idx: int, stage_idx: int | None, kwargs: dict) -> Signals:
+        """Lazy signals of a decoder layer from its captured q/k and its (sliced) kwargs."""
+        cos, sin = kwargs["position_embeddings"]
+        return Signals(
+            layout=st.layout, interface=st.interface, layer_idx=layer_idx,
+            stage=stage_idx if stage_idx is not None else -1 - layer_idx,
+            q=st.captured.pop("q", None), k=st.captured.pop("k", None), cos=cos, sin=sin,
+            mask=kwargs.get("attention_mask"), num_heads=self.adapter.num_heads,
+            num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(layer_idx),
+            memo=st.memo,
+        )
 
     def _select(self, st: _ForwardState, signals: Signals, stage: int) -> tuple[Tensor, Tensor]:
         """Kept sequence slots [B, S'] and the kept vision tokens' vision indices [B, k]."""

@@ -215,8 +215,8 @@ class Signals:
 
     def attention(self, query: str) -> Tensor:
         """[B, Q, S] head-mean attention from ``query`` in {"text", "last", "all"} over all tokens."""
-        if query in self.memo.get(("attention", self.stage), {}):
-            return self.memo[("attention", self.stage)][query]
+        if query in self.memo.get(("attention", self.layer_idx), {}):
+            return self.memo[("attention", self.layer_idx)][query]
         if self.q is None:
             raise RuntimeError(
                 "attention signals exist only inside the LLM; this scorer cannot act at the "
@@ -233,7 +233,7 @@ class Signals:
             self.q, self.k, self.cos, self.sin, slots[query](), self.mask,
             self.num_heads, self.num_kv_heads, self.scaling,
         )
-        self.memo.setdefault(("attention", self.stage), {})[query] = result
+        self.memo.setdefault(("attention", self.layer_idx), {})[query] = result
         return result
 
     @property
