@@ -57,6 +57,7 @@ class RunConfig:
     """One experiment: every scorer x schedule x budget, plus the vanilla reference."""
 
     experiment: str = "ablation_locations"
+    analysis: str | None = None  # text_dynamics | attention_shifts: an attention analysis instead of a sweep
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # entries: a registry name, or a mapping {name: ..., <its parameters>}
@@ -187,6 +188,10 @@ def validate(cfg: RunConfig) -> None:
     for registry, name in ((MODELS, cfg.model.name), (DATASETS, cfg.data.name)):
         if name not in registry:
             raise ConfigError(registry.unknown_message(name))
+    from research.analysis.collect import ANALYSES
+
+    if cfg.analysis is not None and cfg.analysis not in ANALYSES:
+        raise ConfigError(f"unknown analysis {cfg.analysis!r}; choose one of {list(ANALYSES)}")
     if not cfg.budgets:
         raise ConfigError("budgets is empty; give at least one average number of retained vision tokens")
 

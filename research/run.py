@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from research.config import ConfigError, RunConfig, load_config, model_directory, model_shape
-from research.sweep import Combination, plan_sweep
+from research.sweep import Combination, needs_calibration, plan_sweep
 
 SUMMARY_COLUMNS = [
     "scorer", "schedule", "layers", "budget", "keep", "accuracy", "accuracy_ratio", "prefill_ms", "prefill_p90_ms",
@@ -53,8 +54,9 @@ def run(cfg: RunConfig) -> list[dict]:
 
     directory = model_directory(cfg)
     num_layers, num_vision = model_shape(directory)
-    combos = plan_sweep(cfg, num_layers, num_vision)  # every check before the model loads
     out = Path(cfg.output_dir) / cfg.experiment
+    histograms = cached_histograms(cfg, directory)
+    plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), out / "config.yaml")
     key = fingerprint(cfg)
@@ -68,6 +70,16 @@ def run(cfg: RunConfig) -> list[dict]:
     dataset = DATASETS.get(cfg.data.name)(split=cfg.data.split, size=cfg.data.limit)
     samples = list(dataset)
     metric = getattr(dataset, "metric", accuracy)
+    if cfg.analysis is not None:
+        from research.analysis.collect import run_analysis
+
+        result = run_analysis(cfg.analysis, adapter, processor, samples, out, cfg.eval.batch_size)
+        if "changepoint_layers" in result:
+            print(f"changepoint schedule derived from {result['samples']} samples: layers "
+                  f"{result['changepoint_layers']} (histogram {result['histogram']})")
+        return [result]
+    histograms.update(calibrate(cfg, directory, adapter, processor, histograms, out))
+    combos = plan_sweep(cfg, num_layers, num_vision, histograms)
 
     results: dict[str, dict] = {}
     vanilla_accuracy = None
@@ -90,6 +102,47 @@ def run(cfg: RunConfig) -> list[dict]:
     write_summary(out, rows)
     _log_budget_figure(out, rows, accuracy_vs_budget)
     return rows
+
+
+def cached_histograms(cfg: RunConfig, directory: Path) -> dict[int, list[int]]:
+    """Shift histograms of changepoint entries already calibrated on this model, dataset and N."""
+    from research.analysis.collect import shift_cache_file
+
+    found = {}
+    for index, samples in needs_calibration(cfg):
+        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, cfg.data.name, cfg.data.split, samples)
+        if path.is_file():
+            found[index] = json.loads(path.read_text())["histogram"]
+    return found
+
+
+def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, known: dict[int, list[int]],
+              out: Path) -> dict[int, list[int]]:
+    """Derive (and cache, and log) the shift histogram of every changepoint entry not cached yet."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from research.analysis.collect import attention_shift_histogram, log_shift_histogram, shift_cache_file
+    from research.data import DATASETS
+    from schedules.changepoint import changepoint_layers
+
+    derived = {}
+    for index, samples in needs_calibration(cfg):
+        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, cfg.data.name, cfg.data.split, samples)
+        if index in known:
+            histogram = known[index]
+            print(f"changepoint schedule: reusing the calibration cached in {path}")
+        else:
+            calibration = list(DATASETS.get(cfg.data.name)(split=cfg.data.split, size=samples))
+            histogram = attention_shift_histogram(adapter, processor, calibration, cfg.eval.batch_size).tolist()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"histogram": histogram, "samples": samples, "model": str(directory),
+                                        "data": [cfg.data.name, cfg.data.split]}))
+        derived[index] = histogram
+        layers = changepoint_layers(histogram)
+        print(f"changepoint schedule derived from {samples} samples: prune after layers {layers}")
+        with SummaryWriter(out / "tensorboard" / "calibration") as writer:
+            log_shift_histogram(writer, np.asarray(histogram), layers, f"changepoint_{index}")
+    return derived
 
 
 def _run_combination(cfg, combo, adapter, processor, samples, metric, vanilla_accuracy, num_vision, out, key,
@@ -181,12 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         directory = model_directory(cfg)
-        plan_sweep(cfg, *model_shape(directory))
+        plan_sweep(cfg, *model_shape(directory), cached_histograms(cfg, directory), allow_pending=True)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     rows = run(cfg)
     out = Path(cfg.output_dir) / cfg.experiment
+    if cfg.analysis is not None:
+        print(f"results in {out}/ (tensorboard --logdir {cfg.output_dir})")
+        return 0
     print((out / "summary.md").read_text())
     print(f"results in {out}/ (tensorboard --logdir {cfg.output_dir})")
     return 1 if any(r["status"] != "ok" for r in rows) else 0

@@ -41,17 +41,43 @@ class Combination:
         return SCORERS.get(self.scorer)(**self.scorer_params)
 
 
-def plan_sweep(cfg: RunConfig, num_layers: int, num_vision: int) -> list[Combination]:
-    """Every combination, budgets solved; impossible budgets and bad locations raise ConfigError."""
+def needs_calibration(cfg: RunConfig) -> list[tuple[int, int]]:
+    """(index in cfg.schedules, samples) of changepoint entries that must derive their layers."""
+    pending = []
+    for index, spec in enumerate(cfg.schedules):
+        name, params = entry(spec)
+        if name == "changepoint" and params.get("layers") is None and params.get("histogram") is None:
+            pending.append((index, int(params.get("samples", 200))))
+    return pending
+
+
+def plan_sweep(
+    cfg: RunConfig, num_layers: int, num_vision: int, histograms: dict[int, list[int]] | None = None,
+    allow_pending: bool = False,
+) -> list[Combination]:
+    """Every combination, budgets solved; impossible budgets and bad locations raise ConfigError.
+
+    ``histograms`` gives calibrated shift histograms of changepoint entries (by schedule index);
+    with ``allow_pending`` the entries still waiting for one are left out (validation before loading).
+    """
+    histograms = histograms or {}
+    pending = {index for index, _ in needs_calibration(cfg)} - set(histograms)
+    if pending and not allow_pending:
+        raise ConfigError(f"changepoint schedule(s) {sorted(pending)} have no shift histogram yet")
     full = float(num_vision)
     combos = [Combination("vanilla", "-", None, [], [], full, full)]
     for scorer_spec in cfg.scorers:
         scorer, scorer_params = entry(scorer_spec)
-        pre_llm = SCORERS.get(scorer).pre_llm
-        schedules = [(INTERFACE_SCHEDULE, {}, None)] if pre_llm else [
-            (label(*entry(spec)), entry(spec)[1], SCHEDULES.get(entry(spec)[0])(**entry(spec)[1]))
-            for spec in cfg.schedules
-        ]
+        if SCORERS.get(scorer).pre_llm:
+            schedules = [(INTERFACE_SCHEDULE, {}, None)]
+        else:
+            schedules = []
+            for index, spec in enumerate(cfg.schedules):
+                if index in pending:
+                    continue
+                name, params = entry(spec)
+                extra = {"histogram": histograms[index]} if index in histograms else {}
+                schedules.append((label(name, params), params, SCHEDULES.get(name)(**params, **extra)))
         for schedule_label, schedule_params, schedule in schedules:
             for budget in cfg.budgets:
                 try:

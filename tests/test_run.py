@@ -159,3 +159,30 @@ def test_entry_point_runs_as_a_module(micro_model, experiment, tmp_path):
 def test_config_rejects_non_key_value_arguments():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(["ablation_locations"])
+
+
+def test_analyses_and_a_cached_changepoint_schedule(micro_model, experiment, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "runs"
+    for analysis in ("attention_shifts", "text_dynamics"):
+        run(load_config(args(experiment, micro_model, out, f"analysis={analysis}", "data.limit=4")))
+    shifts = out / "tiny_sweep" / "attention_shifts.csv"
+    assert shifts.read_text().startswith("layer,shifts") and (out / "tiny_sweep" / "text_dynamics.csv").is_file()
+    events = EventAccumulator(str(out / "tiny_sweep" / "tensorboard" / "attention_shifts"),
+                              size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    assert events.Tags()["histograms"] and events.Tags()["images"]
+
+    sweep = ["schedules=[{name: changepoint, samples: 4}]", "scorers=[text_prior]", "budgets=[100]"]
+    rows = run(load_config(args(experiment, micro_model, out, *sweep)))
+    assert rows[1]["schedule"] == "changepoint(samples=4)" and rows[1]["status"] == "ok"
+    assert "derived from 4 samples" in capsys.readouterr().out
+
+    import research.analysis.collect as collect
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the cached shift histogram must be reused")
+
+    monkeypatch.setattr(collect, "attention_shift_histogram", no_recompute)
+    again = run(load_config(args(experiment, micro_model, out, *sweep)))
+    assert again == rows
+    assert "reusing the calibration cached" in capsys.readouterr().out
