@@ -33,7 +33,8 @@ class ObserverModule(L.LightningModule):
     def predict_step(self, batch: list, batch_idx: int) -> None:
         from research.evaluation import sample_image
 
-        inputs = self.adapter.build_inputs(self.processor, [sample_image(s) for s in batch], [s.question for s in batch])
+        images, questions = [sample_image(s) for s in batch], [s.question for s in batch]
+        inputs = self.adapter.build_inputs(self.processor, images, questions)
         with torch.no_grad(), PruningEngine(self.model, None, PruningPlan.of([], []), adapter=self.adapter,
                                             observe=self.observe):
             self.model(**inputs, logits_to_keep=1)
