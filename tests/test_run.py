@@ -62,6 +62,7 @@ def read_summary(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sweep_writes_summary_tensorboard_and_resumes(micro_model, experiment, tmp_path):
     out = tmp_path / "runs"
     rows = run(load_config(args(experiment, micro_model, out)))
@@ -91,6 +92,7 @@ def test_sweep_writes_summary_tensorboard_and_resumes(micro_model, experiment, t
     assert again == summary
 
 
+@pytest.mark.slow
 def test_same_seed_same_summary_apart_from_timing(micro_model, experiment, tmp_path):
     summaries = []
     for name in ("a", "b"):
@@ -100,6 +102,7 @@ def test_same_seed_same_summary_apart_from_timing(micro_model, experiment, tmp_p
     assert summaries[0] == summaries[1]
 
 
+@pytest.mark.slow
 def test_user_scorer_from_outside_the_repo_and_a_failing_combination(micro_model, experiment, tmp_path, monkeypatch):
     package = tmp_path / "user_code"
     package.mkdir()
@@ -161,6 +164,7 @@ def test_config_rejects_non_key_value_arguments():
         load_config(["ablation_locations"])
 
 
+@pytest.mark.slow
 def test_analyses_and_a_cached_changepoint_schedule(micro_model, experiment, tmp_path, capsys, monkeypatch):
     out = tmp_path / "runs"
     for analysis in ("attention_shifts", "text_dynamics"):
