@@ -86,14 +86,12 @@ class _ForwardState:
     """Per-prefill state, kept through the cached decode steps that follow it."""
 
     def __init__(self, layout: TokenLayout) -> None:
-        self.input_layout = layout  # in input_ids coordinates
         self.layout = layout  # of the current sequence (updated by every stage)
         self.input_len = layout.seq_len
         self.is_prefill = True
         self.interface: InterfaceSignals | None = None
         self.input_ids: Tensor | None = None
         self.interface_kept: Tensor | None = None  # [B, S1] input_ids indices kept at location -1
-        self.base_layout = layout  # layout of decoder layer 0's input
         self.base_len = layout.seq_len
         self.stages: list[_Stage] = []
         self.base_kwargs: dict | None = None
@@ -109,7 +107,7 @@ def _masked_value(mask: Tensor) -> Any:
     return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
 
 
-def slice_mask(mask: Tensor, rows: Tensor | None, columns: Tensor, width: int) -> Tensor:
+def slice_mask(mask: Tensor, rows: Tensor | None, columns: Tensor) -> Tensor:
     """Remap a 4D mask [B or 1, 1, R, W] to the kept tokens.
 
     ``rows`` [B, R'] selects query rows (None keeps them); ``columns`` [B, C] gives, for each key
@@ -123,10 +121,8 @@ def slice_mask(mask: Tensor, rows: Tensor | None, columns: Tensor, width: int) -
     original_width = mask.shape[-1]
     out = mask.gather(3, columns.clamp(max=original_width - 1)[:, None, None, :].expand(
         batch, 1, mask.shape[2], columns.shape[1]))
-    overflow = columns >= original_width
-    if width > original_width or bool(overflow.any()):
-        out = out.masked_fill(overflow[:, None, None, :], _masked_value(mask))
-    return out
+    overflow = columns >= original_width  # no host sync: filling nothing is cheaper than asking
+    return out.masked_fill(overflow[:, None, None, :], _masked_value(mask))
 
 
 def _column_map(kept: Tensor, base_len: int, width: int) -> Tensor:
@@ -296,7 +292,7 @@ class PruningEngine:
                 kwargs["attention_mask"] = mask.gather(1, columns)
             elif st.is_prefill:
                 width = self._kv_length(kwargs.get("past_key_values"), 0, mask, kept, st.input_len, kept.shape[1])
-                kwargs["attention_mask"] = slice_mask(mask, kept, _column_map(kept, st.input_len, width), width)
+                kwargs["attention_mask"] = slice_mask(mask, kept, _column_map(kept, st.input_len, width))
             # A 4D mask in decode was built by generate() from the (already pruned) cache of layer 0:
             # it is in cache coordinates and needs no remapping.
         kwargs["position_ids"] = self._positions_at_interface(st, kwargs, kept)
@@ -312,7 +308,7 @@ class PruningEngine:
         st.timer.stop(timer)
         st.layout = st.layout.keep(kept, selected)
         st.interface_kept = kept
-        st.base_layout, st.base_len = st.layout, kept.shape[1]
+        st.base_len = kept.shape[1]  # decoder layer 0 sees the pruned sequence
 
     def _positions_at_interface(self, st: _ForwardState, kwargs: dict, kept: Tensor) -> Tensor:
         pos = kwargs.get("position_ids")
@@ -433,8 +429,8 @@ class PruningEngine:
                 pos = gather_seq(pos, kept)
         if mask is not None:
             width = self._kv_length(base.get("past_key_values"), layer_idx, mask, kept, st.base_len, query_len)
-            out["attention_mask"] = slice_mask(
-                mask, kept if st.is_prefill else None, _column_map(kept, st.base_len, width), width)
+            columns = _column_map(kept, st.base_len, width)
+            out["attention_mask"] = slice_mask(mask, kept if st.is_prefill else None, columns)
         if self.plan.positions == "compact" and pos is not None:
             if st.is_prefill:
                 pos = pos - (kept - torch.arange(kept.shape[1], device=kept.device))
