@@ -171,3 +171,13 @@ def test_cls_attention_equals_eager_vision_attentions():
     layer = model.config.vision_feature_layer  # -2: the attentions of layers[-2]
     expected = out.attentions[layer][:, :, 0, 1:].mean(1)
     torch.testing.assert_close(captured["cls"], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in SCORERS.names() if SCORERS.get(n).pre_llm])
+def test_interface_scorers_under_generate(tiny, tiny_clip_dir, name):
+    """generate() encodes images before the model's forward: vision signals must still reach the scorer."""
+    model, inputs = tiny
+    with torch.no_grad(), PruningEngine(model, make_scorer(name, tiny_clip_dir), PruningPlan.of([-1], [12])) as engine:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    assert engine.last.kept[0].shape == (3, 12)

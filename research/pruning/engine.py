@@ -175,6 +175,7 @@ class PruningEngine:
         self.records: list[ForwardRecord] = []
         self._handles: list[Any] = []
         self._state: _ForwardState | None = None
+        self._vision: dict[str, Tensor] = {}  # latest vision-tower captures, consumed at the interface
         self._layer_locations = [x for x in plan.locations if x != INTERFACE]
         self.observe = observe
         self._observed = [] if observe is None else list(
@@ -270,9 +271,9 @@ class PruningEngine:
             _, _, vision_heads, vision_scaling = self.adapter.vision_attention()
             st.interface = InterfaceSignals(
                 kwargs["inputs_embeds"], st.layout, input_ids=st.input_ids,
-                vision_q=st.captured.pop("vision_q", None), vision_k=st.captured.pop("vision_k", None),
+                vision_q=self._vision.pop("vision_q", None), vision_k=self._vision.pop("vision_k", None),
                 vision_heads=vision_heads, vision_scaling=vision_scaling,
-                vision_states=st.captured.pop("vision_states", None),
+                vision_states=self._vision.pop("vision_states", None),
             )
         if not self.plan.locations or self.plan.locations[0] != INTERFACE:
             return None
@@ -332,9 +333,14 @@ class PruningEngine:
 
     def _make_capture(self, name: str) -> Any:
         def capture(module: nn.Module, args: tuple, output: Any) -> None:
+            if name.startswith("vision"):
+                # generate() encodes the images before the model's forward (mm_encoder_outputs), so the
+                # vision tower may run before this forward's state exists: keep the latest, per engine.
+                self._vision[name] = getattr(output, "last_hidden_state", output)
+                return
             st = self._state
             if st is not None and st.is_prefill:
-                st.captured[name] = getattr(output, "last_hidden_state", output)
+                st.captured[name] = output
 
         return capture
 
