@@ -48,7 +48,6 @@ def run(cfg: RunConfig) -> list[dict]:
     """Run (or resume) every combination; return the summary rows (vanilla first)."""
     from research.data import DATASETS
     from research.data.shapes import accuracy
-    from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport
     from research.models import LlavaAdapter
     from research.report.figures import accuracy_vs_budget
 
@@ -90,8 +89,7 @@ def run(cfg: RunConfig) -> list[dict]:
             results[combo.name] = previous
         else:
             results[combo.name] = _run_combination(
-                cfg, combo, adapter, processor, samples, metric, vanilla_accuracy, num_vision, out, key,
-                SweepModule, JsonlPredictionWriter, TensorBoardReport,
+                cfg, combo, adapter, processor, samples, metric, vanilla_accuracy, num_vision, out, key
             )
             result_file.parent.mkdir(exist_ok=True)
             result_file.write_text(json.dumps(results[combo.name], indent=2))
@@ -145,8 +143,13 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
     return derived
 
 
-def _run_combination(cfg, combo, adapter, processor, samples, metric, vanilla_accuracy, num_vision, out, key,
-                     SweepModule, JsonlPredictionWriter, TensorBoardReport) -> dict:
+def _run_combination(
+    cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
+    vanilla_accuracy: float | None, num_vision: int, out: Path, key: str,
+) -> dict:
+    """One combination in its own Lightning predict loop; any error is recorded, not raised."""
+    from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport
+
     record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
     try:
         module = SweepModule(adapter, processor, combo, cfg.positions, cfg.eval.max_new_tokens, num_vision)
