@@ -19,7 +19,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-COUNTING = ("post", "pre")
 DTYPES = ("float32", "float16", "bfloat16")
 ATTENTION = ("sdpa", "eager")
 
@@ -100,7 +99,7 @@ def _load_experiment(name: str) -> DictConfig:
 def _one_line(error: OmegaConfBaseException, schema: Any) -> str:
     message = str(error).splitlines()[0]
     key = getattr(error, "full_key", None)
-    if "not in struct" in message or "Key '" in message and "not" in message:
+    if "not in struct" in message or ("Key '" in message and "not" in message):
         parent = key.rsplit(".", 1)[0] if key and "." in key else ""
         node = OmegaConf.select(schema, parent) if parent else schema
         valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
@@ -167,7 +166,7 @@ def validate(cfg: RunConfig) -> None:
     from research.data import DATASETS
     from research.models import MODELS
     from research.pruning.plan import POSITION_MODES
-    from schedules import SCHEDULES
+    from schedules import COUNTING, SCHEDULES
     from scorers import SCORERS
 
     choices = {"counting": (cfg.counting, COUNTING), "positions": (cfg.positions, POSITION_MODES),
