@@ -54,6 +54,34 @@ def test_llava_batch_keeps_positions_and_the_needed_patches():
         assert len(answers) == 2 * len(questions)  # answer word + </s> per turn
 
 
+def test_each_packed_branch_is_the_one_question_prompt():
+    """A branch of a packed training row sees what the evaluation prompt shows: same logits at ASSISTANT:."""
+    from PIL import Image
+
+    from research.models import LlavaAdapter
+    from research.shapes_model.modeling import build_clip, build_llava
+    from research.shapes_model.train import llava_logits
+    from research.shapes_model.vocab import EOS, build_processor
+
+    torch.manual_seed(0)
+    model = build_llava(MICRO, build_clip(MICRO)).eval()
+    scenes = [training_scene(i, 0, 5) for i in range(3)]
+    batch = llava_batch(scenes, np.random.default_rng(0), drop_probability=0.0)
+    processor = build_processor()
+    eos = processor.tokenizer.convert_tokens_to_ids(EOS)
+    with torch.no_grad():
+        packed = llava_logits(model, batch)  # [B, L, vocab]
+        for row, (scene, questions) in enumerate(scenes):
+            labels = batch["labels"][row]
+            answer_slots = ((labels >= 0) & (labels != eos)).nonzero()[:, 0]
+            images = [Image.fromarray(scene.image)] * len(questions)
+            inputs = LlavaAdapter(model).build_inputs(processor, images, [q.text for q in questions])
+            alone = model(**inputs, logits_to_keep=1).logits[:, -1]  # [Q, vocab], left padded
+            torch.testing.assert_close(packed[row, answer_slots], alone, atol=1e-5, rtol=1e-5)
+            answers = processor.tokenizer.convert_tokens_to_ids([q.answer for q in questions])
+            assert labels[answer_slots].tolist() == answers
+
+
 def test_micro_llava_loss_decreases():
     from research.shapes_model.modeling import build_clip, build_llava
 

@@ -21,7 +21,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from research.data.shapes import COLOURS, GRID, IMAGE_SIZE, PATCH_SIZE, SHAPES
+from research.data.shapes import COLOURS, GRID, IMAGE_SIZE, MAX_OBJECTS, PATCH_SIZE, SHAPES
 from research.shapes_model.vocab import BOS, EOS, IMAGE, PAD, build_tokenizer
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])  # CLIPImageProcessor's defaults
@@ -86,16 +86,19 @@ def build_llava(cfg: ShapesModelConfig, clip: CLIPModel) -> LlavaForConditionalG
 
 
 class DenseHeads(nn.Module):
-    """Per-patch colour / shape / grid-cell classifiers on the vision tower (auxiliary supervision)."""
+    """Per-patch classifiers on the vision tower (auxiliary supervision): colour, shape, grid cell, and the
+    number of objects in the image that have this patch's colour (the ViT attends globally, so each object
+    patch can know it; the LLM then counts by finding one patch of the colour, not by how many are shown)."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.colour = nn.Linear(hidden, len(COLOURS) + 1)  # 0 = background
         self.shape = nn.Linear(hidden, len(SHAPES) + 1)
         self.cell = nn.Linear(hidden, GRID * GRID)
+        self.colour_count = nn.Linear(hidden, MAX_OBJECTS + 1)  # 0 for background
 
-    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # [B, P, D]
-        return self.colour(patches), self.shape(patches), self.cell(patches)
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:  # [B, P, D] -> 4 x [B, P, classes]
+        return self.colour(patches), self.shape(patches), self.cell(patches), self.colour_count(patches)
 
 
 def patch_cells() -> torch.Tensor:

@@ -1,17 +1,26 @@
 """Training recipe of the offline default, in two Lightning phases (LLaVA's: align the vision side, then tune).
 
 Phase 1, the CLIP pair. The vision tower (ViT with a CLS token) and a small text encoder learn, on
-scenes from the generator: per-patch colour, shape and grid cell (dense auxiliary labels), patch embedding
-<-> text embedding of the patch's concept ("red circle"; "nothing" for background) by a CLIP
-softmax over concepts, question embedding -> its relevant patches (softmax over patches), and CLS
-embedding -> the concepts present. This is what ATP's CLS attention and CLIP similarity read.
+scenes from the generator: per-patch colour, shape, grid cell and the number of objects of the patch's
+colour (dense auxiliary labels), patch embedding <-> text embedding of the patch's concept ("red
+circle"; "nothing" for background) by a CLIP softmax over concepts, question embedding -> its relevant
+patches (softmax over patches), and CLS embedding -> the concepts present. This is what ATP's CLS
+attention and CLIP similarity read.
 
 Phase 2, the LLaVA. The vision tower is frozen (as in LLaVA-1.5); the MLP projector and a Llama LLM
-are trained from scratch on answer tokens only, with several question-answer turns per image in one
-sequence (as LLaVA's instruction data). In a share of the sequences the image tokens that are not
-object patches some question depends on are dropped at a random rate (kept tokens keep their
-original positions), so answers depend on which tokens are present, not on how many: a model that
-saw only complete images counts by the share of image tokens of a colour, which pruning changes.
+are trained from scratch. Three choices make a from-scratch 8-layer LLM learn to look things up in
+144 image tokens within the time budget (measured with 200-600-step probes, see MODEL_CARD.md):
+
+- branch packing: every image carries 12 questions, each a branch that attends to the image prefix and
+  to itself only, at the positions of the one-question evaluation prompt (``llava_batch``), so one pass
+  over the 146-token prefix trains 12 answers instead of one;
+- dense targets through the LLM: at each image token the LM head must name the patch's colour, shape,
+  grid cell and colour count as words (``LlavaPhase.dense_loss``), so image tokens carry their content in
+  the vocabulary the answers are read from;
+- token dropping: in half of the sequences the image tokens that are not object patches some question
+  depends on are dropped at a random rate (kept tokens keep their original positions), so answers depend
+  on which tokens are present, not on how many (a model that saw only complete images counts by the
+  share of image tokens of a colour, which pruning changes).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from research.data.shapes import COLOURS, NUM_PATCHES, SHAPES, training_scene
+from research.data.shapes import COLOURS, NOTHING, NUM_PATCHES, NUMBERS, POSITIONS, SHAPES, training_scene
 from research.shapes_model.modeling import (
     DenseHeads,
     ShapesModelConfig,
@@ -38,7 +47,8 @@ from research.shapes_model.modeling import (
 )
 from research.shapes_model.vocab import EOS, build_tokenizer
 
-CONCEPTS = [f"{c} {s}" for c in COLOURS for s in SHAPES] + ["nothing"]  # index 24 = background
+CONCEPTS = [f"{c} {s}" for c in COLOURS for s in SHAPES] + [NOTHING]  # index 24 = background
+PREFIX, PADDING = -1, -2  # branch ids of the shared image prefix and of padding (llava_batch)
 
 
 @dataclass
@@ -46,13 +56,14 @@ class TrainConfig:
     """Recipe of the shipped model (``python -m research.train_offline_model`` reproduces it)."""
 
     seed: int = 0
-    clip_steps: int = 800
+    clip_steps: int = 600
     clip_batch: int = 64
     clip_lr: float = 2e-3
-    llava_steps: int = 2200
+    llava_steps: int = 2300
     llava_batch: int = 32
     llava_lr: float = 1e-3
-    questions_per_image: int = 4
+    questions_per_image: int = 12
+    dense_weight: float = 1.0  # dense targets through the LLM (LlavaPhase.dense_loss)
     drop_probability: float = 0.5  # share of sequences whose irrelevant image tokens are randomly dropped
     warmup: int = 100
     threads: int = 2
@@ -91,6 +102,16 @@ class SceneBatches(IterableDataset):
             index += 1
 
 
+def colour_counts(scenes: list) -> Tensor:
+    """[B, P] the number of objects in the image with each patch's colour (0 for background patches)."""
+    per_colour = torch.zeros(len(scenes), len(COLOURS) + 1, dtype=torch.long)  # column 0 = background
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            per_colour[i, 1 + COLOURS.index(obj.colour)] += 1
+    colour = torch.from_numpy(np.stack([s.patch_colour.reshape(-1) for s in scenes])).long()
+    return per_colour.gather(1, colour)
+
+
 # ---- phase 1: the CLIP pair --------------------------------------------------------------------
 def clip_batch(scenes: list, rng: np.random.Generator, tokenizer=None) -> dict:
     tokenizer = tokenizer or build_tokenizer()
@@ -106,6 +127,7 @@ def clip_batch(scenes: list, rng: np.random.Generator, tokenizer=None) -> dict:
             present[i, COLOURS.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)] = 1
     questions = [qs[int(rng.integers(len(qs)))] for _, qs in scenes]
     return {
+        "colour_count": colour_counts([scene for scene, _ in scenes]),
         "pixel_values": pixel_values(images),
         "colour": colour, "shape": shape, "concept": concept, "present": present,
         "question_ids": _pad([[bos, *_words(tokenizer, q.text), eos] for q in questions], tokenizer.pad_token_id),
@@ -131,12 +153,13 @@ class ClipPhase(L.LightningModule):
     def training_step(self, batch: dict, step: int) -> Tensor:
         out = self.clip.vision_model(pixel_values=batch["pixel_values"])
         patches = out.last_hidden_state[:, 1:]  # [B, P, D]
-        colour_logits, shape_logits, cell_logits = self.heads(patches)
+        colour_logits, shape_logits, cell_logits, count_logits = self.heads(patches)
         cells = self.cells.expand(patches.shape[0], -1)
         dense = (
             F.cross_entropy(colour_logits.flatten(0, 1), batch["colour"].flatten())
             + F.cross_entropy(shape_logits.flatten(0, 1), batch["shape"].flatten())
             + F.cross_entropy(cell_logits.flatten(0, 1), cells.flatten())
+            + F.cross_entropy(count_logits.flatten(0, 1), batch["colour_count"].flatten())
         )
         post_norm = self.clip.vision_model.post_layernorm
         patch_emb = F.normalize(self.clip.visual_projection(post_norm(patches)), dim=-1)  # [B, P, E]
@@ -164,15 +187,23 @@ class ClipPhase(L.LightningModule):
 
 # ---- phase 2: the LLaVA --------------------------------------------------------------------------
 def llava_batch(scenes: list, rng: np.random.Generator, drop_probability: float, tokenizer=None) -> dict:
-    """Multi-turn sequences ``<s> USER: <image>*n q1 ASSISTANT: a1 </s> USER: q2 ...`` (right padded).
+    """Branch-packed sequences: one image prefix, then every question of the scene as its own branch.
+
+    Row layout ``<s> USER: <image>*n | q1 ASSISTANT: a1 </s> | q2 ASSISTANT: a2 </s> | ...`` (right padded).
+    ``attention_mask`` [B, 1, L, L] (additive float) lets each branch attend to the prefix and to itself
+    only, and each branch has the positions of a one-question prompt (``2 + 144`` onwards). So every
+    branch is exactly the evaluation prompt ``<s> USER: <image>*144 q ASSISTANT:``, and one pass over the
+    image serves all its questions (the image prefix costs the same with 1 or 12 questions).
 
     ``image_index`` [B, L] holds the patch each image slot shows (-1 for text); dropped patches are
     simply absent, and ``position_ids`` keep every token's position in the complete sequence.
+    ``labels`` [B, L] is the token each position must predict (answer word after ``ASSISTANT:``, then
+    ``</s>``), already shifted.
     """
     tok = tokenizer or build_tokenizer()
     user, assistant = tok.convert_tokens_to_ids(["USER:", "ASSISTANT:"])
     eos = tok.convert_tokens_to_ids(EOS)
-    rows, labels, image_index, positions = [], [], [], []
+    rows, labels, image_index, positions, branches = [], [], [], [], []
     for scene, questions in scenes:
         kept = np.arange(NUM_PATCHES)
         if rng.random() < drop_probability:
@@ -185,26 +216,33 @@ def llava_batch(scenes: list, rng: np.random.Generator, drop_probability: float,
         pos = [0, 1] + [2 + int(p) for p in kept]
         target = [-100] * len(ids)
         patch = [-1, -1] + [int(p) for p in kept]
-        next_pos = 2 + NUM_PATCHES
-        for turn, q in enumerate(questions):
-            words = ([user] if turn else []) + _words(tok, q.text) + [assistant]
+        branch = [PREFIX] * len(ids)
+        for j, q in enumerate(questions):
+            words = _words(tok, q.text) + [assistant]
             answer = [*_words(tok, q.answer), eos]
             ids += words + answer
-            target += [-100] * len(words) + answer
+            target += [-100] * (len(words) - 1) + answer + [-100]  # ASSISTANT: -> answer -> </s>
             patch += [-1] * (len(words) + len(answer))
-            pos += list(range(next_pos, next_pos + len(words) + len(answer)))
-            next_pos += len(words) + len(answer)
-        rows.append(ids), labels.append(target[1:] + [-100]), image_index.append(patch), positions.append(pos)
-    # labels[t] is the token at t+1: the model predicts it from position t (we shift here, not HF)
+            pos += list(range(2 + NUM_PATCHES, 2 + NUM_PATCHES + len(words) + len(answer)))
+            branch += [j] * (len(words) + len(answer))
+        rows.append(ids), labels.append(target), image_index.append(patch), positions.append(pos)
+        branches.append(branch)
     images = torch.from_numpy(np.stack([s.image for s, _ in scenes]))
-    width = max(len(r) for r in rows)
+    branch = _pad(branches, PADDING)  # [B, L]
+    width = branch.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = (branch[:, None, :] == branch[:, :, None]) | (branch[:, None, :] == PREFIX)  # [B, L(query), L(key)]
+    allowed = causal & same
     return {
         "pixel_values": pixel_values(images),
         "input_ids": _pad(rows, tok.pad_token_id),
         "labels": _pad(labels, -100),
         "image_index": _pad(image_index, -1),
         "position_ids": _pad(positions, 0),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None],
+        "patch_colour": torch.from_numpy(np.stack([s.patch_colour.reshape(-1) for s, _ in scenes])),  # [B, P]
+        "patch_shape": torch.from_numpy(np.stack([s.patch_shape.reshape(-1) for s, _ in scenes])),
+        "colour_count": colour_counts([scene for scene, _ in scenes]),
     }
 
 
@@ -225,18 +263,44 @@ def llava_logits(model, batch: dict) -> Tensor:
 
 
 class LlavaPhase(L.LightningModule):
+    """Answer loss on every branch, plus dense targets through the LLM: at each image token the LM head
+    must name the patch's colour, shape ("nothing" for background) and grid cell, as words."""
+
     def __init__(self, model, cfg: TrainConfig) -> None:
         super().__init__()
         self.model, self.cfg = model, cfg
         self.model.model.vision_tower.requires_grad_(False)
+        tok = build_tokenizer()
+        for name, words in (
+            ("colour_words", [NOTHING, *COLOURS]), ("shape_words", [NOTHING, *SHAPES]), ("cell_words", POSITIONS),
+            ("count_words", NUMBERS),
+        ):
+            self.register_buffer(name, torch.tensor(tok.convert_tokens_to_ids(words)), persistent=False)
+        self.register_buffer("cells", patch_cells(), persistent=False)
+
+    def dense_loss(self, logits: Tensor, batch: dict) -> Tensor:
+        """Cross-entropy of the patch labels read off the LM head at the image tokens."""
+        index = batch["image_index"]
+        shown = index >= 0
+        patch = index.clamp(min=0)
+        at_images = logits[shown]  # [N, vocab]
+        colour = batch["patch_colour"].gather(1, patch)[shown]
+        shape = batch["patch_shape"].gather(1, patch)[shown]
+        return (
+            F.cross_entropy(at_images[:, self.colour_words], colour)
+            + F.cross_entropy(at_images[:, self.shape_words], shape)
+            + F.cross_entropy(at_images[:, self.cell_words], self.cells[patch[shown]])
+            + F.cross_entropy(at_images[:, self.count_words], batch["colour_count"].gather(1, patch)[shown])
+        )
 
     def training_step(self, batch: dict, step: int) -> Tensor:
         logits = llava_logits(self.model, batch)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+        answer_loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+        dense = self.dense_loss(logits, batch)
         answers = batch["labels"] >= 0
         accuracy = (logits.argmax(-1)[answers] == batch["labels"][answers]).float().mean()
-        self.log_dict({"loss": loss, "token_acc": accuracy}, prog_bar=True)
-        return loss
+        self.log_dict({"answer_loss": answer_loss, "dense": dense, "token_acc": accuracy}, prog_bar=True)
+        return answer_loss + self.cfg.dense_weight * dense
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
