@@ -108,11 +108,6 @@ def test_shipped_model_is_small_and_complete():
     assert (SHIPPED / "clip" / "config.json").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 open: the shipped model answers 55% of the test split (MODEL_CARD.md); the recipe "
-    "plateaus near 50% answer accuracy and must be improved. strict: remove this marker once it passes.",
-)
 def test_shipped_model_accuracy_on_200_test_samples():
     adapter, processor = load_model("shapes")
     samples = list(ShapesVQA("test", size=200))
