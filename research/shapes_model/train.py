@@ -9,7 +9,7 @@ attention and CLIP similarity read.
 
 Phase 2, the LLaVA. The vision tower is frozen (as in LLaVA-1.5); the MLP projector and a Llama LLM
 are trained from scratch. Three choices make a from-scratch 8-layer LLM learn to look things up in
-144 image tokens within the time budget (measured with 200-600-step probes, see MODEL_CARD.md):
+144 image tokens within the time budget (each measured in 200-300-step probes before the full run):
 
 - branch packing: every image carries 12 questions, each a branch that attends to the image prefix and
   to itself only, at the positions of the one-question evaluation prompt (``llava_batch``), so one pass
@@ -59,7 +59,7 @@ class TrainConfig:
     clip_steps: int = 600
     clip_batch: int = 64
     clip_lr: float = 2e-3
-    llava_steps: int = 2300
+    llava_steps: int = 1900
     llava_batch: int = 32
     llava_lr: float = 1e-3
     questions_per_image: int = 12
@@ -264,7 +264,7 @@ def llava_logits(model, batch: dict) -> Tensor:
 
 class LlavaPhase(L.LightningModule):
     """Answer loss on every branch, plus dense targets through the LLM: at each image token the LM head
-    must name the patch's colour, shape ("nothing" for background) and grid cell, as words."""
+    must name the patch's colour, shape ("nothing" for background), grid cell and colour count, as words."""
 
     def __init__(self, model, cfg: TrainConfig) -> None:
         super().__init__()
