@@ -85,7 +85,11 @@ def run(cfg: RunConfig) -> list[dict]:
     for combo in combos:
         result_file = out / "results" / f"{combo.name}.json"
         previous = json.loads(result_file.read_text()) if result_file.is_file() else None
-        if previous and previous.get("status") == "ok" and previous.get("fingerprint") == key:
+        if combo.error:
+            logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
+            results[combo.name] = {"combination": combo.__dict__, "fingerprint": key, "status": "failed",
+                                   "error": combo.error}
+        elif previous and previous.get("status") == "ok" and previous.get("fingerprint") == key:
             results[combo.name] = previous
         else:
             results[combo.name] = _run_combination(
@@ -184,7 +188,8 @@ def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]
             "scorer": combo.scorer, "schedule": combo.schedule, "layers": " ".join(map(str, combo.locations)) or "-",
             "budget": combo.budget if combo.budget is not None else "all",
             "keep": " ".join(map(str, combo.keep)) or "-",
-            "avg_tokens": round(combo.reported_avg, 2), "computed_avg_tokens": round(combo.computed_avg, 2),
+            "avg_tokens": "" if combo.error else round(combo.reported_avg, 2),
+            "computed_avg_tokens": "" if combo.error else round(combo.computed_avg, 2),
             "status": r["status"], "error": r.get("error", ""),
         }
         for column in ("accuracy", "prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms",

@@ -23,6 +23,7 @@ class Combination:
     computed_avg: float = 0.0  # what actually ran
     scorer_params: dict = field(default_factory=dict)
     schedule_params: dict = field(default_factory=dict)
+    error: str = ""  # why it cannot run (a calibrated schedule that cannot reach the budget); "" = runnable
 
     @property
     def is_vanilla(self) -> bool:
@@ -59,6 +60,9 @@ def plan_sweep(
 
     ``histograms`` gives calibrated shift histograms of changepoint entries (by schedule index);
     with ``allow_pending`` the entries still waiting for one are left out (validation before loading).
+    A calibrated schedule's layers are only known once the model has run, so a budget they cannot
+    reach is not bad input: that combination is returned with its ``error`` set (a failed row) and
+    the rest of the sweep still runs.
     """
     histograms = histograms or {}
     pending = {index for index, _ in needs_calibration(cfg)} - set(histograms)
@@ -69,7 +73,7 @@ def plan_sweep(
     for scorer_spec in cfg.scorers:
         scorer, scorer_params = entry(scorer_spec)
         if SCORERS.get(scorer).pre_llm:
-            schedules = [(INTERFACE_SCHEDULE, {}, None)]
+            schedules = [(INTERFACE_SCHEDULE, {}, None, False)]
         else:
             schedules = []
             for index, spec in enumerate(cfg.schedules):
@@ -77,8 +81,9 @@ def plan_sweep(
                     continue
                 name, params = entry(spec)
                 extra = {"histogram": histograms[index]} if index in histograms else {}
-                schedules.append((label(name, params), params, SCHEDULES.get(name)(**params, **extra)))
-        for schedule_label, schedule_params, schedule in schedules:
+                schedule = SCHEDULES.get(name)(**params, **extra)
+                schedules.append((label(name, params), params, schedule, index in histograms))
+        for schedule_label, schedule_params, schedule, calibrated in schedules:
             for budget in cfg.budgets:
                 try:
                     if schedule is None:
@@ -86,7 +91,12 @@ def plan_sweep(
                     else:
                         solved = schedule.solve(num_layers, num_vision, budget, counting=cfg.counting)
                 except ValueError as error:
-                    raise ConfigError(f"{scorer} x {schedule_label} at budget {budget:g}: {error}") from None
+                    message = f"{scorer} x {schedule_label} at budget {budget:g}: {error}"
+                    if not calibrated:
+                        raise ConfigError(message) from None
+                    combos.append(Combination(scorer, schedule_label, float(budget), scorer_params=scorer_params,
+                                              schedule_params=schedule_params, error=message))
+                    continue
                 combos.append(Combination(
                     scorer, schedule_label, float(budget), list(solved.locations), list(solved.keep),
                     solved.reported_avg, solved.computed_avg, scorer_params, schedule_params,

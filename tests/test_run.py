@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from research.config import ConfigError, load_config
 from research.run import TIMING_COLUMNS, main, run
+from research.sweep import plan_sweep
 from research.shapes_model.modeling import ShapesModelConfig, build_clip, build_llava
 from research.shapes_model.vocab import build_processor
 
@@ -190,3 +191,41 @@ def test_analyses_and_a_cached_changepoint_schedule(micro_model, experiment, tmp
     again = run(load_config(args(experiment, micro_model, out, *sweep)))
     assert again == rows
     assert "reusing the calibration cached" in capsys.readouterr().out
+
+
+PEAK_AT_2 = [0, 0, 10, 0]  # changepoint rule: one peak at layer 2 -> prune after layer 2 only
+UNREACHABLE = ["schedules=[{name: changepoint}, {name: layers, layers: [0, 2]}]", "scorers=[text_prior]",
+               "budgets=[100, 20]"]  # after layer 2 only, layers 0-1 keep all 144: the average is >= 72
+
+
+def test_unreachable_budget_of_calibrated_layers_is_a_failed_combination(micro_model, experiment, tmp_path):
+    cfg = load_config(args(experiment, micro_model, tmp_path, *UNREACHABLE))
+    combos = {c.name: c for c in plan_sweep(cfg, 4, 144, histograms={0: PEAK_AT_2})}
+    failed = [c for c in combos.values() if c.error]
+    assert [c.name for c in failed] == ["text_prior__changepoint__b20"]
+    assert "unreachable for locations [2]" in failed[0].error and "\n" not in failed[0].error
+    assert combos["text_prior__changepoint__b100"].locations == [2]
+    assert {"vanilla", "text_prior__layers0-2__b20"} <= set(combos)
+
+    explicit = load_config(args(experiment, micro_model, tmp_path, "schedules=[{name: changepoint, layers: [2]}]",
+                                "budgets=[20]"))
+    with pytest.raises(ConfigError, match="unreachable for locations \\[2\\]"):
+        plan_sweep(explicit, 4, 144)  # layers the user wrote down are bad input: stop before loading
+
+
+@pytest.mark.slow
+def test_sweep_goes_on_past_a_calibrated_schedule_that_cannot_reach_a_budget(
+    micro_model, experiment, tmp_path, monkeypatch
+):
+    import research.analysis.collect as collect
+
+    monkeypatch.setattr(collect, "attention_shift_histogram", lambda *args, **kwargs: torch.tensor(PEAK_AT_2))
+    code = main(args(experiment, micro_model, tmp_path / "runs", *UNREACHABLE))
+    rows = {(r["schedule"], r["budget"]): r for r in read_summary(tmp_path / "runs")}
+    assert code == 1  # a failed row makes the command fail, after everything else has run
+    failed = rows[("changepoint", "20.0")]
+    assert failed["status"] == "failed" and "unreachable for locations [2]" in failed["error"]
+    assert failed["accuracy"] == "" and failed["avg_tokens"] == ""
+    ran = [r for key, r in rows.items() if key != ("changepoint", "20.0")]
+    assert len(ran) == 4 and all(r["status"] == "ok" for r in ran)
+    assert rows[("changepoint", "100.0")]["layers"] == "2"
