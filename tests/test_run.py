@@ -19,9 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from research.config import ConfigError, load_config
 from research.run import TIMING_COLUMNS, main, run
-from research.sweep import plan_sweep
 from research.shapes_model.modeling import ShapesModelConfig, build_clip, build_llava
 from research.shapes_model.vocab import build_processor
+from research.sweep import plan_sweep
 
 MICRO = ShapesModelConfig(
     vision_hidden=32, vision_layers=1, text_encoder_hidden=32, text_encoder_layers=1, projection_dim=16,
