@@ -102,14 +102,20 @@ class SceneBatches(IterableDataset):
             index += 1
 
 
+def patch_labels(scenes: list) -> tuple[Tensor, Tensor]:
+    """([B, P], [B, P]) int64 colour and shape label of every patch (0 = background, else 1 + index)."""
+    colour = torch.from_numpy(np.stack([s.patch_colour.reshape(-1) for s in scenes])).long()
+    shape = torch.from_numpy(np.stack([s.patch_shape.reshape(-1) for s in scenes])).long()
+    return colour, shape
+
+
 def colour_counts(scenes: list) -> Tensor:
     """[B, P] the number of objects in the image with each patch's colour (0 for background patches)."""
     per_colour = torch.zeros(len(scenes), len(COLOURS) + 1, dtype=torch.long)  # column 0 = background
     for i, scene in enumerate(scenes):
         for obj in scene.objects:
             per_colour[i, 1 + COLOURS.index(obj.colour)] += 1
-    colour = torch.from_numpy(np.stack([s.patch_colour.reshape(-1) for s in scenes])).long()
-    return per_colour.gather(1, colour)
+    return per_colour.gather(1, patch_labels(scenes)[0])
 
 
 # ---- phase 1: the CLIP pair --------------------------------------------------------------------
@@ -117,8 +123,7 @@ def clip_batch(scenes: list, rng: np.random.Generator, tokenizer=None) -> dict:
     tokenizer = tokenizer or build_tokenizer()
     bos, eos = tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(EOS)
     images = torch.from_numpy(np.stack([s.image for s, _ in scenes]))
-    colour = torch.from_numpy(np.stack([s.patch_colour.reshape(-1) for s, _ in scenes])).long()  # [B, P]
-    shape = torch.from_numpy(np.stack([s.patch_shape.reshape(-1) for s, _ in scenes])).long()
+    colour, shape = patch_labels([scene for scene, _ in scenes])  # [B, P] each
     background = len(CONCEPTS) - 1
     concept = torch.where(colour > 0, (colour - 1) * len(SHAPES) + (shape - 1).clamp(min=0), background)
     present = torch.zeros(len(scenes), len(CONCEPTS))
@@ -228,6 +233,7 @@ def llava_batch(scenes: list, rng: np.random.Generator, drop_probability: float,
         rows.append(ids), labels.append(target), image_index.append(patch), positions.append(pos)
         branches.append(branch)
     images = torch.from_numpy(np.stack([s.image for s, _ in scenes]))
+    colour, shape = patch_labels([scene for scene, _ in scenes])  # [B, P] each
     branch = _pad(branches, PADDING)  # [B, L]
     width = branch.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
@@ -240,8 +246,7 @@ def llava_batch(scenes: list, rng: np.random.Generator, drop_probability: float,
         "image_index": _pad(image_index, -1),
         "position_ids": _pad(positions, 0),
         "attention_mask": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None],
-        "patch_colour": torch.from_numpy(np.stack([s.patch_colour.reshape(-1) for s, _ in scenes])),  # [B, P]
-        "patch_shape": torch.from_numpy(np.stack([s.patch_shape.reshape(-1) for s, _ in scenes])),
+        "patch_colour": colour, "patch_shape": shape,
         "colour_count": colour_counts([scene for scene, _ in scenes]),
     }
 
