@@ -20,6 +20,8 @@ from scorers import SCORERS
 QUESTIONS = [5, 11, 8]  # question lengths of the left-padded batch (rows 0 and 2 get padding)
 PLAN = PruningPlan.of(locations=[1, 3], keep=[24, 10])
 INTERFACE_PLAN = PruningPlan.of(locations=[-1], keep=[20])
+BOTH_PLAN = PruningPlan.of(locations=[-1, 2], keep=[40, 16])  # before the LLM, then inside it
+LOCATION_KINDS = {"layers-1-3": PLAN, "interface": INTERFACE_PLAN, "interface-and-layer-2": BOTH_PLAN}
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +143,13 @@ def recompute_without_cache(model, inputs, tokens, plan, record):
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("plan", [PLAN, INTERFACE_PLAN], ids=["layers-1-3", "interface"])
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("kind", list(LOCATION_KINDS))
 @pytest.mark.parametrize("name", ["sdpa", "eager"])
-def test_cached_decode_equals_no_cache_recompute(models, name, plan, cache):
+def test_cached_decode_equals_no_cache_recompute(models, name, kind, positions, cache):
     model, inputs = models[name], batch(3)
-    scorer = SCORERS.get("random" if plan is INTERFACE_PLAN else "text_prior")()
+    plan = PruningPlan.of(LOCATION_KINDS[kind].locations, LOCATION_KINDS[kind].keep, positions=positions)
+    scorer = SCORERS.get("text_prior" if kind == "layers-1-3" else "random")()
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     tokens, cached_logits, record = greedy_with_cache(model, inputs, {"scorer": scorer, "plan": plan}, **extra)
     recomputed = recompute_without_cache(model, inputs, tokens, plan, record)
@@ -212,3 +216,85 @@ def test_errors_are_one_line():
     with pytest.raises(RuntimeError, match="only inside the LLM"), torch.no_grad():
         with PruningEngine(model, SCORERS.get("text_prior")(), PruningPlan.of([-1], [8])):
             model(**batch(1))
+
+
+def cache_keywords() -> list[str]:
+    """The keyword(s) the installed transformers accepts for the KV cache at a model's call."""
+    import inspect
+
+    from transformers import LlavaModel
+
+    accepted = inspect.signature(LlavaModel.forward).parameters
+    names = [name for name in ("past_key_values", "cache") if name in accepted]
+    return names + ["past_key_values"] * (not names)  # 5.24+: "cache", with "past_key_values" still translated
+
+
+@pytest.mark.parametrize("keyword", sorted({*cache_keywords(), "past_key_values"}))
+def test_decode_steps_are_found_by_the_cache_type_not_its_keyword(models, keyword):
+    """A hand-written decode loop passing the cache under either name equals the no-cache recompute.
+
+    transformers 5.24 renamed the cache keyword inside models; an engine that looked for it by its
+    old name took every decode step for a text-only forward and decoded unpruned.
+    """
+    from transformers import DynamicCache
+
+    model, inputs = models["sdpa"], batch(3)
+    plan = PruningPlan.of([-1, 2], [40, 16], positions="compact")
+    cache = DynamicCache(config=model.config.text_config)
+    tokens, step_logits = [], []
+    with torch.no_grad(), PruningEngine(model, SCORERS.get("random")(), plan) as engine:
+        out = model(**inputs, use_cache=True, **{keyword: cache})
+        mask = inputs["attention_mask"]
+        for _ in range(4):
+            step_logits.append(out.logits[:, -1])
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
+            out = model(input_ids=tokens[-1], attention_mask=mask, use_cache=True, **{keyword: cache})
+    assert len(engine.records) == 1  # decode steps continued the prefill, none started a new one
+    recomputed = recompute_without_cache(model, inputs, torch.cat(tokens, 1), plan, engine.records[0])
+    torch.testing.assert_close(torch.stack(step_logits, 1), recomputed, atol=1e-4, rtol=0)
+
+
+def test_a_decode_step_that_feeds_the_image_token_id_is_a_decode_step(models):
+    model, inputs = models["sdpa"], batch(3)
+    forced = torch.full((3, 1), IMAGE_TOKEN_ID)
+    with torch.no_grad(), PruningEngine(model, SCORERS.get("text_prior")(), PLAN) as engine:
+        out = model(**inputs, use_cache=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(forced)], 1)
+        step = model(input_ids=forced, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    assert len(engine.records) == 1  # the step continued the prefill instead of starting a new one
+    assert step.logits.shape == (3, 1, 64) and torch.isfinite(step.logits).all()
+
+
+def test_a_failure_inside_transformers_names_scorer_layer_and_version(models):
+    """A pruned forward that transformers rejects fails with one line: scorer, layer, version, tested range."""
+    import transformers
+
+    from research.pruning.compat import TransformersChanged
+
+    model, inputs = models["sdpa"], batch(3)
+
+    def corrupt_mask(module, args, kwargs):  # stands in for a release that changes the mask layout
+        return args, {**kwargs, "attention_mask": kwargs["attention_mask"][..., :-3]}
+
+    handle = model.model.language_model.layers[4].self_attn.register_forward_pre_hook(corrupt_mask, with_kwargs=True)
+    try:
+        with pytest.raises(TransformersChanged) as caught, torch.no_grad():
+            with PruningEngine(model, SCORERS.get("text_prior")(), PLAN):
+                model(**inputs)
+    finally:
+        handle.remove()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "scorer text_prior" in message and "decoder layer 4" in message
+    assert f"transformers {transformers.__version__}" in message and "tested range" in message
+
+
+def test_errors_of_our_own_code_are_not_blamed_on_transformers(models):
+    class Broken:
+        def score(self, signals):
+            raise ZeroDivisionError("scorer bug")
+
+    with pytest.raises(ZeroDivisionError, match="scorer bug"), torch.no_grad():
+        with PruningEngine(models["sdpa"], Broken(), PLAN):
+            models["sdpa"](**batch(1))

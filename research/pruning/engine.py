@@ -2,21 +2,24 @@
 
 No transformers code is copied or patched. The hooks, per forward of the multimodal model:
 
-* multimodal model, pre-hook: reads image / question positions from ``input_ids`` (prefill) or
-  notices a cached decode step;
+* multimodal model, pre-hook: notices a cached decode step of the last prefill (a non-empty KV
+  cache, found by its type, not its keyword) or reads image / question positions from
+  ``input_ids`` (prefill);
 * language model, pre-hook: the vision-language interface. Keeps a reference to the LLM input
   embeddings; with location -1 it prunes ``inputs_embeds`` and slices mask and positions;
-* decoder layer 0, pre-hook: keeps the per-call kwargs every layer receives (mask, cos/sin,
-  position ids), which later stages slice;
+* every decoder layer, pre-hook: layer 0 keeps the per-call kwargs every layer receives (mask,
+  cos/sin, position ids); a layer after a stage gets them sliced (below);
 * ``q_proj`` / ``k_proj`` of pruning layers, forward hooks (prefill): keep references to the
   layer's own projections, from which attention rows are recomputed only if a scorer asks;
 * pruning layer, forward hook (prefill): scores the vision tokens, keeps the top-k and gathers
   the layer output;
-* every later layer, pre-hook: swaps in the mask / cos / sin / position ids sliced to the kept
+* every layer after a stage: swaps in the mask / cos / sin / position ids sliced to the kept
   tokens. In decode the kept set is fixed; mask columns are remapped to ``kept ∪ new tokens``
   for each stage's KV cache (DynamicCache, StaticCache and no cache alike).
 
 Tokens keep their original rotary positions unless the plan says ``positions="compact"``.
+What the engine reads from transformers' calls, and the error when a release changes it, is in
+``research.pruning.compat``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from research.models import adapter_for
+from research.pruning.compat import (
+    cached_length,
+    describe_failure,
+    failed_inside_transformers,
+    find_cache,
+    is_static,
+    required,
+)
 from research.pruning.plan import INTERFACE, PruningPlan
 from research.pruning.signals import InterfaceSignals, Signals, TokenLayout, gather_seq, read_layout
 
@@ -89,6 +100,8 @@ class _ForwardState:
         self.layout = layout  # of the current sequence (updated by every stage)
         self.input_len = layout.seq_len
         self.is_prefill = True
+        self.past_len = 0  # tokens in decoder layer 0's KV cache before the current call
+        self.static_cache = False  # the KV cache has a fixed length (masks span it)
         self.interface: InterfaceSignals | None = None
         self.input_ids: Tensor | None = None
         self.interface_kept: Tensor | None = None  # [B, S1] input_ids indices kept at location -1
@@ -123,6 +136,12 @@ def slice_mask(mask: Tensor, rows: Tensor | None, columns: Tensor) -> Tensor:
         batch, 1, mask.shape[2], columns.shape[1]))
     overflow = columns >= original_width  # no host sync: filling nothing is cheaper than asking
     return out.masked_fill(overflow[:, None, None, :], _masked_value(mask))
+
+
+def _key_width(mask_width: int, pruned: int, static_cache: bool) -> int:
+    """Key length a layer that runs ``pruned`` fewer tokens than layer 0 attends over in this call:
+    a static cache's fixed length (every layer's), otherwise the mask's width less the pruned keys."""
+    return mask_width if static_cache else mask_width - pruned
 
 
 def _column_map(kept: Tensor, base_len: int, width: int) -> Tensor:
@@ -174,6 +193,7 @@ class PruningEngine:
             scorer.bind(self.adapter)  # scorers with models of their own (e.g. a CLIP text tower) load them here
         self.records: list[ForwardRecord] = []
         self._handles: list[Any] = []
+        self._running_layer: int | None = None  # decoder layer of the current call (for error messages)
         self._state: _ForwardState | None = None
         self._vision: dict[str, Tensor] = {}  # latest vision-tower captures, consumed at the interface
         self._layer_locations = [x for x in plan.locations if x != INTERFACE]
@@ -190,11 +210,8 @@ class PruningEngine:
         vision_q, vision_k, _, _ = a.vision_attention()
         for module, name in ((vision_q, "vision_q"), (vision_k, "vision_k"), (a.vision_tower, "vision_states")):
             self._handles.append(module.register_forward_hook(self._timed(self._make_capture(name))))
-        if self._layer_locations:
-            self._hook_pre(a.decoder_layers[0], self._on_first_layer)
-            first = self._layer_locations[0]
-            for idx in range(first + 1, a.num_layers):
-                self._hook_pre(a.decoder_layers[idx], self._make_slicer(idx))
+        for idx in range(a.num_layers):
+            self._hook_pre(a.decoder_layers[idx], self._make_layer_input_hook(idx))
         for idx in sorted(set(self._layer_locations) | set(self._observed)):
             q_proj, k_proj = a.attention_projections(idx)
             self._handles.append(q_proj.register_forward_hook(self._timed(self._make_capture("q"))))
@@ -204,12 +221,15 @@ class PruningEngine:
             )
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._finish_prefill()
+        pruned = self._state is not None and (bool(self._state.stages) or self._state.interface_kept is not None)
         self._state = None
+        if exc is not None and pruned and failed_inside_transformers(tb):
+            raise describe_failure(exc, self.scorer, self._running_layer) from exc
 
     @property
     def last(self) -> ForwardRecord:
@@ -242,24 +262,25 @@ class PruningEngine:
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _on_multimodal_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward with a non-empty KV cache after a prefill is one of its decode steps (whatever
+        tokens it feeds, the image token's id included); otherwise image tokens start a prefill."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("the pruning engine needs input_ids to locate the image tokens")
         self._finish_prefill()
-        if bool((input_ids == self.adapter.image_token_id).any()):
+        self._running_layer = None
+        if self._state is not None and cached_length(find_cache(args, kwargs)) > 0:
+            self._state.is_prefill = False  # a cached decode step of the last prefill
+            self._state.base_kwargs = None
+            for stage in self._state.stages:
+                stage.call_kwargs = None
+        elif bool((input_ids == self.adapter.image_token_id).any()):
             layout = read_layout(input_ids, self.adapter.image_token_id, kwargs.get("attention_mask"))
             self._state = _ForwardState(layout)
             self._state.input_ids = input_ids
             num_vision = layout.vision.shape[1]
             self.plan.check(self.adapter.num_layers, num_vision)
             self._state.record.tokens_per_layer = self.plan.tokens_per_layer(self.adapter.num_layers, num_vision)
-            return
-        cache = kwargs.get("past_key_values")
-        if self._state is not None and cache is not None and int(cache.get_seq_length()) > 0:
-            self._state.is_prefill = False  # a cached decode step of the last prefill
-            self._state.base_kwargs = None
-            for stage in self._state.stages:
-                stage.call_kwargs = None
         else:
             self._state = None  # text-only forward: nothing to prune
 
@@ -267,10 +288,13 @@ class PruningEngine:
         st = self._state
         if st is None:
             return None
+        cache = find_cache(args, kwargs)
+        st.past_len, st.static_cache = cached_length(cache), is_static(cache)
+        inputs_embeds = required(kwargs, "inputs_embeds", "the language model")
         if st.is_prefill:
             _, _, vision_heads, vision_scaling = self.adapter.vision_attention()
             st.interface = InterfaceSignals(
-                kwargs["inputs_embeds"], st.layout, input_ids=st.input_ids,
+                inputs_embeds, st.layout, input_ids=st.input_ids,
                 vision_q=self._vision.pop("vision_q", None), vision_k=self._vision.pop("vision_k", None),
                 vision_heads=vision_heads, vision_scaling=vision_scaling,
                 vision_states=self._vision.pop("vision_states", None),
@@ -284,15 +308,15 @@ class PruningEngine:
             return None
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
+        pruned = st.input_len - kept.shape[1]
         if st.is_prefill:
-            kwargs["inputs_embeds"] = gather_seq(kwargs["inputs_embeds"], kept)
+            kwargs["inputs_embeds"] = gather_seq(inputs_embeds, kept)
         if mask is not None:
             if mask.dim() == 2:
-                width = mask.shape[1] - (st.input_len - kept.shape[1])
-                columns = _column_map(kept, st.input_len, width)
+                columns = _column_map(kept, st.input_len, mask.shape[1] - pruned)
                 kwargs["attention_mask"] = mask.gather(1, columns)
             elif st.is_prefill:
-                width = self._kv_length(kwargs.get("past_key_values"), 0, mask, kept, st.input_len, kept.shape[1])
+                width = _key_width(mask.shape[-1], pruned, st.static_cache)
                 kwargs["attention_mask"] = slice_mask(mask, kept, _column_map(kept, st.input_len, width))
             # A 4D mask in decode was built by generate() from the (already pruned) cache of layer 0:
             # it is in cache coordinates and needs no remapping.
@@ -322,14 +346,9 @@ class PruningEngine:
                 pos = pos - (kept - torch.arange(kept.shape[1], device=kept.device))
             return pos
         if pos is None:
-            cache = kwargs["past_key_values"]
             query_len = kwargs["inputs_embeds"].shape[1]
-            pos = (torch.arange(query_len, device=kept.device) + int(cache.get_seq_length()) + pruned)[None]
+            pos = (torch.arange(query_len, device=kept.device) + st.past_len + pruned)[None]
         return pos - pruned if self.plan.positions == "compact" else pos
-
-    def _on_first_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._state is not None:
-            self._state.base_kwargs = kwargs
 
     def _make_capture(self, name: str) -> Any:
         def capture(module: nn.Module, args: tuple, output: Any) -> None:
@@ -373,7 +392,7 @@ class PruningEngine:
 
     def _layer_signals(self, st: _ForwardState, layer_idx: int, stage_idx: int | None, kwargs: dict) -> Signals:
         """Lazy signals of a decoder layer from its captured q/k and its (sliced) kwargs."""
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = required(kwargs, "position_embeddings", f"decoder layer {layer_idx}")
         return Signals(
             layout=st.layout, interface=st.interface, layer_idx=layer_idx,
             stage=stage_idx if stage_idx is not None else -1 - layer_idx,
@@ -404,10 +423,19 @@ class PruningEngine:
         st.record.locations.append(self.plan.locations[stage])
         return kept, selected
 
-    def _make_slicer(self, layer_idx: int) -> Any:
+    def _make_layer_input_hook(self, layer_idx: int) -> Any:
+        """Before decoder layer ``layer_idx``: note it; layer 0 keeps the call's kwargs that every layer
+        receives; a layer after a stage gets them sliced to that stage's kept tokens."""
+
         def slice_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            self._running_layer = layer_idx
             st = self._state
-            if st is None or st.base_kwargs is None:
+            if st is None:
+                return None
+            if layer_idx == 0:
+                st.base_kwargs = kwargs
+                return None
+            if st.base_kwargs is None:
                 return None
             stage = None
             for candidate in st.stages:
@@ -416,16 +444,16 @@ class PruningEngine:
             if stage is None:
                 return None
             if stage.call_kwargs is None:
-                stage.call_kwargs = self._stage_kwargs(st, stage, layer_idx, args[0].shape[1])
+                stage.call_kwargs = self._stage_kwargs(st, stage)
             return args, {**kwargs, **stage.call_kwargs}
 
         return slice_inputs
 
-    def _stage_kwargs(self, st: _ForwardState, stage: _Stage, layer_idx: int, query_len: int) -> dict:
+    def _stage_kwargs(self, st: _ForwardState, stage: _Stage) -> dict:
         """Layer kwargs of this call sliced to the stage's kept tokens."""
         base = st.base_kwargs
         kept = stage.kept
-        cos, sin = base["position_embeddings"]
+        cos, sin = required(base, "position_embeddings", "decoder layer 0")
         pos = base.get("position_ids")
         mask = base.get("attention_mask")
         out: dict[str, Any] = {}
@@ -434,7 +462,7 @@ class PruningEngine:
             if pos is not None:
                 pos = gather_seq(pos, kept)
         if mask is not None:
-            width = self._kv_length(base.get("past_key_values"), layer_idx, mask, kept, st.base_len, query_len)
+            width = _key_width(mask.shape[-1], st.base_len - kept.shape[1], st.static_cache)
             columns = _column_map(kept, st.base_len, width)
             out["attention_mask"] = slice_mask(mask, kept if st.is_prefill else None, columns)
         if self.plan.positions == "compact" and pos is not None:
@@ -447,10 +475,3 @@ class PruningEngine:
         if pos is not None:
             out["position_ids"] = pos
         return out
-
-    @staticmethod
-    def _kv_length(cache: Any, layer_idx: int, mask: Tensor, kept: Tensor, base_len: int, query_len: int) -> int:
-        """Key length the pruned layer will attend over in this call."""
-        if cache is not None and hasattr(cache, "layers") and layer_idx < len(cache.layers):
-            return int(cache.layers[layer_idx].get_mask_sizes(query_len)[0])
-        return mask.shape[-1] - (base_len - kept.shape[1])
