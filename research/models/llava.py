@@ -79,7 +79,7 @@ class LlavaAdapter:
     @property
     def path(self) -> Path | None:
         """The local directory the model was loaded from, if any."""
-        name = getattr(self.model.config, "_name_or_path", "")
+        name = self.model.config.name_or_path
         return Path(name) if name and Path(name).is_dir() else None
 
     # ---- loading and inputs --------------------------------------------------------------------
