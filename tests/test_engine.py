@@ -298,3 +298,32 @@ def test_errors_of_our_own_code_are_not_blamed_on_transformers(models):
     with pytest.raises(ZeroDivisionError, match="scorer bug"), torch.no_grad():
         with PruningEngine(models["sdpa"], Broken(), PLAN):
             models["sdpa"](**batch(1))
+
+
+@pytest.mark.parametrize(
+    "returned, message",
+    [
+        (lambda v: torch.full_like(v, float("nan"), dtype=torch.float32), "non-finite score"),
+        (lambda v: torch.rand(1, v.shape[1]), "shape \\[1, 64\\], expected \\[3, 64\\]"),
+        (lambda v: torch.rand(v.shape[0], v.shape[1] - 1), "shape \\[3, 63\\]"),
+        (lambda v: v.clone(), "torch.int64 scores"),
+        (lambda v: v.tolist(), "list, expected a float tensor"),
+    ],
+    ids=["nan", "batch-1", "width", "integer", "list"],
+)
+def test_bad_scorer_output_fails_with_one_line_naming_the_scorer(models, returned, message):
+    from dataclasses import dataclass
+
+    from scorers import Scorer
+
+    @dataclass
+    class Bad(Scorer):
+        registry_name = "bad_scorer"
+
+        def score(self, signals):
+            return returned(signals.layout.vision)
+
+    with pytest.raises(ValueError, match=f"scorer bad_scorer returned .*{message}") as caught, torch.no_grad():
+        with PruningEngine(models["sdpa"], Bad(), PLAN):
+            models["sdpa"](**batch(3))
+    assert "\n" not in str(caught.value)

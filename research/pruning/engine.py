@@ -144,6 +144,22 @@ def _key_width(mask_width: int, pruned: int, static_cache: bool) -> int:
     return mask_width if static_cache else mask_width - pruned
 
 
+def checked_scores(scorer: Any, scores: Any, shape: torch.Size) -> Tensor:
+    """``scores`` if they are a finite floating tensor of ``shape`` [B, V]; else one line naming the scorer."""
+    name = getattr(scorer, "registry_name", None) or type(scorer).__name__
+    if not isinstance(scores, Tensor):
+        raise ValueError(f"scorer {name} returned {type(scores).__name__}, expected a float tensor {list(shape)}")
+    if tuple(scores.shape) != tuple(shape):
+        raise ValueError(f"scorer {name} returned scores of shape {list(scores.shape)}, expected {list(shape)} "
+                         "(batch, remaining vision tokens)")
+    if not scores.is_floating_point():
+        raise ValueError(f"scorer {name} returned {scores.dtype} scores, expected a floating dtype")
+    if not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise ValueError(f"scorer {name} returned {bad} non-finite score(s) (NaN or inf) of {scores.numel()}")
+    return scores
+
+
 def _column_map(kept: Tensor, base_len: int, width: int) -> Tensor:
     """[B, width]: kept tokens' original columns, then the tokens appended after the prompt."""
     tail = torch.arange(base_len, base_len + width - kept.shape[1], device=kept.device)
@@ -411,7 +427,7 @@ class PruningEngine:
             k = wanted.shape[1]
         else:
             k = self.plan.keep[stage]
-            scores = self.scorer.score(signals)  # [B, V]
+            scores = checked_scores(self.scorer, self.scorer.score(signals), layout.vision.shape)  # [B, V]
             is_kept = torch.zeros_like(layout.vision, dtype=torch.bool)
             is_kept.scatter_(1, scores.topk(k, dim=1).indices, True)
         selected = torch.argsort((~is_kept).to(torch.uint8), dim=1, stable=True)[:, :k]  # ascending
