@@ -65,6 +65,10 @@ class LlavaAdapter:
         attn = self.decoder_layers[layer_idx].self_attn
         return attn.q_proj, attn.k_proj
 
+    def input_norm(self, layer_idx: int) -> nn.Module:
+        """The norm decoder layer ``layer_idx`` applies to its input before attention (``input_layernorm``)."""
+        return self.decoder_layers[layer_idx].input_layernorm
+
     def attention_scaling(self, layer_idx: int) -> float:
         return float(self.decoder_layers[layer_idx].self_attn.scaling)
 

@@ -12,7 +12,9 @@ No transformers code is copied or patched. The hooks, per forward of the multimo
 * ``q_proj`` / ``k_proj`` of pruning layers, forward hooks (prefill): keep references to the
   layer's own projections, from which attention rows are recomputed only if a scorer asks;
 * pruning layer, forward hook (prefill): scores the vision tokens, keeps the top-k and gathers
-  the layer output;
+  the layer output. A scorer that asks for ``signals.next_layer`` gets the attention the next
+  layer would compute on the unpruned output: that layer's input norm, ``q_proj`` and ``k_proj``
+  run once more on the output, only then;
 * every layer after a stage: swaps in the mask / cos / sin / position ids sliced to the kept
   tokens. In decode the kept set is fixed; mask columns are remapped to ``kept ∪ new tokens``
   for each stage's KV cache (DynamicCache, StaticCache and no cache alike).
@@ -109,6 +111,7 @@ class _ForwardState:
         self.stages: list[_Stage] = []
         self.base_kwargs: dict | None = None
         self.captured: dict[str, Tensor] = {}
+        self.capture_paused = False  # the engine itself is running projections (next-layer signals)
         self.memo: dict = {}
         self.timer = _Timer()
         self.record = ForwardRecord(tokens_per_layer=[])
@@ -374,7 +377,7 @@ class PruningEngine:
                 self._vision[name] = getattr(output, "last_hidden_state", output)
                 return
             st = self._state
-            if st is not None and st.is_prefill:
+            if st is not None and st.is_prefill and not st.capture_paused:
                 st.captured[name] = output
 
         return capture
@@ -387,12 +390,12 @@ class PruningEngine:
             st = self._state
             if st is None or not st.is_prefill:
                 return None
-            signals = self._layer_signals(st, layer_idx, stage_idx, kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output
+            signals = self._layer_signals(st, layer_idx, stage_idx, kwargs, hidden)
             if self.observe is not None and layer_idx in self._observed:
                 self.observe(signals)
             if stage_idx is None:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output
             if self.replay is None and self.plan.keep[stage_idx] >= st.layout.vision.shape[1]:
                 return None  # nothing to prune: the stage is a no-op
             timer = st.timer.start(hidden.device)
@@ -406,16 +409,44 @@ class PruningEngine:
 
         return after_layer
 
-    def _layer_signals(self, st: _ForwardState, layer_idx: int, stage_idx: int | None, kwargs: dict) -> Signals:
-        """Lazy signals of a decoder layer from its captured q/k and its (sliced) kwargs."""
+    def _layer_signals(
+        self, st: _ForwardState, layer_idx: int, stage_idx: int | None, kwargs: dict, hidden: Tensor
+    ) -> Signals:
+        """Lazy signals of a decoder layer from its captured q/k and its (sliced) kwargs; ``hidden``
+        [B, S, D] is the layer's output, from which ``signals.next_layer`` is computed if asked."""
         cos, sin = required(kwargs, "position_embeddings", f"decoder layer {layer_idx}")
-        return Signals(
+        signals = Signals(
             layout=st.layout, interface=st.interface, layer_idx=layer_idx,
             stage=stage_idx if stage_idx is not None else -1 - layer_idx,
             q=st.captured.pop("q", None), k=st.captured.pop("k", None), cos=cos, sin=sin,
             mask=kwargs.get("attention_mask"), num_heads=self.adapter.num_heads,
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(layer_idx),
             memo=st.memo,
+        )
+        if layer_idx + 1 < self.adapter.num_layers:
+            signals.next_layer_fn = lambda: self._next_layer_signals(st, signals, hidden)
+        return signals
+
+    def _next_layer_signals(self, st: _ForwardState, current: Signals, hidden: Tensor) -> Signals:
+        """Signals of layer ``current.layer_idx + 1`` on the current, still unpruned sequence.
+
+        Every decoder layer of the families the adapters cover receives the same rotary cos/sin and
+        mask objects (sliced alike after each stage), so the next layer's are the current layer's.
+        """
+        nxt = current.layer_idx + 1
+        q_proj, k_proj = self.adapter.attention_projections(nxt)
+        st.capture_paused = True  # these calls are ours: not the next layer's own forward
+        try:
+            with torch.no_grad():
+                normed = self.adapter.input_norm(nxt)(hidden)  # [B, S, D]
+                q, k = q_proj(normed), k_proj(normed)
+        finally:
+            st.capture_paused = False
+        return Signals(
+            layout=current.layout, interface=current.interface, layer_idx=nxt, stage=current.stage,
+            q=q, k=k, cos=current.cos, sin=current.sin, mask=current.mask, num_heads=self.adapter.num_heads,
+            num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(nxt),
+            memo=current.memo, view="next",
         )
 
     def _select(self, st: _ForwardState, signals: Signals, stage: int) -> tuple[Tensor, Tensor]:

@@ -4,10 +4,16 @@ At a pruning layer the engine holds references to that layer's own ``q_proj`` / 
 outputs (captured by forward hooks, no extra projection), the layer's rotary cos/sin and
 attention mask. Attention rows are recomputed from those for the requested query subset only,
 so SDPA stays the model's attention implementation and nothing is run twice.
+
+``Signals.next_layer`` is the same view for the attention the NEXT decoder layer would compute on
+the full (not yet pruned) sequence: only when a scorer asks, the engine applies that layer's
+``input_layernorm``, ``q_proj`` and ``k_proj`` to the current layer's output (PyramidDrop ranks
+this way).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -103,6 +109,7 @@ def query_attention(
     num_heads: int,
     num_kv_heads: int,
     scaling: float,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Head-averaged softmax attention of the queries at ``query_slots`` over all keys.
 
@@ -111,7 +118,10 @@ def query_attention(
         cos, sin: [B or 1, S, hd] the layer's rotary embedding. query_slots: [B, Q].
         mask: the layer's 4D mask [B or 1, 1, S, >=S] (bool: True = attend; float: additive), or
             None for plain causal attention.
-    Returns: [B, Q, S] float32; rows that attend to nothing are 0.
+        dtype: None keeps the float32 softmax through the head mean; a dtype casts the softmax
+            weights to it before the head mean, as eager attention in half precision returns them
+            (``softmax(..., dtype=float32).to(query.dtype)``), so near-ties round like the authors' code.
+    Returns: [B, Q, S] float32 (or ``dtype``); rows that attend to nothing are 0.
     """
     batch, seq_len, _ = k.shape
     head_dim = k.shape[-1] // num_kv_heads
@@ -140,6 +150,8 @@ def query_attention(
         else:
             scores = scores + rows[:, None].float()
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if dtype is not None:
+        probs = probs.to(dtype)
     return probs.mean(1)  # [B, Q, S]
 
 
@@ -197,7 +209,12 @@ class InterfaceSignals:
 
 @dataclass
 class Signals:
-    """Lazily computed scoring inputs at one pruning location (shapes per property)."""
+    """Lazily computed scoring inputs at one pruning location (shapes per property).
+
+    ``view`` says whose attention ``q`` / ``k`` hold: ``"layer"``, the layer the engine prunes after
+    (its own projections); ``"next"``, the layer after it, recomputed on the same, still unpruned
+    sequence (see ``next_layer``).
+    """
 
     layout: TokenLayout  # the current sequence's layout
     interface: InterfaceSignals  # embeddings at the LLM input, for prompt-guided scorers
@@ -212,11 +229,40 @@ class Signals:
     num_kv_heads: int = 0
     scaling: float = 1.0
     memo: dict = field(default_factory=dict)  # shared by all stages of one forward
+    view: str = "layer"
+    next_layer_fn: Callable[[], Signals] | None = field(default=None, repr=False)  # set by the engine
 
-    def attention(self, query: str) -> Tensor:
-        """[B, Q, S] head-mean attention from ``query`` in {"text", "last", "all"} over all tokens."""
-        if query in self.memo.get(("attention", self.layer_idx), {}):
-            return self.memo[("attention", self.layer_idx)][query]
+    @cached_property
+    def next_layer(self) -> Signals:
+        """The same signals for decoder layer ``layer_idx + 1``, on the current sequence before the cut.
+
+        Computed on first use only: that layer's ``input_layernorm -> q_proj / k_proj`` applied to this
+        layer's output hidden states, with the rotary cos/sin and mask that layer would receive (the
+        ones of this layer: the cut has not happened yet). Its attention is what ``layer_idx + 1``
+        would compute without pruning at this location (PyramidDrop's ranking signal).
+        """
+        if self.next_layer_fn is None:
+            where = "at the vision-language interface" if self.layer_idx < 0 else f"after layer {self.layer_idx}"
+            raise RuntimeError(f"no next-layer attention {where}: it exists only after a decoder layer that is "
+                               "followed by another one")
+        return self.next_layer_fn()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the layer computes in (its projections' output dtype)."""
+        if self.q is None:
+            raise RuntimeError("no attention projections at the vision-language interface (location -1)")
+        return self.q.dtype
+
+    def attention(self, query: str, dtype: torch.dtype | None = None) -> Tensor:
+        """[B, Q, S] head-mean attention from ``query`` in {"text", "last", "all"} over all tokens.
+
+        ``dtype``: None averages the float32 softmax over heads; a dtype (e.g. ``self.dtype``) casts
+        the softmax weights to it first, like eager attention weights in that dtype.
+        """
+        memo = self.memo.setdefault(("attention", self.layer_idx, self.view), {})
+        if (query, dtype) in memo:
+            return memo[(query, dtype)]
         if self.q is None:
             raise RuntimeError(
                 "attention signals exist only inside the LLM; this scorer cannot act at the "
@@ -231,9 +277,9 @@ class Signals:
             raise ValueError(f"unknown attention query {query!r}; choose one of {sorted(slots)}")
         result = query_attention(
             self.q, self.k, self.cos, self.sin, slots[query](), self.mask,
-            self.num_heads, self.num_kv_heads, self.scaling,
+            self.num_heads, self.num_kv_heads, self.scaling, dtype,
         )
-        self.memo.setdefault(("attention", self.layer_idx), {})[query] = result
+        memo[(query, dtype)] = result
         return result
 
     @property
@@ -257,13 +303,28 @@ class Signals:
     @property
     def last_t2v(self) -> Tensor:
         """[B, V] attention from the last instruction token to the vision tokens."""
-        return self.attention("last")[:, 0].gather(1, self.layout.vision)
+        return self.last_to_vision()
 
     @property
     def all_t2v(self) -> Tensor:
-        """[B, V] attention received by each vision token, averaged over all non-padding queries."""
-        a = self.attention("all")  # [B, S, S]
-        received = (a * self.layout.valid[:, :, None]).sum(1) / self.layout.valid.sum(1, keepdim=True)
+        """[B, V] attention received by each vision token, averaged over all OTHER non-padding queries."""
+        return self.all_to_vision()
+
+    def last_to_vision(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``last_t2v`` with the softmax cast to ``dtype`` before the head mean (see ``attention``)."""
+        return self.attention("last", dtype)[:, 0].gather(1, self.layout.vision)
+
+    def all_to_vision(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``all_t2v`` with the softmax cast to ``dtype`` before the head mean (see ``attention``).
+
+        Each vision token's own row (its attention to itself) is left out: the mean over the
+        ``n - 1`` other non-padding queries of the row (causally earlier ones contribute 0).
+        """
+        a = self.attention("all", dtype).float()  # [B, S, S] rows = queries
+        valid = self.layout.valid
+        itself = torch.eye(a.shape[-1], dtype=torch.bool, device=a.device)
+        a = (a * valid[:, :, None]).masked_fill(itself, 0.0)  # padding rows and the diagonal out
+        received = a.sum(1) / (valid.sum(1, keepdim=True) - 1).clamp(min=1)  # [B, S]
         return received.gather(1, self.layout.vision)
 
     @property
