@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from research.pruning.signals import Signals
@@ -16,7 +17,8 @@ class Scorer:
     Subclasses are dataclasses whose fields are their parameters, registered with
     ``@SCORERS.register("name")``. ``pre_llm`` scorers act at the vision-language interface
     (location -1) and may only read ``signals.interface``; the others act after a decoder layer
-    and may read its attention (``signals.t2t``, ``t2v``, ``last_t2v``, ``all_t2v``).
+    and may read its attention (``signals.t2t``, ``t2v``, ``last_t2v``, ``all_t2v``), or the attention
+    the next layer would compute before the cut (``signals.next_layer``).
     """
 
     registry_name: ClassVar[str]
@@ -24,6 +26,20 @@ class Scorer:
 
     def score(self, signals: Signals) -> Tensor:
         raise NotImplementedError
+
+
+SOFTMAX_DTYPES = ("model", "float32")
+
+
+def softmax_dtype(name: str, signals: Signals | None) -> torch.dtype | None:
+    """The dtype a scorer's ``dtype`` option asks softmax weights to be averaged in: ``"model"`` = the
+    layer's compute dtype (eager attention weights, as the baselines' code reads them); ``"float32"``
+    = None (float32 throughout). ``signals=None`` only validates ``name``."""
+    if name not in SOFTMAX_DTYPES:
+        raise ValueError(f"dtype {name!r} unknown; choose one of {list(SOFTMAX_DTYPES)}")
+    if signals is None or name == "float32" or signals.dtype == torch.float32:
+        return None  # one float32 computation, shared through the memo
+    return signals.dtype
 
 
 SCORERS: Registry[type[Scorer]] = Registry("scorer")
