@@ -59,7 +59,8 @@ class RunConfig:
     analysis: str | None = None  # text_dynamics | attention_shifts: an attention analysis instead of a sweep
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # entries: a registry name, or a mapping {name: ..., <its parameters>}
+    # entries: a registry name, or a mapping {name: ..., <its parameters>}; a scorer's mapping may also
+    # carry its own protocol, overriding the experiment's: schedules: [...] and positions: original|compact
     scorers: list[Any] = field(default_factory=lambda: ["text_prior"])
     schedules: list[Any] = field(default_factory=lambda: [{"name": "layers", "layers": [1, 10, 20], "scale_from": 32}])
     budgets: list[float] = field(default_factory=lambda: [32.0])  # average retained vision tokens
@@ -146,12 +147,25 @@ def entry(spec: Any) -> tuple[str, dict]:
     raise ConfigError(f"an entry must be a name or a mapping with a 'name' key, got {spec!r}")
 
 
+SCORER_PROTOCOL = ("schedules", "positions")  # keys of a scorer entry that are not scorer parameters
+
+
+def scorer_entry(spec: Any) -> tuple[str, dict, dict]:
+    """(name, parameters, protocol) of a scorer entry: ``protocol`` holds the entry's own ``schedules``
+    and ``positions`` (which override the experiment's for this scorer), the rest are its parameters."""
+    name, params = entry(spec)
+    protocol = {key: params.pop(key) for key in SCORER_PROTOCOL if key in params}
+    return name, params, protocol
+
+
 def label(name: str, params: dict) -> str:
-    """Short readable label of an entry: ``layers[1-10-20]``, ``random(seed=3)``."""
+    """Short readable label of an entry: ``layers[1-10-20]``, ``layers[before-8-16-24]`` (``prune_before``),
+    ``random(seed=3)``."""
     if not params:
         return name
-    if name == "layers" and set(params) <= {"layers", "scale_from"}:
-        return f"layers[{'-'.join(str(x) for x in params['layers'])}]"
+    if name == "layers" and "layers" in params and set(params) <= {"layers", "scale_from", "prune_before"}:
+        before = "before-" if params.get("prune_before") else ""
+        return f"layers[{before}{'-'.join(str(x) for x in params['layers'])}]"
     values = ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(params.items()))
     return f"{name}({values})"
 
@@ -175,15 +189,12 @@ def validate(cfg: RunConfig) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"unknown {key} {value!r}; choose one of {list(valid)}")
-    for registry, items in ((SCORERS, cfg.scorers), (SCHEDULES, cfg.schedules)):
-        for spec in items:
-            name, params = entry(spec)
-            if name not in registry:
-                raise ConfigError(registry.unknown_message(name))
-            try:
-                registry.get(name)(**params)
-            except TypeError as error:
-                raise ConfigError(f"{registry.kind} {name!r}: {error}") from None
+    for spec in cfg.scorers:
+        name, params, protocol = scorer_entry(spec)
+        _check_entry(SCORERS, {"name": name, **params})
+        _check_protocol(name, protocol, SCORERS.get(name).pre_llm, SCHEDULES, POSITION_MODES)
+    for spec in cfg.schedules:
+        _check_entry(SCHEDULES, spec)
     for registry, name in ((MODELS, cfg.model.name), (DATASETS, cfg.data.name)):
         if name not in registry:
             raise ConfigError(registry.unknown_message(name))
@@ -193,6 +204,37 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown analysis {cfg.analysis!r}; choose one of {list(ANALYSES)}")
     if not cfg.budgets:
         raise ConfigError("budgets is empty; give at least one average number of retained vision tokens")
+
+
+def _check_entry(registry: Any, spec: Any) -> None:
+    """The entry names a registered item that accepts its parameters."""
+    name, params = entry(spec)
+    if name not in registry:
+        raise ConfigError(registry.unknown_message(name))
+    try:
+        registry.get(name)(**params)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{registry.kind} {name!r}: {error}") from None
+
+
+def _check_protocol(scorer: str, protocol: dict, pre_llm: bool, schedules: Any, positions: tuple) -> None:
+    """A scorer entry's own ``schedules`` / ``positions``."""
+    if "positions" in protocol and protocol["positions"] not in positions:
+        raise ConfigError(f"scorer {scorer!r}: unknown positions {protocol['positions']!r}; "
+                          f"choose one of {list(positions)}")
+    if "schedules" not in protocol:
+        return
+    specs = protocol["schedules"]
+    if pre_llm:
+        raise ConfigError(f"scorer {scorer!r} prunes once before the LLM: schedules do not apply to it")
+    if not isinstance(specs, list) or not specs:
+        raise ConfigError(f"scorer {scorer!r}: schedules must be a non-empty list of schedule entries, got {specs!r}")
+    for spec in specs:
+        _check_entry(schedules, spec)
+        name, params = entry(spec)
+        if name == "changepoint" and params.get("layers") is None and params.get("histogram") is None:
+            raise ConfigError(f"scorer {scorer!r}: a calibrated changepoint schedule belongs in the experiment's "
+                              "schedules, not a scorer's own (give it layers: [...] here)")
 
 
 def model_directory(cfg: RunConfig) -> Path:

@@ -196,8 +196,8 @@ class TensorBoardReport(Callback):
         for layer, count in enumerate(tokens_per_layer):
             writer.add_scalar("tokens_per_layer", count, layer)
         hparams = {
-            "scorer": combo.scorer, "schedule": combo.schedule, "budget": combo.budget or float(num_vision),
-            "layers": str(combo.locations), "keep": str(combo.keep),
+            "scorer": combo.scorer_label, "schedule": combo.schedule, "budget": combo.budget or float(num_vision),
+            "layers": str(combo.locations), "keep": str(combo.keep), "positions": combo.positions,
         }
         trainer.logger.log_hyperparams(hparams, {f"hparams/{k}": v for k, v in metrics.items()})
         for sample, stages in zip(self.overlay_samples, kept_patches(module, self.overlay_samples)):

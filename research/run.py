@@ -29,8 +29,8 @@ from research.config import ConfigError, RunConfig, load_config, model_directory
 from research.sweep import Combination, needs_calibration, plan_sweep
 
 SUMMARY_COLUMNS = [
-    "scorer", "schedule", "layers", "budget", "keep", "accuracy", "accuracy_ratio", "prefill_ms", "prefill_p90_ms",
-    "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "gflops", "flops_ratio", "avg_tokens",
+    "scorer", "schedule", "layers", "budget", "keep", "positions", "accuracy", "accuracy_ratio", "prefill_ms",
+    "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "gflops", "flops_ratio", "avg_tokens",
     "computed_avg_tokens", "status", "error",
 ]
 TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb"}
@@ -156,7 +156,7 @@ def _run_combination(
 
     record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
     try:
-        module = SweepModule(adapter, processor, combo, cfg.positions, cfg.eval.max_new_tokens, num_vision)
+        module = SweepModule(adapter, processor, combo, combo.positions, cfg.eval.max_new_tokens, num_vision)
         report = TensorBoardReport(
             metric, vanilla_accuracy, samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
             cfg.eval.decode_tokens,
@@ -185,9 +185,11 @@ def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]
         r = results[combo.name]
         ok = r["status"] == "ok"
         row = {
-            "scorer": combo.scorer, "schedule": combo.schedule, "layers": " ".join(map(str, combo.locations)) or "-",
+            "scorer": combo.scorer_label, "schedule": combo.schedule,
+            "layers": " ".join(map(str, combo.locations)) or "-",
             "budget": combo.budget if combo.budget is not None else "all",
             "keep": " ".join(map(str, combo.keep)) or "-",
+            "positions": "-" if combo.is_vanilla else combo.positions,
             "avg_tokens": "" if combo.error else round(combo.reported_avg, 2),
             "computed_avg_tokens": "" if combo.error else round(combo.computed_avg, 2),
             "status": r["status"], "error": r.get("error", ""),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from research.config import ConfigError, RunConfig, entry, label, slug
+from research.config import ConfigError, RunConfig, entry, label, scorer_entry, slug
 from research.pruning import PruningPlan
 from schedules import SCHEDULES, solve_budget
 from scorers import SCORERS
@@ -24,6 +24,8 @@ class Combination:
     scorer_params: dict = field(default_factory=dict)
     schedule_params: dict = field(default_factory=dict)
     error: str = ""  # why it cannot run (a calibrated schedule that cannot reach the budget); "" = runnable
+    positions: str = "original"  # the plan's positions: the experiment's, or the scorer entry's own
+    own_positions: bool = False  # positions came from the scorer entry (and are part of the name)
 
     @property
     def is_vanilla(self) -> bool:
@@ -33,17 +35,26 @@ class Combination:
     def name(self) -> str:
         if self.is_vanilla:
             return "vanilla"
-        return slug(f"{label(self.scorer, self.scorer_params)}__{self.schedule}__b{self.budget:g}")
+        suffix = f"__{self.positions}" if self.own_positions else ""
+        return slug(f"{self.scorer_label}__{self.schedule}__b{self.budget:g}{suffix}")
 
-    def plan(self, positions: str) -> PruningPlan:
-        return PruningPlan.of(self.locations, self.keep, positions)
+    @property
+    def scorer_label(self) -> str:
+        """The scorer with its parameters: ``fastv(query="all")``."""
+        return label(self.scorer, self.scorer_params)
+
+    def plan(self, positions: str | None = None) -> PruningPlan:
+        """The engine's plan; ``positions`` defaults to the combination's own."""
+        return PruningPlan.of(self.locations, self.keep, positions or self.positions)
 
     def make_scorer(self):
         return SCORERS.get(self.scorer)(**self.scorer_params)
 
 
 def needs_calibration(cfg: RunConfig) -> list[tuple[int, int]]:
-    """(index in cfg.schedules, samples) of changepoint entries that must derive their layers."""
+    """(index in cfg.schedules, samples) of changepoint entries that must derive their layers.
+
+    Only the experiment's schedules calibrate; a scorer's own ``schedules`` may not (config validation)."""
     pending = []
     for index, spec in enumerate(cfg.schedules):
         name, params = entry(spec)
@@ -69,11 +80,18 @@ def plan_sweep(
     if pending and not allow_pending:
         raise ConfigError(f"changepoint schedule(s) {sorted(pending)} have no shift histogram yet")
     full = float(num_vision)
-    combos = [Combination("vanilla", "-", None, [], [], full, full)]
+    combos = [Combination("vanilla", "-", None, [], [], full, full, positions=cfg.positions)]
     for scorer_spec in cfg.scorers:
-        scorer, scorer_params = entry(scorer_spec)
+        scorer, scorer_params, protocol = scorer_entry(scorer_spec)
+        positions = protocol.get("positions", cfg.positions)
+        own = {"scorer_params": scorer_params, "positions": positions, "own_positions": "positions" in protocol}
         if SCORERS.get(scorer).pre_llm:
             schedules = [(INTERFACE_SCHEDULE, {}, None, False)]
+        elif "schedules" in protocol:  # the scorer's own protocol replaces the experiment's schedules
+            schedules = []
+            for spec in protocol["schedules"]:
+                name, params = entry(spec)
+                schedules.append((label(name, params), params, SCHEDULES.get(name)(**params), False))
         else:
             schedules = []
             for index, spec in enumerate(cfg.schedules):
@@ -94,12 +112,12 @@ def plan_sweep(
                     message = f"{scorer} x {schedule_label} at budget {budget:g}: {error}"
                     if not calibrated:
                         raise ConfigError(message) from None
-                    combos.append(Combination(scorer, schedule_label, float(budget), scorer_params=scorer_params,
-                                              schedule_params=schedule_params, error=message))
+                    combos.append(Combination(scorer, schedule_label, float(budget), schedule_params=schedule_params,
+                                              error=message, **own))
                     continue
                 combos.append(Combination(
                     scorer, schedule_label, float(budget), list(solved.locations), list(solved.keep),
-                    solved.reported_avg, solved.computed_avg, scorer_params, schedule_params,
+                    solved.reported_avg, solved.computed_avg, schedule_params=schedule_params, **own,
                 ))
     names = [c.name for c in combos]
     duplicates = sorted({n for n in names if names.count(n) > 1})
