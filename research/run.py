@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,6 +43,25 @@ def fingerprint(cfg: RunConfig) -> str:
             "counting": cfg.counting}
     return hashlib.sha256(json.dumps(OmegaConf.to_container(OmegaConf.structured(keys)), sort_keys=True).encode()
                           ).hexdigest()[:16]
+
+
+def scorer_settings(combo: Combination) -> dict:
+    """The combination's scorer parameters with the scorer's defaults filled in (JSON values)."""
+    if combo.is_vanilla:
+        return {}
+    scorer = combo.make_scorer()
+    if dataclasses.is_dataclass(scorer):
+        values = {f.name: getattr(scorer, f.name) for f in dataclasses.fields(scorer) if f.init}
+    else:
+        values = dict(combo.scorer_params)
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def reusable(previous: dict | None, key: str, combo: Combination) -> bool:
+    """A finished result can stand for this combination: same run fingerprint and same scorer settings,
+    defaults included (a default changed in the code, e.g. pdrop's attention, re-runs the combination)."""
+    return (previous is not None and previous.get("status") == "ok" and previous.get("fingerprint") == key
+            and previous.get("scorer_settings") == scorer_settings(combo))
 
 
 def run(cfg: RunConfig) -> list[dict]:
@@ -89,7 +109,7 @@ def run(cfg: RunConfig) -> list[dict]:
             logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
             results[combo.name] = {"combination": combo.__dict__, "fingerprint": key, "status": "failed",
                                    "error": combo.error}
-        elif previous and previous.get("status") == "ok" and previous.get("fingerprint") == key:
+        elif reusable(previous, key, combo):
             results[combo.name] = previous
         else:
             results[combo.name] = _run_combination(
@@ -154,7 +174,8 @@ def _run_combination(
     """One combination in its own Lightning predict loop; any error is recorded, not raised."""
     from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport
 
-    record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
+    record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key,
+                              "scorer_settings": scorer_settings(combo)}
     try:
         module = SweepModule(adapter, processor, combo, combo.positions, cfg.eval.max_new_tokens, num_vision)
         report = TensorBoardReport(

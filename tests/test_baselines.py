@@ -265,3 +265,18 @@ def test_a_scorer_entry_carries_its_own_schedules_and_positions(tmp_path):
 def test_bad_scorer_protocol_fails_in_validation(tmp_path, entry, message):
     with pytest.raises(ConfigError, match=message):
         load_config([write(tmp_path, f"scorers: [{entry}]\nbudgets: [40]\n")])
+
+
+def test_a_result_from_other_scorer_defaults_is_not_reused(tmp_path):
+    """A finished combination is reused only with the same scorer settings, defaults included: results
+    written before pdrop's default became the next layer's attention are run again."""
+    from research.run import reusable, scorer_settings
+
+    cfg = load_config([write(tmp_path, "scorers: [pdrop]\nschedules: [{name: layers, layers: [1, 3]}]\n"
+                                       "budgets: [40]\n")])
+    combo = plan_sweep(cfg, 8, 144)[1]
+    assert scorer_settings(combo) == {"attention": "next", "dtype": "model"}
+    finished = {"status": "ok", "fingerprint": "f", "scorer_settings": scorer_settings(combo)}
+    assert reusable(finished, "f", combo)
+    assert not reusable({**finished, "scorer_settings": {"attention": "same", "dtype": "model"}}, "f", combo)
+    assert not reusable({"status": "ok", "fingerprint": "f"}, "f", combo)  # written before settings were kept
