@@ -318,7 +318,7 @@ class Signals:
         """``all_t2v`` with the softmax cast to ``dtype`` before the head mean (see ``attention``).
 
         Each vision token's own row (its attention to itself) is left out: the mean over the
-        ``n - 1`` other non-padding queries of the row (causally earlier ones contribute 0).
+        ``n - 1`` other non-padding queries of the row (queries before the token cannot see it: 0).
         """
         a = self.attention("all", dtype).float()  # [B, S, S] rows = queries
         valid = self.layout.valid
