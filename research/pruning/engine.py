@@ -342,6 +342,7 @@ class PruningEngine:
     def _prune_at_interface(self, st: _ForwardState, kwargs: dict) -> None:
         k = self.plan.keep[0]
         if self.replay is None and k >= st.layout.vision.shape[1]:
+            self._record_no_op(st, stage=0)
             return
         timer = st.timer.start(kwargs["inputs_embeds"].device)
         signals = Signals(layout=st.layout, interface=st.interface, layer_idx=INTERFACE, stage=0, memo=st.memo)
@@ -394,6 +395,7 @@ class PruningEngine:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
             if self.replay is None and self.plan.keep[stage_idx] >= st.layout.vision.shape[1]:
+                self._record_no_op(st, stage_idx)
                 return None  # nothing to prune: the stage is a no-op
             timer = st.timer.start(hidden.device)
             kept, selected = self._select(st, signals, stage_idx)
@@ -417,6 +419,11 @@ class PruningEngine:
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(layer_idx),
             memo=st.memo,
         )
+
+    def _record_no_op(self, st: _ForwardState, stage: int) -> None:
+        """A stage that keeps every remaining token is recorded too, so ``kept`` replays as the plan."""
+        st.record.kept.append(st.layout.vision_orig)
+        st.record.locations.append(self.plan.locations[stage])
 
     def _select(self, st: _ForwardState, signals: Signals, stage: int) -> tuple[Tensor, Tensor]:
         """Kept sequence slots [B, S'] and the kept vision tokens' vision indices [B, k]."""
