@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class DataConfig:
     name: str = "shapes"
     split: str = "test"
     limit: int | None = None  # first N samples of the split (None: all)
+    calibration_split: str | None = None  # where changepoint calibrates (None: val, or train when val is evaluated)
 
 
 @dataclass
@@ -86,12 +88,24 @@ def _experiment_file(name: str) -> Path:
     return path
 
 
+def _read_experiment(path: Path) -> DictConfig:
+    """An experiment file as a mapping; malformed YAML or another top level is one ConfigError line."""
+    try:
+        node = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and OmegaConf's own errors: the message names line and column
+        first = " ".join(str(error).split())
+        raise ConfigError(f"experiment file {path} is not valid YAML: {first}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"experiment file {path} must hold a mapping of config keys, got a {type(node).__name__}")
+    return node
+
+
 def _load_experiment(name: str) -> DictConfig:
-    node = OmegaConf.load(_experiment_file(name))
+    node = _read_experiment(_experiment_file(name))
     base = node.pop("base", None)
     if base is None:
         return node
-    parent = OmegaConf.load(_experiment_file(base))
+    parent = _read_experiment(_experiment_file(base))
     if "base" in parent:
         raise ConfigError(f"experiment {name!r}: base {base!r} has a base of its own; one level of inheritance only")
     return OmegaConf.merge(parent, node)
@@ -165,13 +179,15 @@ def label(name: str, params: dict) -> str:
         return name
     if name == "layers" and "layers" in params and set(params) <= {"layers", "scale_from", "prune_before"}:
         before = "before-" if params.get("prune_before") else ""
-        return f"layers[{before}{'-'.join(str(x) for x in params['layers'])}]"
+        scale = f"/{params['scale_from']}" if params.get("scale_from") is not None else ""
+        return f"layers[{before}{'-'.join(str(x) for x in params['layers'])}{scale}]"
     values = ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(params.items()))
     return f"{name}({values})"
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form of a label: ``layers[1-10-20]`` -> ``layers1-10-20``."""
+    """A file-name-safe form of a label: ``layers[1-10-20]`` -> ``layers1-10-20``, ``/32`` -> ``_of32``."""
+    text = text.replace("/", "_of")
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", re.sub(r"[\[\]()]", "", text)).strip("_")
 
 
@@ -202,8 +218,35 @@ def validate(cfg: RunConfig) -> None:
 
     if cfg.analysis is not None and cfg.analysis not in ANALYSES:
         raise ConfigError(f"unknown analysis {cfg.analysis!r}; choose one of {list(ANALYSES)}")
-    if not cfg.budgets:
-        raise ConfigError("budgets is empty; give at least one average number of retained vision tokens")
+    for key, items in (("budgets", cfg.budgets), ("scorers", cfg.scorers), ("schedules", cfg.schedules)):
+        if not items and cfg.analysis is None:
+            raise ConfigError(f"{key} is empty; give at least one (e.g. {key}={DEFAULT_EXAMPLES[key]})")
+    lowest_values = (("eval.batch_size", cfg.eval.batch_size, 1), ("data.limit", cfg.data.limit, 1),
+                     ("eval.max_new_tokens", cfg.eval.max_new_tokens, 1),
+                     ("eval.latency_samples", cfg.eval.latency_samples, 0),
+                     ("eval.decode_tokens", cfg.eval.decode_tokens, 1), ("eval.overlays", cfg.eval.overlays, 0))
+    for key, value, lowest in lowest_values:
+        if value is not None and value < lowest:
+            raise ConfigError(f"{key}={value} out of range; valid: an integer >= {lowest}"
+                              + (" (or null for the whole split)" if key == "data.limit" else ""))
+    check_writable(Path(cfg.output_dir))
+
+
+DEFAULT_EXAMPLES = {"budgets": "[64]", "scorers": "[text_prior]", "schedules": "[{name: layers, layers: [1, 10, 20]}]"}
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse an ``output_dir`` that cannot be created or written, without creating it."""
+    existing = directory.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as error:
+        raise ConfigError(f"output_dir {str(directory)!r} cannot be written ({error.strerror or error}); "
+                          "choose a writable directory") from None
 
 
 def _check_entry(registry: Any, spec: Any) -> None:
@@ -247,14 +290,29 @@ def model_directory(cfg: RunConfig) -> Path:
         raise ConfigError(str(error)) from None
     if not (path / "config.json").is_file():
         raise ConfigError(f"model path {str(path)!r} holds no config.json: expected a local Hugging Face checkpoint")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"model path {str(path)!r} holds no *.safetensors weights: expected a local Hugging Face "
+                          "checkpoint (config.json + *.safetensors)")
     return path
 
 
 def model_shape(path: Path) -> tuple[int, int]:
-    """(decoder layers, image tokens) from a LLaVA checkpoint's config.json, without loading weights."""
-    config = json.loads((path / "config.json").read_text())
-    layers = config["text_config"]["num_hidden_layers"]
-    vision = config["vision_config"]
-    patches = (vision["image_size"] // vision["patch_size"]) ** 2
-    strategy = config.get("vision_feature_select_strategy", "default")
+    """(decoder layers, image tokens) of a LLaVA checkpoint, read through ``transformers.AutoConfig``
+    (which fills the defaults a config.json may leave out), without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+        missing = [key for key in ("text_config", "vision_config") if key not in raw]
+        if missing:  # AutoConfig would silently fill in a 7B LLaMA and a default CLIP
+            raise KeyError(f"no {' or '.join(missing)}")
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        layers = config.text_config.num_hidden_layers
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+        first = " ".join(str(error).split())[:300]
+        raise ConfigError(f"{path / 'config.json'} is not a usable LLaVA config ({type(error).__name__}: {first})"
+                          ) from None
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
     return layers, patches if strategy == "default" else patches + 1

@@ -154,6 +154,12 @@ def fresh_check(against: str, keep_torch: bool = False, venv: Path | None = None
     versions = installed_versions(python, [*HEADLINE, *(Requirement(r).name for r in others)])
     print(f"[{against}] installed in {time.perf_counter() - started:.0f} s: "
           + ", ".join(f"{name} {version}" for name, version in versions.items()), flush=True)
+    if against == "latest":
+        for name in HEADLINE:
+            newest = newest_release(python, name)
+            if newest and _public(newest) != _public(versions[name]):
+                print(f"[latest] note: {name} {newest} is the newest release on the index, but pip could not "
+                      f"install it here (a dependency of it is missing, or a local cap): tested {versions[name]}")
     # Only the lock's own environment can pass the test that compares it with the lock.
     unlocked = [] if against == "lock" else ["--deselect", "tests/test_deps.py::test_installed_packages_are_the_lock"]
     result = subprocess.run([str(python), *FAST_TESTS, *unlocked], cwd=ROOT)
@@ -161,6 +167,13 @@ def fresh_check(against: str, keep_torch: bool = False, venv: Path | None = None
           f"(exit {result.returncode}) with " + ", ".join(f"{n} {versions[n]}" for n in HEADLINE)
           + f"; venv: {venv}", flush=True)
     return result.returncode, versions
+
+
+def newest_release(python: Path, name: str) -> str | None:
+    """The newest version of ``name`` the package index lists (``pip index versions``), if it answers."""
+    out = subprocess.run([str(python), "-m", "pip", "index", "versions", name], capture_output=True, text=True)
+    match = re.match(rf"{re.escape(name)} \(([^)]+)\)", out.stdout.strip(), flags=re.IGNORECASE)
+    return match.group(1) if match else None
 
 
 def installed_versions(python: Path, names: list[str]) -> dict[str, str]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import resource
 import statistics
 import time
@@ -19,6 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from research.pruning import PruningEngine
 from research.report.figures import token_overlay
 from research.report.flops import flops_for_model
+from research.storage import StopSweep
 from research.sweep import Combination
 
 
@@ -35,6 +38,7 @@ class SweepModule(L.LightningModule):
         self.scorer = None if combo.is_vanilla else combo.make_scorer()
         self.max_new_tokens = max_new_tokens
         self.rows: list[dict] = []
+        self.skipped: list[str] = []  # ids of samples whose image could not be decoded
         self.metrics: dict[str, Any] = {}
 
     def engine(self) -> contextlib.AbstractContextManager:
@@ -47,7 +51,10 @@ class SweepModule(L.LightningModule):
         return self.adapter.build_inputs(self.processor, images, [s.question for s in samples])
 
     def predict_step(self, batch: list, batch_idx: int) -> list[dict]:
-        inputs = self.inputs(batch)
+        batch, images = decodable(batch, self.skipped)
+        if not batch:
+            return []
+        inputs = self.adapter.build_inputs(self.processor, images, [s.question for s in batch])
         prompt = inputs["input_ids"].shape[1]
         with torch.no_grad(), self.engine() as engine:
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
@@ -64,11 +71,40 @@ class SweepModule(L.LightningModule):
         return rows
 
 
+class UndecodableImage(ValueError):
+    """A sample's image cannot be decoded; the message names the sample and the file."""
+
+
 def sample_image(sample: Any) -> Any:
+    """The sample's image as a PIL image, from an array, a PIL image, encoded bytes or a file path."""
     from PIL import Image
 
     image = sample.image
-    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, Path, bytes)):
+        return Image.fromarray(np.asarray(image))
+    source = f"file {image}" if isinstance(image, (str, Path)) else f"{len(image)} encoded bytes"
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            opened.load()  # decode now: a truncated file fails here, not inside the processor
+            return opened.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UndecodableImage(f"sample {sample.id}: image ({source}) cannot be decoded: {error}") from None
+
+
+def decodable(samples: Sequence[Any], skipped: list[str]) -> tuple[list[Any], list[Any]]:
+    """(samples, images) of the samples whose image decodes; the others are logged and their ids added
+    to ``skipped``."""
+    kept, images = [], []
+    for sample in samples:
+        try:
+            images.append(sample_image(sample))
+            kept.append(sample)
+        except UndecodableImage as error:
+            logging.getLogger(__name__).warning("skipping %s", error)
+            skipped.append(sample.id)
+    return kept, images
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
@@ -77,14 +113,20 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def __init__(self, path: Path, metric: Callable[[list[str], list[str]], float]) -> None:
         super().__init__(write_interval="batch")
         self.path, self.metric = path, metric
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+        self._write("w", [])
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        with self.path.open("a") as f:
-            for row in prediction:
-                correct = self.metric([row["prediction"]], [row["answer"]]) == 1.0
-                f.write(json.dumps({**row, "correct": correct}) + "\n")
+        lines = [json.dumps({**row, "correct": self.metric([row["prediction"]], [row["answer"]]) == 1.0})
+                 for row in prediction]
+        self._write("a", lines)
+
+    def _write(self, mode: str, lines: list[str]) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open(mode) as f:
+                f.writelines(line + "\n" for line in lines)
+        except OSError as error:  # disk full, permissions: stop the sweep, keep what is finished
+            raise StopSweep(f"cannot write {self.path}: {error.strerror or error}") from error
 
 
 class _Clock:
@@ -166,6 +208,10 @@ class TensorBoardReport(Callback):
 
     def on_predict_end(self, trainer: L.Trainer, module: SweepModule) -> None:
         combo, rows = module.combo, module.rows
+        if not rows:
+            return  # nothing evaluated (every image undecodable): the combination fails, no metrics
+        self.latency_samples = decodable(self.latency_samples, [])[0]
+        self.overlay_samples = decodable(self.overlay_samples, [])[0]
         accuracy = self.metric([r["prediction"] for r in rows], [r["answer"] for r in rows])
         by_type: dict[str, float] = {}
         for qtype in sorted({r["qtype"] for r in rows if r["qtype"]}):
@@ -185,6 +231,7 @@ class TensorBoardReport(Callback):
             "gflops": flops.total_prefill / 1e9,
             "avg_tokens": combo.reported_avg,
             "computed_avg_tokens": combo.computed_avg,
+            "skipped_images": len(module.skipped),
         }
         module.metrics = {**metrics, "accuracy_by_type": by_type, "tokens_per_layer": tokens_per_layer,
                           "flops": flops.total_prefill, "decode_flops_per_token": flops.decode_per_token}

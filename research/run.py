@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import sys
@@ -27,22 +28,62 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from research.config import ConfigError, RunConfig, load_config, model_directory, model_shape
-from research.sweep import Combination, needs_calibration, plan_sweep
+from research.storage import (
+    OutputLock,
+    StopSweep,
+    partial_file,
+    read_json,
+    source_digest,
+    weights_digest,
+    write_atomic,
+    write_json,
+)
+from research.sweep import Combination, calibration_split, needs_calibration, plan_sweep
 
 SUMMARY_COLUMNS = [
     "scorer", "schedule", "layers", "budget", "keep", "positions", "accuracy", "accuracy_ratio", "prefill_ms",
     "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "gflops", "flops_ratio", "avg_tokens",
-    "computed_avg_tokens", "status", "error",
+    "computed_avg_tokens", "skipped_images", "status", "error",
 ]
 TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb"}
 
 
-def fingerprint(cfg: RunConfig) -> str:
-    """What a finished combination's result depends on besides the combination itself."""
+def fingerprint(cfg: RunConfig, combo: Combination, weights: str) -> dict[str, str]:
+    """Everything a finished combination's result depends on, by part (a re-run names the parts that changed).
+
+    ``config``: model, data, eval, seed, positions, counting; ``weights``: the checkpoint
+    (:func:`research.storage.weights_digest`); ``dataset``, ``scorer``, ``schedule``: the source files
+    of the classes that ran; ``scorer settings``: its parameters with the defaults filled in (a default
+    changed in the code, e.g. pdrop's attention, re-runs the combination).
+    """
+    from research.data import DATASETS
+    from schedules import SCHEDULES
+    from scorers import SCORERS
+
     keys = {"model": cfg.model, "data": cfg.data, "eval": cfg.eval, "seed": cfg.seed, "positions": cfg.positions,
             "counting": cfg.counting}
-    return hashlib.sha256(json.dumps(OmegaConf.to_container(OmegaConf.structured(keys)), sort_keys=True).encode()
-                          ).hexdigest()[:16]
+    config = json.dumps(OmegaConf.to_container(OmegaConf.structured(keys)), sort_keys=True)
+    return {
+        "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+        "weights": weights,
+        "dataset": source_digest(DATASETS.get(cfg.data.name)),
+        "scorer": "-" if combo.is_vanilla else source_digest(SCORERS.get(combo.scorer)),
+        "scorer settings": hashlib.sha256(json.dumps(scorer_settings(combo)).encode()).hexdigest()[:16],
+        "schedule": source_digest(SCHEDULES.get(combo.schedule_name)) if combo.schedule_name in SCHEDULES else "-",
+    }
+
+
+def stale_reason(previous: dict | None, key: dict[str, str]) -> str | None:
+    """None if ``previous`` is a finished result for ``key``; else why it must be (re)computed."""
+    if previous is None:
+        return "new"
+    if previous.get("status") != "ok":
+        return "failed before"
+    old = previous.get("fingerprint")
+    if not isinstance(old, dict):
+        return "written by an older version"
+    changed = [part for part in key if old.get(part) != key[part]]
+    return f"{', '.join(changed)} changed" if changed else None
 
 
 def scorer_settings(combo: Combination) -> dict:
@@ -57,13 +98,6 @@ def scorer_settings(combo: Combination) -> dict:
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 
-def reusable(previous: dict | None, key: str, combo: Combination) -> bool:
-    """A finished result can stand for this combination: same run fingerprint and same scorer settings,
-    defaults included (a default changed in the code, e.g. pdrop's attention, re-runs the combination)."""
-    return (previous is not None and previous.get("status") == "ok" and previous.get("fingerprint") == key
-            and previous.get("scorer_settings") == scorer_settings(combo))
-
-
 def run(cfg: RunConfig) -> list[dict]:
     """Run (or resume) every combination; return the summary rows (vanilla first)."""
     from research.data import DATASETS
@@ -76,19 +110,33 @@ def run(cfg: RunConfig) -> list[dict]:
     out = Path(cfg.output_dir) / cfg.experiment
     histograms = cached_histograms(cfg, directory)
     plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), out / "config.yaml")
-    key = fingerprint(cfg)
+    try:
+        dataset = DATASETS.get(cfg.data.name)(split=cfg.data.split, size=cfg.data.limit)
+    except (ValueError, KeyError) as error:
+        raise ConfigError(f"data {cfg.data.name!r}: {str(error).splitlines()[0]}") from None
+    samples = list(dataset)
+    if not samples:
+        raise ConfigError(f"dataset {cfg.data.name!r} split {cfg.data.split!r} has no samples to evaluate "
+                          f"(data.limit={cfg.data.limit})")
+    metric = getattr(dataset, "metric", accuracy)
+    with OutputLock(out):
+        return _sweep(cfg, directory, out, num_layers, num_vision, histograms, samples, metric, LlavaAdapter,
+                      accuracy_vs_budget)
+
+
+def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_vision: int,
+           histograms: dict[int, list[int]], samples: list, metric: Any, adapter_class: Any,
+           accuracy_vs_budget: Any) -> list[dict]:
+    """The sweep proper, inside the output directory's lock."""
+    write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    weights = weights_digest(directory)
 
     L.seed_everything(cfg.seed, verbose=False)
     dtype = getattr(torch, cfg.model.dtype)
-    adapter, processor = LlavaAdapter.from_pretrained(
+    adapter, processor = adapter_class.from_pretrained(
         directory, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
         device="cuda" if torch.cuda.is_available() else "cpu",
     )
-    dataset = DATASETS.get(cfg.data.name)(split=cfg.data.split, size=cfg.data.limit)
-    samples = list(dataset)
-    metric = getattr(dataset, "metric", accuracy)
     if cfg.analysis is not None:
         from research.analysis.collect import run_analysis
 
@@ -100,25 +148,32 @@ def run(cfg: RunConfig) -> list[dict]:
     histograms.update(calibrate(cfg, directory, adapter, processor, histograms, out))
     combos = plan_sweep(cfg, num_layers, num_vision, histograms)
 
+    keys = {combo.name: fingerprint(cfg, combo, weights) for combo in combos}
+    previous = {combo.name: read_json(out / "results" / f"{combo.name}.json", "result") for combo in combos}
+    stale = {c.name: stale_reason(previous[c.name], keys[c.name]) for c in combos if not c.error}
+    print(resume_line(stale))
+
     results: dict[str, dict] = {}
     vanilla_accuracy = None
-    for combo in combos:
-        result_file = out / "results" / f"{combo.name}.json"
-        previous = json.loads(result_file.read_text()) if result_file.is_file() else None
-        if combo.error:
-            logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
-            results[combo.name] = {"combination": combo.__dict__, "fingerprint": key, "status": "failed",
-                                   "error": combo.error}
-        elif reusable(previous, key, combo):
-            results[combo.name] = previous
-        else:
-            results[combo.name] = _run_combination(
-                cfg, combo, adapter, processor, samples, metric, vanilla_accuracy, num_vision, out, key
-            )
-            result_file.parent.mkdir(exist_ok=True)
-            result_file.write_text(json.dumps(results[combo.name], indent=2))
-        if combo.is_vanilla and results[combo.name]["status"] == "ok":
-            vanilla_accuracy = results[combo.name]["accuracy"]
+    try:
+        for combo in combos:
+            key = keys[combo.name]
+            if combo.error:
+                logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
+                results[combo.name] = {"combination": combo.__dict__, "fingerprint": key, "status": "failed",
+                                       "error": combo.error}
+            elif stale[combo.name] is None:
+                results[combo.name] = previous[combo.name]
+            else:
+                results[combo.name] = _run_combination(
+                    cfg, combo, adapter, processor, samples, metric, vanilla_accuracy, num_vision, out, key
+                )
+                write_json(out / "results" / f"{combo.name}.json", results[combo.name])
+            if combo.is_vanilla and results[combo.name]["status"] == "ok":
+                vanilla_accuracy = results[combo.name]["accuracy"]
+    except StopSweep as error:
+        kept = sum(r["status"] == "ok" for name, r in results.items() if name != combo.name)  # combo: unwritten
+        raise StopSweep(f"{error}; kept {kept} finished combination(s) in {out / 'results'}") from error
 
     rows = summarise(combos, results)
     write_summary(out, rows)
@@ -132,9 +187,11 @@ def cached_histograms(cfg: RunConfig, directory: Path) -> dict[int, list[int]]:
 
     found = {}
     for index, samples in needs_calibration(cfg):
-        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, cfg.data.name, cfg.data.split, samples)
-        if path.is_file():
-            found[index] = json.loads(path.read_text())["histogram"]
+        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, cfg.data.name, calibration_split(cfg),
+                                samples)
+        cached = read_json(path, "calibration cache")
+        if cached is not None and isinstance(cached.get("histogram"), list):
+            found[index] = cached["histogram"]
     return found
 
 
@@ -148,20 +205,21 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
     from schedules.changepoint import changepoint_layers
 
     derived = {}
+    split = calibration_split(cfg)
     for index, samples in needs_calibration(cfg):
-        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, cfg.data.name, cfg.data.split, samples)
+        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, cfg.data.name, split, samples)
         if index in known:
             histogram = known[index]
             print(f"changepoint schedule: reusing the calibration cached in {path}")
         else:
-            calibration = list(DATASETS.get(cfg.data.name)(split=cfg.data.split, size=samples))
+            calibration = list(DATASETS.get(cfg.data.name)(split=split, size=samples))
             histogram = attention_shift_histogram(adapter, processor, calibration, cfg.eval.batch_size).tolist()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"histogram": histogram, "samples": samples, "model": str(directory),
-                                        "data": [cfg.data.name, cfg.data.split]}))
+            write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
+                              "data": [cfg.data.name, split]})
         derived[index] = histogram
         layers = changepoint_layers(histogram)
-        print(f"changepoint schedule derived from {samples} samples: prune after layers {layers}")
+        print(f"changepoint schedule derived from {samples} samples of the {split!r} split: prune after layers "
+              f"{layers}")
         with SummaryWriter(out / "tensorboard" / "calibration") as writer:
             log_shift_histogram(writer, np.asarray(histogram), layers, f"changepoint_{index}")
     return derived
@@ -169,34 +227,47 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
 
 def _run_combination(
     cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
-    vanilla_accuracy: float | None, num_vision: int, out: Path, key: str,
+    vanilla_accuracy: float | None, num_vision: int, out: Path, key: dict[str, str],
 ) -> dict:
-    """One combination in its own Lightning predict loop; any error is recorded, not raised."""
-    from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport
-
-    record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key,
-                              "scorer_settings": scorer_settings(combo)}
+    """One combination in its own Lightning predict loop; any error is recorded, not raised (except a
+    failed write, which stops the sweep). Its predictions replace the old file only once it finished."""
+    record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
     try:
-        module = SweepModule(adapter, processor, combo, combo.positions, cfg.eval.max_new_tokens, num_vision)
-        report = TensorBoardReport(
-            metric, vanilla_accuracy, samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
-            cfg.eval.decode_tokens,
-        )
-        writer = JsonlPredictionWriter(out / "predictions" / f"{combo.name}.jsonl", metric)
-        logger = TensorBoardLogger(save_dir=out, name="tensorboard", version=combo.name, default_hp_metric=False)
-        trainer = L.Trainer(
-            accelerator="auto", devices=1, logger=logger, callbacks=[writer, report],
-            enable_checkpointing=False, enable_model_summary=False,
-        )
-        loader = DataLoader(samples, batch_size=cfg.eval.batch_size, collate_fn=list)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            trainer.predict(module, loader, return_predictions=False)
-        return {**record, **module.metrics, "status": "ok", "error": ""}
+        with partial_file(out / "predictions" / f"{combo.name}.jsonl") as predictions:
+            metrics = _predict(cfg, combo, adapter, processor, samples, metric, vanilla_accuracy, num_vision, out,
+                               predictions)
+        return {**record, **metrics, "status": "ok", "error": ""}
+    except StopSweep:
+        raise
     except Exception as error:  # one combination failing must not stop the sweep
         logging.getLogger(__name__).error("combination %s failed:\n%s", combo.name, traceback.format_exc())
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         return {**record, "status": "failed", "error": message}
+
+
+def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
+             vanilla_accuracy: float | None, num_vision: int, out: Path, predictions: Path) -> dict:
+    """The Lightning predict loop of one combination, writing ``predictions``; returns its metrics."""
+    from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport
+
+    module = SweepModule(adapter, processor, combo, combo.positions, cfg.eval.max_new_tokens, num_vision)
+    report = TensorBoardReport(
+        metric, vanilla_accuracy, samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
+        cfg.eval.decode_tokens,
+    )
+    writer = JsonlPredictionWriter(predictions, metric)
+    logger = TensorBoardLogger(save_dir=out, name="tensorboard", version=combo.name, default_hp_metric=False)
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, logger=logger, callbacks=[writer, report],
+        enable_checkpointing=False, enable_model_summary=False,
+    )
+    loader = DataLoader(samples, batch_size=cfg.eval.batch_size, collate_fn=list)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.predict(module, loader, return_predictions=False)
+    if not module.metrics:
+        raise RuntimeError(f"the predict loop evaluated no samples ({len(samples)} given)")
+    return module.metrics
 
 
 def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]:
@@ -218,6 +289,7 @@ def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]
         for column in ("accuracy", "prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms",
                        "peak_memory_mb", "gflops"):
             row[column] = round(r[column], 4) if ok else ""
+        row["skipped_images"] = r.get("skipped_images", "") if ok else ""
         both = ok and vanilla.get("status") == "ok"
         row["accuracy_ratio"] = round(r["accuracy"] / vanilla["accuracy"], 4) if both and vanilla["accuracy"] else ""
         row["flops_ratio"] = round(r["flops"] / vanilla["flops"], 4) if both else ""
@@ -225,15 +297,26 @@ def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]
     return rows
 
 
+def resume_line(stale: dict[str, str | None]) -> str:
+    """One line: how many combinations are reused, how many run, and why each stale one runs again."""
+    reused = [name for name, why in stale.items() if why is None]
+    rerun = {name: why for name, why in stale.items() if why not in (None, "new")}
+    line = f"resume: reusing {len(reused)} finished combination(s), running {len(stale) - len(reused)}"
+    if rerun:
+        line += "; recomputing " + "; ".join(f"{name} ({why})" for name, why in rerun.items())
+    return line
+
+
 def write_summary(out: Path, rows: list[dict]) -> None:
-    with (out / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "summary.csv", table.getvalue())
     shown = [c for c in SUMMARY_COLUMNS if c not in ("prefill_p90_ms", "peak_memory_mb")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(row[c]) for c in shown) + " |" for row in rows]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "summary.md", "\n".join(lines) + "\n")
 
 
 def _log_budget_figure(out: Path, rows: list[dict], accuracy_vs_budget) -> None:
@@ -259,17 +342,46 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*litlogger.*")
 
 
+def usage() -> str:
+    """``--help``: the command, the experiments and every config key with its default."""
+    from research.config import experiment_names
+
+    keys = OmegaConf.to_yaml(OmegaConf.structured(RunConfig)).rstrip()
+    return "\n".join([
+        "usage: python -m research.run experiment=NAME [key=value ...]",
+        "",
+        "Runs every scorer x schedule x budget of experiments/NAME.yaml (plus vanilla) and writes",
+        "<output_dir>/<experiment>/ (summary, predictions, results, tensorboard). Re-running resumes.",
+        "",
+        f"experiments: {', '.join(experiment_names())}",
+        "",
+        "config keys (defaults; an experiment file sets some, key=value overrides):",
+        keys,
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``key=value`` arguments and run; a bad value exits 2 with one line, before any model loads."""
     quiet_lightning()
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help", "help"} & set(argv):
+        print(usage())
+        return 0
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(argv)
         directory = model_directory(cfg)
         plan_sweep(cfg, *model_shape(directory), cached_histograms(cfg, directory), allow_pending=True)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = run(cfg)
+    try:
+        rows = run(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except StopSweep as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     out = Path(cfg.output_dir) / cfg.experiment
     if cfg.analysis is not None:
         print(f"results in {out}/ (tensorboard --logdir {cfg.output_dir})")

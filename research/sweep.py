@@ -15,7 +15,7 @@ INTERFACE_SCHEDULE = "interface"  # pre-LLM scorers prune once, before the LLM, 
 @dataclass
 class Combination:
     scorer: str
-    schedule: str
+    schedule: str  # label, e.g. layers[1-10-20]
     budget: float | None  # average retained vision tokens; None = vanilla
     locations: list[int] = field(default_factory=list)
     keep: list[int] = field(default_factory=list)
@@ -26,6 +26,7 @@ class Combination:
     error: str = ""  # why it cannot run (a calibrated schedule that cannot reach the budget); "" = runnable
     positions: str = "original"  # the plan's positions: the experiment's, or the scorer entry's own
     own_positions: bool = False  # positions came from the scorer entry (and are part of the name)
+    schedule_name: str = ""  # registry name of the schedule ("" for vanilla and interface scorers)
 
     @property
     def is_vanilla(self) -> bool:
@@ -49,6 +50,15 @@ class Combination:
 
     def make_scorer(self):
         return SCORERS.get(self.scorer)(**self.scorer_params)
+
+
+def calibration_split(cfg: RunConfig) -> str:
+    """The split a changepoint schedule calibrates on: ``data.calibration_split``, else one other than
+    the evaluated split (``val``, or ``train`` when ``val`` is evaluated), so layers are not chosen on the
+    samples they are scored on."""
+    if cfg.data.calibration_split:
+        return cfg.data.calibration_split
+    return "train" if cfg.data.split == "val" else "val"
 
 
 def needs_calibration(cfg: RunConfig) -> list[tuple[int, int]]:
@@ -85,13 +95,14 @@ def plan_sweep(
         scorer, scorer_params, protocol = scorer_entry(scorer_spec)
         positions = protocol.get("positions", cfg.positions)
         own = {"scorer_params": scorer_params, "positions": positions, "own_positions": "positions" in protocol}
-        if SCORERS.get(scorer).pre_llm:
-            schedules = [(INTERFACE_SCHEDULE, {}, None, False)]
+        scorer_class = SCORERS.get(scorer)
+        if scorer_class.pre_llm:
+            schedules = [(INTERFACE_SCHEDULE, {}, None, False, "")]
         elif "schedules" in protocol:  # the scorer's own protocol replaces the experiment's schedules
             schedules = []
             for spec in protocol["schedules"]:
                 name, params = entry(spec)
-                schedules.append((label(name, params), params, SCHEDULES.get(name)(**params), False))
+                schedules.append((label(name, params), params, SCHEDULES.get(name)(**params), False, name))
         else:
             schedules = []
             for index, spec in enumerate(cfg.schedules):
@@ -100,8 +111,9 @@ def plan_sweep(
                 name, params = entry(spec)
                 extra = {"histogram": histograms[index]} if index in histograms else {}
                 schedule = SCHEDULES.get(name)(**params, **extra)
-                schedules.append((label(name, params), params, schedule, index in histograms))
-        for schedule_label, schedule_params, schedule, calibrated in schedules:
+                calibrated_on = f"@{calibration_split(cfg)}" if index in histograms else ""  # where layers came from
+                schedules.append((label(name, params) + calibrated_on, params, schedule, index in histograms, name))
+        for schedule_label, schedule_params, schedule, calibrated, schedule_name in schedules:
             for budget in cfg.budgets:
                 try:
                     if schedule is None:
@@ -113,11 +125,18 @@ def plan_sweep(
                     if not calibrated:
                         raise ConfigError(message) from None
                     combos.append(Combination(scorer, schedule_label, float(budget), schedule_params=schedule_params,
-                                              error=message, **own))
+                                              error=message, schedule_name=schedule_name, **own))
                     continue
+                if solved.locations and solved.locations[0] < 0 and scorer_class.needs_llm_attention:
+                    able = [n for n in SCORERS.names() if not SCORERS.get(n).needs_llm_attention]
+                    raise ConfigError(
+                        f"scorer {scorer!r} cannot prune at location -1 (before the LLM) in {schedule_label}: it "
+                        f"reads attention inside the LLM; use locations >= 0 or one of {able}"
+                    )
                 combos.append(Combination(
                     scorer, schedule_label, float(budget), list(solved.locations), list(solved.keep),
-                    solved.reported_avg, solved.computed_avg, schedule_params=schedule_params, **own,
+                    solved.reported_avg, solved.computed_avg, schedule_params=schedule_params,
+                    schedule_name=schedule_name, **own,
                 ))
     names = [c.name for c in combos]
     duplicates = sorted({n for n in names if names.count(n) > 1})

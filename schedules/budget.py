@@ -19,6 +19,7 @@ Location ``-1`` (before the LLM) makes every layer count ``k_0`` under both.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,8 @@ def solve_budget(
         raise ValueError(f"ratio {ratio} out of range; valid: (0, 1]")
     if num_vision < 1:
         raise ValueError(f"num_vision must be >= 1, got {num_vision}")
+    if not math.isfinite(target):
+        raise ValueError(f"target {target} is not a number of tokens; valid: 0 .. {num_vision}")
     if target > num_vision:
         raise ValueError(f"target {target} exceeds the {num_vision} vision tokens")
     if target < 0:
@@ -137,4 +140,10 @@ def solve_budget(
             lo = mid
         else:
             hi = mid
-    return min((budget(lo), budget(hi)), key=lambda b: abs(b.reported_avg - target))
+    best = min((budget(lo), budget(hi)), key=lambda b: abs(b.reported_avg - target))
+    if best.keep and best.keep[0] == 0:
+        raise ValueError(
+            f"target {target} keeps 0 vision tokens from location {best.locations[0]} on: the model would never "
+            f"see the image; valid: a target that keeps at least 1 token at the first stage"
+        )
+    return best

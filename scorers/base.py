@@ -18,11 +18,13 @@ class Scorer:
     ``@SCORERS.register("name")``. ``pre_llm`` scorers act at the vision-language interface
     (location -1) and may only read ``signals.interface``; the others act after a decoder layer
     and may read its attention (``signals.t2t``, ``t2v``, ``last_t2v``, ``all_t2v``), or the attention
-    the next layer would compute before the cut (``signals.next_layer``).
+    the next layer would compute before the cut (``signals.next_layer``); those that read no attention
+    (``needs_llm_attention = False``) may also be scheduled at location -1.
     """
 
     registry_name: ClassVar[str]
     pre_llm: ClassVar[bool] = False
+    needs_llm_attention: ClassVar[bool] = True  # False: can also score at location -1, before the LLM
 
     def score(self, signals: Signals) -> Tensor:
         raise NotImplementedError

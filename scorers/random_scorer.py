@@ -16,6 +16,8 @@ from scorers.base import SCORERS, Scorer
 class RandomScorer(Scorer):
     """Keeps a uniformly random subset of vision tokens; works at any location, -1 included."""
 
+    needs_llm_attention = False
+
     seed: int = 0
 
     def score(self, signals: Signals) -> Tensor:

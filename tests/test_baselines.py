@@ -270,13 +270,13 @@ def test_bad_scorer_protocol_fails_in_validation(tmp_path, entry, message):
 def test_a_result_from_other_scorer_defaults_is_not_reused(tmp_path):
     """A finished combination is reused only with the same scorer settings, defaults included: results
     written before pdrop's default became the next layer's attention are run again."""
-    from research.run import reusable, scorer_settings
+    from research.run import fingerprint, scorer_settings, stale_reason
 
     cfg = load_config([write(tmp_path, "scorers: [pdrop]\nschedules: [{name: layers, layers: [1, 3]}]\n"
                                        "budgets: [40]\n")])
     combo = plan_sweep(cfg, 8, 144)[1]
     assert scorer_settings(combo) == {"attention": "next", "dtype": "model"}
-    finished = {"status": "ok", "fingerprint": "f", "scorer_settings": scorer_settings(combo)}
-    assert reusable(finished, "f", combo)
-    assert not reusable({**finished, "scorer_settings": {"attention": "same", "dtype": "model"}}, "f", combo)
-    assert not reusable({"status": "ok", "fingerprint": "f"}, "f", combo)  # written before settings were kept
+    key = fingerprint(cfg, combo, weights="w")
+    assert stale_reason({"status": "ok", "fingerprint": key}, key) is None
+    older_default = {**key, "scorer settings": "written with attention=same"}
+    assert stale_reason({"status": "ok", "fingerprint": older_default}, key) == "scorer settings changed"

@@ -327,3 +327,14 @@ def test_bad_scorer_output_fails_with_one_line_naming_the_scorer(models, returne
         with PruningEngine(models["sdpa"], Bad(), PLAN):
             models["sdpa"](**batch(3))
     assert "\n" not in str(caught.value)
+
+
+def test_a_no_op_stage_is_recorded_and_its_record_replays(models):
+    """A stage that keeps every token is recorded, so ``engine.last.kept`` replays as a plan of the same stages."""
+    model, inputs = models["sdpa"], batch(3)
+    plan = PruningPlan.of([1, 3], [NUM_IMAGE_TOKENS, 10])  # stage 0 keeps all 64
+    pruned, engine = logits(model, inputs, {"scorer": SCORERS.get("text_prior")(), "plan": plan})
+    record = engine.last
+    assert record.locations == [1, 3] and [k.shape[1] for k in record.kept] == [NUM_IMAGE_TOKENS, 10]
+    replayed, _ = logits(model, inputs, {"scorer": None, "plan": plan, "replay": record.kept})
+    assert torch.equal(replayed, pruned)

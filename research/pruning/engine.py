@@ -345,6 +345,7 @@ class PruningEngine:
     def _prune_at_interface(self, st: _ForwardState, kwargs: dict) -> None:
         k = self.plan.keep[0]
         if self.replay is None and k >= st.layout.vision.shape[1]:
+            self._record_no_op(st, stage=0)
             return
         timer = st.timer.start(kwargs["inputs_embeds"].device)
         signals = Signals(layout=st.layout, interface=st.interface, layer_idx=INTERFACE, stage=0, memo=st.memo)
@@ -397,6 +398,7 @@ class PruningEngine:
             if stage_idx is None:
                 return None
             if self.replay is None and self.plan.keep[stage_idx] >= st.layout.vision.shape[1]:
+                self._record_no_op(st, stage_idx)
                 return None  # nothing to prune: the stage is a no-op
             timer = st.timer.start(hidden.device)
             kept, selected = self._select(st, signals, stage_idx)
@@ -448,6 +450,11 @@ class PruningEngine:
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(nxt),
             memo=current.memo, view="next",
         )
+
+    def _record_no_op(self, st: _ForwardState, stage: int) -> None:
+        """A stage that keeps every remaining token is recorded too, so ``kept`` replays as the plan."""
+        st.record.kept.append(st.layout.vision_orig)
+        st.record.locations.append(self.plan.locations[stage])
 
     def _select(self, st: _ForwardState, signals: Signals, stage: int) -> tuple[Tensor, Tensor]:
         """Kept sequence slots [B, S'] and the kept vision tokens' vision indices [B, k]."""
