@@ -198,12 +198,36 @@ def kept_patches(module: SweepModule, samples: Sequence[Any]) -> list[list[np.nd
     return [[stage[i] for stage in stages] for i in range(len(samples))]
 
 
+def combination_hparams(combo: Combination, num_vision: int) -> dict[str, Any]:
+    """The HParams-table columns of a combination: scorer, schedule, budget, layers, keep, positions and the
+    scorer's and schedule's own parameters (``scorer.<name>``, ``schedule.<name>``, as strings)."""
+    hparams: dict[str, Any] = {
+        "scorer": combo.scorer_label, "schedule": combo.schedule, "budget": combo.budget or float(num_vision),
+        "layers": str(combo.locations), "keep": str(combo.keep), "positions": combo.positions,
+    }
+    for prefix, params in (("scorer", combo.scorer_params), ("schedule", combo.schedule_params)):
+        for name, value in sorted(params.items()):
+            hparams[f"{prefix}.{name}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return hparams
+
+
+def log_hparams(logger: Any, combo: Combination, num_vision: int, metrics: dict[str, float]) -> None:
+    """The combination's HParams entry with ``metrics`` written once, as the scalars ``metrics/<name>``, and its
+    ``hparams.yaml`` (Lightning writes that file only once, before anything is logged: rewritten here)."""
+    from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+    logger.log_hyperparams(combination_hparams(combo, num_vision), {f"metrics/{k}": v for k, v in metrics.items()},
+                           step=0)
+    save_hparams_to_yaml(Path(logger.log_dir) / "hparams.yaml", logger.hparams)
+
+
 class TensorBoardReport(Callback):
     """After the predict loop: accuracy, latency, FLOPs, tokens, hparams and overlay images to TensorBoard."""
 
-    def __init__(self, metric, vanilla_accuracy: float | None, latency_samples, overlay_samples, decode_tokens):
+    def __init__(self, metric, vanilla_accuracy: float | None, latency_samples, overlay_samples, decode_tokens,
+                 vanilla_flops: float | None = None):
         super().__init__()
-        self.metric, self.vanilla_accuracy = metric, vanilla_accuracy
+        self.metric, self.vanilla_accuracy, self.vanilla_flops = metric, vanilla_accuracy, vanilla_flops
         self.latency_samples, self.overlay_samples, self.decode_tokens = latency_samples, overlay_samples, decode_tokens
 
     def on_predict_end(self, trainer: L.Trainer, module: SweepModule) -> None:
@@ -229,6 +253,7 @@ class TensorBoardReport(Callback):
             "accuracy_ratio": accuracy / self.vanilla_accuracy if self.vanilla_accuracy else 1.0,
             **measure_latency(module, self.latency_samples, self.decode_tokens),
             "gflops": flops.total_prefill / 1e9,
+            "flops_ratio": flops.total_prefill / self.vanilla_flops if self.vanilla_flops else 1.0,
             "avg_tokens": combo.reported_avg,
             "computed_avg_tokens": combo.computed_avg,
             "skipped_images": len(module.skipped),
@@ -236,17 +261,14 @@ class TensorBoardReport(Callback):
         module.metrics = {**metrics, "accuracy_by_type": by_type, "tokens_per_layer": tokens_per_layer,
                           "flops": flops.total_prefill, "decode_flops_per_token": flops.decode_per_token}
         writer = trainer.logger.experiment
-        for key, value in metrics.items():
-            writer.add_scalar(f"metrics/{key}", value, 0)
         for qtype, value in by_type.items():
             writer.add_scalar(f"accuracy_by_type/{qtype}", value, 0)
         for layer, count in enumerate(tokens_per_layer):
             writer.add_scalar("tokens_per_layer", count, layer)
-        hparams = {
-            "scorer": combo.scorer_label, "schedule": combo.schedule, "budget": combo.budget or float(num_vision),
-            "layers": str(combo.locations), "keep": str(combo.keep), "positions": combo.positions,
-        }
-        trainer.logger.log_hyperparams(hparams, {f"hparams/{k}": v for k, v in metrics.items()})
+        writer.add_text("status", "ok", 0)
+        # Each metric is written once, as the scalar ``metrics/<name>``: Lightning's ``log_hyperparams`` writes the
+        # metric dict as scalars itself and the HParams dashboard reads those same tags.
+        log_hparams(trainer.logger, combo, num_vision, {**metrics, "failed": 0})
         for sample, stages in zip(self.overlay_samples, kept_patches(module, self.overlay_samples)):
             if not stages:
                 continue

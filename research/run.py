@@ -154,23 +154,25 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
     print(resume_line(stale))
 
     results: dict[str, dict] = {}
-    vanilla_accuracy = None
+    vanilla_accuracy = vanilla_flops = None
     try:
         for combo in combos:
             key = keys[combo.name]
             if combo.error:
                 logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
+                log_failure(out, combo, num_vision, combo.error)
                 results[combo.name] = {"combination": combo.__dict__, "fingerprint": key, "status": "failed",
                                        "error": combo.error}
             elif stale[combo.name] is None:
                 results[combo.name] = previous[combo.name]
             else:
                 results[combo.name] = _run_combination(
-                    cfg, combo, adapter, processor, samples, metric, vanilla_accuracy, num_vision, out, key
+                    cfg, combo, adapter, processor, samples, metric, (vanilla_accuracy, vanilla_flops), num_vision,
+                    out, key,
                 )
                 write_json(out / "results" / f"{combo.name}.json", results[combo.name])
             if combo.is_vanilla and results[combo.name]["status"] == "ok":
-                vanilla_accuracy = results[combo.name]["accuracy"]
+                vanilla_accuracy, vanilla_flops = results[combo.name]["accuracy"], results[combo.name]["flops"]
     except StopSweep as error:
         kept = sum(r["status"] == "ok" for name, r in results.items() if name != combo.name)  # combo: unwritten
         raise StopSweep(f"{error}; kept {kept} finished combination(s) in {out / 'results'}") from error
@@ -227,14 +229,14 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
 
 def _run_combination(
     cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
-    vanilla_accuracy: float | None, num_vision: int, out: Path, key: dict[str, str],
+    vanilla: tuple[float | None, float | None], num_vision: int, out: Path, key: dict[str, str],
 ) -> dict:
     """One combination in its own Lightning predict loop; any error is recorded, not raised (except a
     failed write, which stops the sweep). Its predictions replace the old file only once it finished."""
     record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
     try:
         with partial_file(out / "predictions" / f"{combo.name}.jsonl") as predictions:
-            metrics = _predict(cfg, combo, adapter, processor, samples, metric, vanilla_accuracy, num_vision, out,
+            metrics = _predict(cfg, combo, adapter, processor, samples, metric, vanilla, num_vision, out,
                                predictions)
         return {**record, **metrics, "status": "ok", "error": ""}
     except StopSweep:
@@ -242,21 +244,22 @@ def _run_combination(
     except Exception as error:  # one combination failing must not stop the sweep
         logging.getLogger(__name__).error("combination %s failed:\n%s", combo.name, traceback.format_exc())
         message = f"{type(error).__name__}: {error}".splitlines()[0]
+        log_failure(out, combo, num_vision, message)
         return {**record, "status": "failed", "error": message}
 
 
 def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
-             vanilla_accuracy: float | None, num_vision: int, out: Path, predictions: Path) -> dict:
+             vanilla: tuple[float | None, float | None], num_vision: int, out: Path, predictions: Path) -> dict:
     """The Lightning predict loop of one combination, writing ``predictions``; returns its metrics."""
     from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport
 
     module = SweepModule(adapter, processor, combo, combo.positions, cfg.eval.max_new_tokens, num_vision)
     report = TensorBoardReport(
-        metric, vanilla_accuracy, samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
-        cfg.eval.decode_tokens,
+        metric, vanilla[0], samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
+        cfg.eval.decode_tokens, vanilla_flops=vanilla[1],
     )
     writer = JsonlPredictionWriter(predictions, metric)
-    logger = TensorBoardLogger(save_dir=out, name="tensorboard", version=combo.name, default_hp_metric=False)
+    logger = run_logger(out, combo)
     trainer = L.Trainer(
         accelerator="auto", devices=1, logger=logger, callbacks=[writer, report],
         enable_checkpointing=False, enable_model_summary=False,
@@ -268,6 +271,25 @@ def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, s
     if not module.metrics:
         raise RuntimeError(f"the predict loop evaluated no samples ({len(samples)} given)")
     return module.metrics
+
+
+def run_logger(out: Path, combo: Combination) -> TensorBoardLogger:
+    """The TensorBoard logger of one combination: its run directory ``<out>/tensorboard/<combination>``."""
+    return TensorBoardLogger(save_dir=out, name="tensorboard", version=combo.name, default_hp_metric=False)
+
+
+def log_failure(out: Path, combo: Combination, num_vision: int, error: str) -> None:
+    """A failed combination's trace in its TensorBoard run: the text ``status`` with the error, the scalar
+    ``metrics/failed`` = 1 and its HParams entry (so the failure shows in the HParams table too)."""
+    from research.evaluation import log_hparams
+
+    try:
+        logger = run_logger(out, combo)
+        logger.experiment.add_text("status", f"failed: {error}", 0)
+        log_hparams(logger, combo, num_vision, {"failed": 1})
+        logger.finalize("failed")
+    except OSError as failure:  # the trace is a courtesy: the result file and summary still record the failure
+        logging.getLogger(__name__).warning("cannot log the failure of %s to TensorBoard: %s", combo.name, failure)
 
 
 def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]:

@@ -509,3 +509,58 @@ def test_the_weights_fingerprint_follows_the_weights_not_their_timestamps(micro_
     data[-1] ^= 0xFF  # a retrained tensor
     (model / "model.safetensors").write_bytes(bytes(data))
     assert weights_digest(model) != before
+
+
+def _events(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def _text(events: EventAccumulator, tag: str) -> str:
+    return events.Tensors(f"{tag}/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+@pytest.mark.slow
+def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_and_figures(
+        micro_model, experiment, tmp_path, monkeypatch):
+    package = tmp_path / "user_code"
+    package.mkdir()
+    (package / "tb_broken_scorer.py").write_text(textwrap.dedent("""\
+        from dataclasses import dataclass
+        from scorers import SCORERS, Scorer
+
+        @SCORERS.register("tb_broken")
+        @dataclass
+        class Broken(Scorer):
+            def score(self, signals):
+                raise RuntimeError("this scorer always fails")
+        """))
+    monkeypatch.syspath_prepend(str(package))
+    out = tmp_path / "runs"
+    rows = run(load_config(args(experiment, micro_model, out, "imports=[tb_broken_scorer]", "budgets=[24]",
+                                "scorers=[{name: random, seed: 3}, tb_broken]")))
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
+    board = out / "tiny_sweep" / "tensorboard"
+    ok_run = next(board.glob("random*"))
+    events = _events(ok_run)
+    scalars = set(events.Tags()["scalars"])
+    assert not any(tag.startswith("hparams/") for tag in scalars)  # each value once, under metrics/
+    assert {"metrics/accuracy", "metrics/flops_ratio", "metrics/failed", "metrics/gflops"} <= scalars
+    assert all(len(events.Scalars(tag)) == 1 for tag in scalars if tag.startswith("metrics/"))
+    assert events.Scalars("metrics/failed")[0].value == 0
+    assert 0 < events.Scalars("metrics/flops_ratio")[0].value < 1
+    assert _text(events, "status") == "ok"
+    hparams_yaml = (ok_run / "hparams.yaml").read_text()
+    assert "scorer.seed" in hparams_yaml and "schedule.layers" in hparams_yaml
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["scorer.seed"].string_value == "3"
+    experiment_info = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment_info.metric_infos} >= {"metrics/accuracy", "metrics/flops_ratio"}
+
+    failed = _events(next(board.glob("tb_broken*")))
+    assert failed.Scalars("metrics/failed")[0].value == 1
+    assert "this scorer always fails" in _text(failed, "status")
