@@ -198,6 +198,11 @@ def kept_patches(module: SweepModule, samples: Sequence[Any]) -> list[list[np.nd
     return [[stage[i] for stage in stages] for i in range(len(samples))]
 
 
+def overlay_caption(sample: Any, prediction: str | None) -> str:
+    """``Q: <question> | A: <answer> | prediction: <prediction>`` (``-`` when the sample was not predicted)."""
+    return f"Q: {sample.question} | A: {sample.answer} | prediction: {prediction if prediction is not None else '-'}"
+
+
 def combination_hparams(combo: Combination, num_vision: int) -> dict[str, Any]:
     """The HParams-table columns of a combination: scorer, schedule, budget, layers, keep, positions and the
     scorer's and schedule's own parameters (``scorer.<name>``, ``schedule.<name>``, as strings)."""
@@ -269,11 +274,14 @@ class TensorBoardReport(Callback):
         # Each metric is written once, as the scalar ``metrics/<name>``: Lightning's ``log_hyperparams`` writes the
         # metric dict as scalars itself and the HParams dashboard reads those same tags.
         log_hparams(trainer.logger, combo, num_vision, {**metrics, "failed": 0})
+        predictions = {r["id"]: r["prediction"] for r in rows}
         for sample, stages in zip(self.overlay_samples, kept_patches(module, self.overlay_samples)):
             if not stages:
                 continue
             grid = int(round(num_vision**0.5))
-            titles = [f"after layer {loc}" if loc >= 0 else "before LLM" for loc in combo.locations]
-            figure = token_overlay(np.asarray(sample_image(sample)), grid, stages, titles)
+            titles = [f"{f'after layer {loc}' if loc >= 0 else 'before LLM'}: {len(kept)} kept"
+                      for loc, kept in zip(combo.locations, stages)]
+            figure = token_overlay(np.asarray(sample_image(sample)), grid, stages, titles,
+                                   overlay_caption(sample, predictions.get(sample.id)))
             writer.add_figure(f"kept_tokens/{sample.id}", figure, 0)
         writer.flush()

@@ -103,8 +103,6 @@ def run(cfg: RunConfig) -> list[dict]:
     from research.data import DATASETS
     from research.data.shapes import accuracy
     from research.models import LlavaAdapter
-    from research.report.figures import accuracy_vs_budget
-
     directory = model_directory(cfg)
     num_layers, num_vision = model_shape(directory)
     out = Path(cfg.output_dir) / cfg.experiment
@@ -120,13 +118,14 @@ def run(cfg: RunConfig) -> list[dict]:
                           f"(data.limit={cfg.data.limit})")
     metric = getattr(dataset, "metric", accuracy)
     with OutputLock(out):
-        return _sweep(cfg, directory, out, num_layers, num_vision, histograms, samples, metric, LlavaAdapter,
-                      accuracy_vs_budget)
+        rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, samples, metric, LlavaAdapter)
+        if cfg.analysis is None:
+            _log_summary_figures(out, rows, len(samples), chance_accuracy(dataset, samples))
+        return rows
 
 
 def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_vision: int,
-           histograms: dict[int, list[int]], samples: list, metric: Any, adapter_class: Any,
-           accuracy_vs_budget: Any) -> list[dict]:
+           histograms: dict[int, list[int]], samples: list, metric: Any, adapter_class: Any) -> list[dict]:
     """The sweep proper, inside the output directory's lock."""
     write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     weights = weights_digest(directory)
@@ -179,7 +178,6 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
 
     rows = summarise(combos, results)
     write_summary(out, rows)
-    _log_budget_figure(out, rows, accuracy_vs_budget)
     return rows
 
 
@@ -341,19 +339,53 @@ def write_summary(out: Path, rows: list[dict]) -> None:
     write_atomic(out / "summary.md", "\n".join(lines) + "\n")
 
 
-def _log_budget_figure(out: Path, rows: list[dict], accuracy_vs_budget) -> None:
-    """Accuracy vs budget per scorer (for experiments with several budgets), in a ``summary`` run."""
-    ok = [r for r in rows if r["status"] == "ok" and r["scorer"] != "vanilla"]
-    if len({r["budget"] for r in ok}) < 2:
-        return
+def chance_accuracy(dataset: Any, samples: list) -> float | None:
+    """The accuracy of answering uniformly at random among a question's answers, if the dataset knows them.
+
+    A dataset exposes it as ``chance_accuracy(samples)``; for ``shapes`` it is computed here from its
+    ``ANSWER_CHOICES`` per question type (kept out of ``research/data/shapes.py``: editing that file would
+    change every finished combination's dataset fingerprint). ``None`` when unknown.
+    """
+    if callable(getattr(dataset, "chance_accuracy", None)):
+        return dataset.chance_accuracy(samples)
+    from research.data.shapes import ANSWER_CHOICES, ShapesVQA
+
+    if isinstance(dataset, ShapesVQA) and samples:
+        return sum(1.0 / len(ANSWER_CHOICES[s.qtype]) for s in samples) / len(samples)
+    return None
+
+
+def combination_label(row: dict) -> str:
+    """``scorer / schedule / budget`` of a summary row."""
+    return f"{row['scorer']} / {row['schedule']} / {row['budget']}"
+
+
+def _log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: float | None) -> None:
+    """The comparison figures of the experiment, in the ``summary`` run: accuracy vs budget (several budgets
+    only), accuracy vs FLOPs ratio and the accuracy ratio of every combination, each marking vanilla (and
+    chance, if known) and stating N, the number of evaluated samples."""
     from torch.utils.tensorboard import SummaryWriter
 
-    curves: dict[str, list[tuple[float, float]]] = {}
+    from research.report.figures import accuracy_ratio_bars, accuracy_vs_budget, accuracy_vs_flops
+
+    ok = [r for r in rows if r["status"] == "ok" and r["scorer"] != "vanilla"]
+    vanilla_row = next((r for r in rows if r["scorer"] == "vanilla" and r["status"] == "ok"), None)
+    vanilla = float(vanilla_row["accuracy"]) if vanilla_row else None
+    n = num_samples - int(vanilla_row["skipped_images"] or 0) if vanilla_row else num_samples
+    by_budget: dict[str, list[tuple[float, float]]] = {}
+    by_flops: dict[str, list[tuple[float, float]]] = {}
     for r in ok:
-        curves.setdefault(f"{r['scorer']} / {r['schedule']}", []).append((float(r["budget"]), float(r["accuracy"])))
-    vanilla = next((float(r["accuracy"]) for r in rows if r["scorer"] == "vanilla" and r["status"] == "ok"), None)
+        name = f"{r['scorer']} / {r['schedule']}"
+        by_budget.setdefault(name, []).append((float(r["budget"]), float(r["accuracy"])))
+        if r["flops_ratio"] != "":
+            by_flops.setdefault(name, []).append((float(r["flops_ratio"]), float(r["accuracy"])))
+    ratios = {combination_label(r): float(r["accuracy_ratio"]) for r in ok if r["accuracy_ratio"] != ""}
+    chance_ratio = chance / vanilla if chance is not None and vanilla else None
     with SummaryWriter(out / "tensorboard" / "summary") as writer:
-        writer.add_figure("accuracy_vs_budget", accuracy_vs_budget({k: sorted(v) for k, v in curves.items()}, vanilla))
+        if len({r["budget"] for r in ok}) >= 2:
+            writer.add_figure("accuracy_vs_budget", accuracy_vs_budget(by_budget, vanilla, chance, n), 0)
+        writer.add_figure("accuracy_vs_flops", accuracy_vs_flops(by_flops, vanilla, chance, n), 0)
+        writer.add_figure("accuracy_ratio", accuracy_ratio_bars(ratios, chance_ratio, n), 0)
 
 
 def quiet_lightning() -> None:

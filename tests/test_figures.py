@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from research.report.figures import accuracy_vs_budget, heatmap, histogram_bars, patch_mask, token_overlay
+from research.report.figures import (
+    accuracy_ratio_bars,
+    accuracy_vs_budget,
+    accuracy_vs_flops,
+    heatmap,
+    histogram_bars,
+    patch_mask,
+    token_overlay,
+)
 
 
 def _png(fig: Figure) -> bytes:
@@ -72,6 +80,49 @@ def test_accuracy_vs_budget() -> None:
     assert list(ax.lines[0].get_xdata()) == [64, 128]  # sorted by budget
     _png(fig)
     assert len(accuracy_vs_budget(results, vanilla=None).axes[0].lines) == 2
+
+
+def test_accuracy_vs_budget_marks_chance_and_states_n() -> None:
+    fig = accuracy_vs_budget({"random": [(24, 0.3), (48, 0.4)]}, vanilla=0.6, chance=0.25, n=6)
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == ["random", "vanilla", "chance"]
+    assert ax.get_title() == "accuracy vs budget (N = 6)"
+    _png(fig)
+
+
+def test_accuracy_vs_flops_marks_vanilla_chance_and_n() -> None:
+    fig = accuracy_vs_flops({"random / layers[0-2]": [(0.4, 0.3)], "fastv": [(0.5, 0.5), (0.3, 0.2)]},
+                            vanilla=0.6, chance=0.2, n=12)
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.lines]
+    assert labels[:4] == ["random / layers[0-2]", "fastv", "vanilla", "chance"]
+    assert list(ax.lines[1].get_xdata()) == [0.3, 0.5]  # sorted by FLOPs ratio
+    assert list(ax.lines[-1].get_xdata()) == [1.0] and list(ax.lines[-1].get_ydata()) == [0.6]  # vanilla's point
+    assert "N = 12" in ax.get_title() and "FLOPs" in ax.get_xlabel()
+    _png(fig)
+    assert len(accuracy_vs_flops({}, vanilla=None).axes[0].lines) == 0
+
+
+def test_accuracy_ratio_bars_one_bar_per_combination() -> None:
+    ratios = {"random / layers[0-2] / 24": 0.5, "text_prior / layers[0-2] / 24": 0.9}
+    fig = accuracy_ratio_bars(ratios, chance_ratio=0.4, n=6)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 2
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(ratios)
+    assert [line.get_label() for line in ax.lines] == ["vanilla", "chance"]
+    assert list(ax.lines[0].get_xdata()) == [1.0, 1.0]
+    assert ax.get_title() == "accuracy ratio per combination (N = 6)"
+    _png(fig)
+
+
+def test_token_overlay_caption_carries_question_answer_and_prediction() -> None:
+    caption = "Q: what color is the circle ? | A: red | prediction: blue"
+    fig = token_overlay(_grey(16, 16), 4, [np.arange(8)], ["after layer 2: 8 kept"], caption=caption)
+    text = fig.get_suptitle().replace("\n", " ")
+    assert "prediction: blue" in text and "A: red" in text and "what color is the circle ?" in text
+    assert fig.axes[1].get_title() == "after layer 2: 8 kept"
+    _png(fig)
+    assert token_overlay(_grey(16, 16), 4, [np.arange(8)], ["x"]).get_suptitle() == ""
 
 
 def test_heatmap_annotated_small_and_colour_bar() -> None:

@@ -85,6 +85,8 @@ def test_sweep_writes_summary_tensorboard_and_resumes(micro_model, experiment, t
     assert {"metrics/accuracy", "metrics/prefill_ms", "metrics/gflops"} <= set(tags["scalars"])
     assert any(tag.startswith("kept_tokens/") for tag in tags["images"])
     assert events.PluginTagToContent("hparams")  # the HParams dashboard entry of this combination
+    summary_figures = _events(out / "tiny_sweep" / "tensorboard" / "summary").Tags()["images"]
+    assert set(summary_figures) == {"accuracy_vs_budget", "accuracy_vs_flops", "accuracy_ratio"}
 
     # Re-running the same command reuses every finished combination (none runs again: no clock needed)
     # and yields the same summary.
@@ -537,6 +539,17 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
                 raise RuntimeError("this scorer always fails")
         """))
     monkeypatch.syspath_prepend(str(package))
+    import research.evaluation as evaluation
+
+    captions, titles = [], []
+
+    def recording_overlay(image, grid, stages, stage_titles, caption=None):
+        captions.append(caption)
+        titles.append(stage_titles)
+        return overlay(image, grid, stages, stage_titles, caption)
+
+    overlay = evaluation.token_overlay
+    monkeypatch.setattr(evaluation, "token_overlay", recording_overlay)
     out = tmp_path / "runs"
     rows = run(load_config(args(experiment, micro_model, out, "imports=[tb_broken_scorer]", "budgets=[24]",
                                 "scorers=[{name: random, seed: 3}, tb_broken]")))
@@ -561,6 +574,25 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
     experiment_info = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {m.name.tag for m in experiment_info.metric_infos} >= {"metrics/accuracy", "metrics/flops_ratio"}
 
+    assert any(tag.startswith("kept_tokens/") for tag in events.Tags()["images"])
+    first = json.loads(next((out / "tiny_sweep" / "predictions").glob("random*")).read_text().splitlines()[0])
+    assert captions == [f"Q: {first['question']} | A: {first['answer']} | prediction: {first['prediction']}"]
+    assert titles[0][0].startswith("after layer 0: ") and titles[0][0].endswith(" kept")
+
+    summary = _events(board / "summary").Tags()["images"]
+    assert set(summary) == {"accuracy_vs_flops", "accuracy_ratio"}  # one budget: no accuracy-vs-budget curve
+
     failed = _events(next(board.glob("tb_broken*")))
     assert failed.Scalars("metrics/failed")[0].value == 1
     assert "this scorer always fails" in _text(failed, "status")
+
+
+def test_chance_accuracy_of_shapes_weights_each_question_by_its_answer_count():
+    from research.data.shapes import ANSWER_CHOICES, ShapesVQA
+    from research.run import chance_accuracy
+
+    samples = list(ShapesVQA("test", 10))
+    expected = sum(1 / len(ANSWER_CHOICES[s.qtype]) for s in samples) / 10
+    assert chance_accuracy(ShapesVQA("test", 10), samples) == pytest.approx(expected)
+    assert 0 < expected < 1
+    assert chance_accuracy(object(), samples) is None

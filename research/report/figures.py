@@ -6,6 +6,7 @@ registered and the caller owns every returned ``Figure`` (``fig.savefig(...)`` t
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,6 +53,7 @@ def token_overlay(
     grid: int,
     kept_per_stage: Sequence[np.ndarray],
     titles: Sequence[str],
+    caption: str | None = None,
 ) -> Figure:
     """The input image, then one panel per pruning stage with the pruned patches dimmed.
 
@@ -60,6 +62,8 @@ def token_overlay(
         grid: Patches per side of the vision tower's patch grid.
         kept_per_stage: Per stage, the sorted flat (row-major) patch indices kept after that stage.
         titles: One title per stage.
+        caption: Figure title above the panels (e.g. question, answer and prediction); wrapped to the
+            figure's width; ``None`` for none.
 
     Returns:
         A figure with ``len(kept_per_stage) + 1`` image panels.
@@ -79,32 +83,106 @@ def token_overlay(
         ax.set_title(title, fontsize=9)
     for ax in axes:
         ax.set_axis_off()
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.88, wspace=0.04)
+    top = 0.88
+    if caption:
+        lines = textwrap.wrap(caption, width=max(30, int(22 * panels)))
+        fig.set_size_inches(fig.get_figwidth(), fig.get_figheight() + 0.2 * len(lines))
+        fig.suptitle("\n".join(lines), fontsize=8)
+        top = 0.88 - 0.2 * len(lines) / fig.get_figheight()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.04)
     return fig
 
 
-def accuracy_vs_budget(results: dict[str, Sequence[tuple[float, float]]], vanilla: float | None) -> Figure:
+def _reference_lines(ax, vanilla: float | None, chance: float | None) -> None:
+    """Vanilla (dashed grey) and chance (dotted red) as horizontal lines, each skipped when ``None``."""
+    if vanilla is not None:
+        ax.axhline(vanilla, color="grey", linestyle="--", label="vanilla")
+    if chance is not None:
+        ax.axhline(chance, color="tab:red", linestyle=":", label="chance")
+
+
+def _title(title: str, n: int | None) -> str:
+    return title if n is None else f"{title} (N = {n})"
+
+
+def accuracy_vs_budget(results: dict[str, Sequence[tuple[float, float]]], vanilla: float | None,
+                       chance: float | None = None, n: int | None = None) -> Figure:
     """Accuracy against the average retained vision tokens, one line per scorer.
 
     Args:
         results: Scorer name -> ``[(budget, accuracy), ...]``.
         vanilla: Unpruned accuracy, drawn as a dashed horizontal line; ``None`` to omit.
+        chance: Chance-level accuracy, drawn as a dotted line; ``None`` to omit.
+        n: Number of evaluated samples, stated in the title; ``None`` for no title.
 
     Returns:
         A single-axes figure.
     """
+    return _accuracy_curves(results, vanilla, chance, n, "average retained vision tokens", "accuracy vs budget")
+
+
+def accuracy_vs_flops(results: dict[str, Sequence[tuple[float, float]]], vanilla: float | None,
+                      chance: float | None = None, n: int | None = None) -> Figure:
+    """Accuracy against the prefill FLOPs relative to vanilla, one line (or point) per scorer / schedule.
+
+    Args:
+        results: Scorer name -> ``[(flops_ratio, accuracy), ...]``.
+        vanilla: Unpruned accuracy: a dashed horizontal line and a star at FLOPs ratio 1; ``None`` to omit.
+        chance: Chance-level accuracy, drawn as a dotted line; ``None`` to omit.
+        n: Number of evaluated samples, stated in the title; ``None`` for no title.
+
+    Returns:
+        A single-axes figure.
+    """
+    fig = _accuracy_curves(results, vanilla, chance, n, "prefill FLOPs / vanilla", "accuracy vs FLOPs")
+    if vanilla is not None:
+        fig.axes[0].plot([1.0], [vanilla], marker="*", markersize=10, color="grey", linestyle="none")
+    return fig
+
+
+def _accuracy_curves(results: dict[str, Sequence[tuple[float, float]]], vanilla: float | None,
+                     chance: float | None, n: int | None, xlabel: str, title: str) -> Figure:
     fig = _new_figure((5.0, 3.6))
     ax = fig.subplots()
     for name, points in results.items():
         pts = sorted(points)
         ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=name)
-    if vanilla is not None:
-        ax.axhline(vanilla, color="grey", linestyle="--", label="vanilla")
-    ax.set_xlabel("average retained vision tokens")
+    _reference_lines(ax, vanilla, chance)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
+    if n is not None:
+        ax.set_title(_title(title, n), fontsize=10)
     ax.grid(alpha=0.3)
-    if results or vanilla is not None:
+    if results or vanilla is not None or chance is not None:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_ratio_bars(ratios: dict[str, float], chance_ratio: float | None = None, n: int | None = None) -> Figure:
+    """One horizontal bar per combination: its accuracy relative to vanilla (vanilla = 1, a dashed line).
+
+    Args:
+        ratios: Combination label -> accuracy / vanilla accuracy, drawn top to bottom in this order.
+        chance_ratio: Chance-level accuracy / vanilla accuracy, drawn as a dotted line; ``None`` to omit.
+        n: Number of evaluated samples, stated in the title; ``None`` for no title.
+
+    Returns:
+        A single-axes figure.
+    """
+    labels = list(ratios)
+    fig = _new_figure((6.5, 1.2 + 0.35 * max(len(labels), 2)))
+    ax = fig.subplots()
+    ax.barh(np.arange(len(labels)), [ratios[k] for k in labels], height=0.7)
+    ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", linestyle="--", label="vanilla")
+    if chance_ratio is not None:
+        ax.axvline(chance_ratio, color="tab:red", linestyle=":", label="chance")
+    ax.set_xlabel("accuracy / vanilla accuracy")
+    if n is not None:
+        ax.set_title(_title("accuracy ratio per combination", n), fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 
