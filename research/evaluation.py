@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ProgressBar, RichProgressBar, TQDMProgressBar
 
 from research.pruning import PruningEngine
 from research.report.figures import token_overlay
@@ -69,6 +69,32 @@ class SweepModule(L.LightningModule):
         ]
         self.rows += rows
         return rows
+
+
+def labelled_progress_bar(label: str) -> ProgressBar:
+    """Lightning's progress bar (Rich when installed, else tqdm) with ``label`` in place of "Predicting"."""
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    if _RICH_AVAILABLE:
+        from rich.markup import escape
+
+        class Labelled(RichProgressBar):
+            @property
+            def predict_description(self) -> str:
+                return escape(label)  # schedule labels hold brackets: not markup
+
+        return Labelled()
+
+    class LabelledTqdm(TQDMProgressBar):
+        @property
+        def predict_description(self) -> str:
+            return label
+
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+            self.predict_progress_bar.set_description(label)  # without tqdm's " DataLoader 0"
+
+    return LabelledTqdm()
 
 
 class UndecodableImage(ValueError):

@@ -155,7 +155,7 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
     results: dict[str, dict] = {}
     vanilla_accuracy = vanilla_flops = None
     try:
-        for combo in combos:
+        for index, combo in enumerate(combos, 1):
             key = keys[combo.name]
             if combo.error:
                 logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
@@ -167,7 +167,7 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
             else:
                 results[combo.name] = _run_combination(
                     cfg, combo, adapter, processor, samples, metric, (vanilla_accuracy, vanilla_flops), num_vision,
-                    out, key,
+                    out, key, f"[{index}/{len(combos)}] {combination_title(combo)}",
                 )
                 write_json(out / "results" / f"{combo.name}.json", results[combo.name])
             if combo.is_vanilla and results[combo.name]["status"] == "ok":
@@ -227,7 +227,7 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
 
 def _run_combination(
     cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
-    vanilla: tuple[float | None, float | None], num_vision: int, out: Path, key: dict[str, str],
+    vanilla: tuple[float | None, float | None], num_vision: int, out: Path, key: dict[str, str], label: str = "",
 ) -> dict:
     """One combination in its own Lightning predict loop; any error is recorded, not raised (except a
     failed write, which stops the sweep). Its predictions replace the old file only once it finished."""
@@ -235,7 +235,7 @@ def _run_combination(
     try:
         with partial_file(out / "predictions" / f"{combo.name}.jsonl") as predictions:
             metrics = _predict(cfg, combo, adapter, processor, samples, metric, vanilla, num_vision, out,
-                               predictions)
+                               predictions, label or combination_title(combo))
         return {**record, **metrics, "status": "ok", "error": ""}
     except StopSweep:
         raise
@@ -247,9 +247,10 @@ def _run_combination(
 
 
 def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
-             vanilla: tuple[float | None, float | None], num_vision: int, out: Path, predictions: Path) -> dict:
+             vanilla: tuple[float | None, float | None], num_vision: int, out: Path, predictions: Path,
+             label: str) -> dict:
     """The Lightning predict loop of one combination, writing ``predictions``; returns its metrics."""
-    from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport
+    from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport, labelled_progress_bar
 
     module = SweepModule(adapter, processor, combo, combo.positions, cfg.eval.max_new_tokens, num_vision)
     report = TensorBoardReport(
@@ -259,7 +260,7 @@ def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, s
     writer = JsonlPredictionWriter(predictions, metric)
     logger = run_logger(out, combo)
     trainer = L.Trainer(
-        accelerator="auto", devices=1, logger=logger, callbacks=[writer, report],
+        accelerator="auto", devices=1, logger=logger, callbacks=[writer, report, labelled_progress_bar(label)],
         enable_checkpointing=False, enable_model_summary=False,
     )
     loader = DataLoader(samples, batch_size=cfg.eval.batch_size, collate_fn=list)
@@ -269,6 +270,13 @@ def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, s
     if not module.metrics:
         raise RuntimeError(f"the predict loop evaluated no samples ({len(samples)} given)")
     return module.metrics
+
+
+def combination_title(combo: Combination) -> str:
+    """``scorer / schedule / budget`` (``vanilla / - / all`` for vanilla)."""
+    if combo.is_vanilla:
+        return "vanilla / - / all"
+    return f"{combo.scorer_label} / {combo.schedule} / {combo.budget:g}"
 
 
 def run_logger(out: Path, combo: Combination) -> TensorBoardLogger:
@@ -360,6 +368,34 @@ def combination_label(row: dict) -> str:
     return f"{row['scorer']} / {row['schedule']} / {row['budget']}"
 
 
+COMPACT_COLUMNS = {"scorer": "scorer", "schedule": "schedule", "budget": "budget", "accuracy": "accuracy",
+                   "accuracy_ratio": "ratio", "flops_ratio": "flops_ratio", "status": "status"}
+
+
+def compact_table(rows: list[dict], width: int = 120) -> str:
+    """The key columns of the summary as an aligned table no wider than ``width`` (long scorer and schedule
+    labels are shortened with "~"), then one line per failed combination with its (shortened) error."""
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    table = [[cell(row[c]) for c in COMPACT_COLUMNS] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(COMPACT_COLUMNS.values())]
+    excess = sum(widths) + 2 * (len(widths) - 1) - width
+    while excess > 0 and max(widths[:2]) > 12:  # shorten the wider of scorer and schedule, a character at a time
+        widths[int(widths[1] > widths[0])] -= 1
+        excess -= 1
+
+    def fit(text: str, size: int) -> str:
+        return text if len(text) <= size else text[: size - 1] + "~"
+
+    lines = ["  ".join(fit(h, w).ljust(w) for h, w in zip(COMPACT_COLUMNS.values(), widths)).rstrip()]
+    lines += ["  ".join(fit(v, w).ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(fit(f"failed: {combination_label(row)}: {row['error']}", width))
+    return "\n".join(lines)
+
+
 def _log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: float | None) -> None:
     """The comparison figures of the experiment, in the ``summary`` run: accuracy vs budget (several budgets
     only), accuracy vs FLOPs ratio and the accuracy ratio of every combination, each marking vanilla (and
@@ -440,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.analysis is not None:
         print(f"results in {out}/ (tensorboard --logdir {cfg.output_dir})")
         return 0
-    print((out / "summary.md").read_text())
-    print(f"results in {out}/ (tensorboard --logdir {cfg.output_dir})")
+    print(compact_table(rows))
+    print(f"full table in {out / 'summary.md'}; results in {out}/ (tensorboard --logdir {cfg.output_dir})")
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 

@@ -525,7 +525,7 @@ def _text(events: EventAccumulator, tag: str) -> str:
 
 @pytest.mark.slow
 def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_and_figures(
-        micro_model, experiment, tmp_path, monkeypatch):
+        micro_model, experiment, tmp_path, monkeypatch, capsys):
     package = tmp_path / "user_code"
     package.mkdir()
     (package / "tb_broken_scorer.py").write_text(textwrap.dedent("""\
@@ -586,6 +586,18 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
     assert failed.Scalars("metrics/failed")[0].value == 1
     assert "this scorer always fails" in _text(failed, "status")
 
+    # The terminal: the re-run (the failed combination runs again) labels its progress bar and prints the
+    # compact summary within 120 columns.
+    capsys.readouterr()
+    assert main(args(experiment, micro_model, out, "imports=[tb_broken_scorer]", "budgets=[24]",
+                     "scorers=[{name: random, seed: 3}, tb_broken]")) == 1
+    printed = capsys.readouterr()
+    assert "[3/3] tb_broken / layers" in printed.out + printed.err
+    table = printed.out[printed.out.index("scorer "):printed.out.index("full table in")].splitlines()
+    assert table[0].split() == ["scorer", "schedule", "budget", "accuracy", "ratio", "flops_ratio", "status"]
+    assert all(len(line) <= 120 for line in table)
+    assert any(line.startswith("failed: tb_broken / layers") and "always fails" in line for line in table)
+
 
 def test_chance_accuracy_of_shapes_weights_each_question_by_its_answer_count():
     from research.data.shapes import ANSWER_CHOICES, ShapesVQA
@@ -596,3 +608,20 @@ def test_chance_accuracy_of_shapes_weights_each_question_by_its_answer_count():
     assert chance_accuracy(ShapesVQA("test", 10), samples) == pytest.approx(expected)
     assert 0 < expected < 1
     assert chance_accuracy(object(), samples) is None
+
+
+def test_compact_table_fits_120_columns_and_names_failures():
+    from research.run import compact_table
+
+    rows = [
+        {"scorer": "vanilla", "schedule": "-", "budget": "all", "accuracy": 0.5, "accuracy_ratio": "",
+         "flops_ratio": "", "status": "ok", "error": ""},
+        {"scorer": "fastv(" + "k=2, " * 20 + ")", "schedule": "layers[" + "1-" * 40 + "]", "budget": 24.0,
+         "accuracy": 1 / 3, "accuracy_ratio": 0.6667, "flops_ratio": 0.4, "status": "failed",
+         "error": "RuntimeError: " + "x" * 200},
+    ]
+    lines = compact_table(rows).splitlines()
+    assert max(map(len, lines)) <= 120 and len(lines) == 4
+    assert lines[1].split() == ["vanilla", "-", "all", "0.5", "ok"]
+    assert "0.3333" in lines[2] and "~" in lines[2] and lines[2].endswith("failed")
+    assert lines[3].startswith("failed: fastv(")
