@@ -3,7 +3,8 @@
 ``main(argv)`` only parses; ``run(cfg)`` does the work (and is what tests call). Results go to
 ``<output_dir>/<experiment>/``: ``summary.csv``, ``summary.md``, ``config.yaml``, ``predictions/``
 (JSONL per combination), ``results/`` (JSON per combination: what a re-run reuses) and
-``tensorboard/`` (one run directory per combination; ``tensorboard --logdir runs/``).
+``tensorboard/`` (one run per combination, ``<scorer>/<schedule>/b<budget>``, plus ``summary``;
+``tensorboard --logdir runs/<experiment>/tensorboard``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from research.config import ConfigError, RunConfig, load_config, model_directory, model_shape
+from research.config import ConfigError, RunConfig, load_config, model_directory, model_shape, slug
 from research.storage import (
     OutputLock,
     StopSweep,
@@ -279,9 +280,21 @@ def combination_title(combo: Combination) -> str:
     return f"{combo.scorer_label} / {combo.schedule} / {combo.budget:g}"
 
 
+def run_name(combo: Combination) -> str:
+    """The combination's TensorBoard run, ``<scorer>/<schedule>/b<budget>`` (each part a slug; ``vanilla``).
+
+    Nested directories, so ``tensorboard --logdir <output_dir>/<experiment>/tensorboard`` names the runs
+    ``text_prior/layers1-10-20/b48``; the file names under ``results/`` and ``predictions/`` keep ``combo.name``.
+    """
+    if combo.is_vanilla:
+        return "vanilla"
+    suffix = f"__{combo.positions}" if combo.own_positions else ""
+    return "/".join([slug(combo.scorer_label), slug(combo.schedule), slug(f"b{combo.budget:g}{suffix}")])
+
+
 def run_logger(out: Path, combo: Combination) -> TensorBoardLogger:
-    """The TensorBoard logger of one combination: its run directory ``<out>/tensorboard/<combination>``."""
-    return TensorBoardLogger(save_dir=out, name="tensorboard", version=combo.name, default_hp_metric=False)
+    """The TensorBoard logger of one combination: its run directory ``<out>/tensorboard/<run_name(combo)>``."""
+    return TensorBoardLogger(save_dir=out, name="tensorboard", version=run_name(combo), default_hp_metric=False)
 
 
 def log_failure(out: Path, combo: Combination, num_vision: int, error: str) -> None:
@@ -474,10 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(cfg.output_dir) / cfg.experiment
     if cfg.analysis is not None:
-        print(f"results in {out}/ (tensorboard --logdir {cfg.output_dir})")
+        print(f"results in {out}/ (tensorboard --logdir {out / 'tensorboard'})")
         return 0
     print(compact_table(rows))
-    print(f"full table in {out / 'summary.md'}; results in {out}/ (tensorboard --logdir {cfg.output_dir})")
+    print(f"full table in {out / 'summary.md'}; results in {out}/ (tensorboard --logdir {out / 'tensorboard'})")
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 

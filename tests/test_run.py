@@ -78,7 +78,7 @@ def test_sweep_writes_summary_tensorboard_and_resumes(micro_model, experiment, t
     predictions = (out / "tiny_sweep" / "predictions" / "vanilla.jsonl").read_text().splitlines()
     assert len(predictions) == 6 and '"correct"' in predictions[0]
 
-    run_dir = out / "tiny_sweep" / "tensorboard" / "text_prior__layers0-2__b24"
+    run_dir = out / "tiny_sweep" / "tensorboard" / "text_prior" / "layers0-2" / "b24"  # run "text_prior/layers0-2/b24"
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
@@ -555,7 +555,7 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
                                 "scorers=[{name: random, seed: 3}, tb_broken]")))
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     board = out / "tiny_sweep" / "tensorboard"
-    ok_run = next(board.glob("random*"))
+    ok_run = board / "randomseed=3" / "layers0-2" / "b24"
     events = _events(ok_run)
     scalars = set(events.Tags()["scalars"])
     assert not any(tag.startswith("hparams/") for tag in scalars)  # each value once, under metrics/
@@ -582,7 +582,7 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
     summary = _events(board / "summary").Tags()["images"]
     assert set(summary) == {"accuracy_vs_flops", "accuracy_ratio"}  # one budget: no accuracy-vs-budget curve
 
-    failed = _events(next(board.glob("tb_broken*")))
+    failed = _events(board / "tb_broken" / "layers0-2" / "b24")
     assert failed.Scalars("metrics/failed")[0].value == 1
     assert "this scorer always fails" in _text(failed, "status")
 
