@@ -380,27 +380,28 @@ def test_damaged_results_are_recomputed_and_edited_scorers_are_not_reused(micro_
 @pytest.mark.slow
 def test_a_failed_write_stops_the_sweep_with_one_line_and_keeps_what_finished(micro_model, experiment, tmp_path,
                                                                               monkeypatch, capsys):
-    import research.run as run_module
-    from research.storage import StopSweep
+    import errno
+    import os
 
-    written = []
+    import research.storage as storage
 
-    def disk_full_after_vanilla(path, data):
-        if written:
-            raise StopSweep(f"cannot write {path}: No space left on device")
-        written.append(path)
-        real_write_json(path, data)
+    synced, real_fsync = [], os.fsync
 
-    from research.storage import write_json as real_write_json
+    def disk_full_after_two_files(fd):  # config.yaml and vanilla's result fit; then the disk is full
+        if len(synced) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        synced.append(fd)
+        real_fsync(fd)
 
-    monkeypatch.setattr(run_module, "write_json", disk_full_after_vanilla)
+    monkeypatch.setattr(storage.os, "fsync", disk_full_after_two_files)
     out = tmp_path / "runs"
     code = main(args(experiment, micro_model, out))
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1
     assert "No space left on device" in errors[0] and "kept 1 finished combination(s)" in errors[0]
-    assert (out / "tiny_sweep" / "results" / "vanilla.json").is_file()
-    assert not list((out / "tiny_sweep" / "predictions").glob("*.partial"))
+    results = sorted((out / "tiny_sweep" / "results").iterdir())
+    assert [r.name for r in results] == ["vanilla.json"] and json.loads(results[0].read_text())["status"] == "ok"
+    assert not list((out / "tiny_sweep" / "predictions").glob("*.partial"))  # no half-written predictions
 
 
 @pytest.mark.slow
