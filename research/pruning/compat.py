@@ -87,10 +87,22 @@ def failed_inside_transformers(tb: TracebackType | None) -> bool:
     return bool(outside_torch) and str(Path(outside_torch[-1]).resolve()).startswith(_TRANSFORMERS_DIR)
 
 
+def failing_layer(tb: TracebackType | None, layers: Any) -> int | None:
+    """Index of the innermost decoder layer (a module of ``layers``) running in traceback ``tb``."""
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    found = None
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in index:
+            found = index[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
 def describe_failure(error: BaseException, scorer: Any, layer: int | None) -> TransformersChanged:
     """The one-line error for a pruned forward that ``error`` stopped inside transformers."""
     scorer_name = getattr(scorer, "registry_name", None) or type(scorer).__name__
-    where = "at the vision-language interface" if layer is None else f"in decoder layer {layer}"
+    where = "outside the decoder layers" if layer is None else f"in decoder layer {layer}"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return TransformersChanged(
         f"pruned forward (scorer {scorer_name}) failed inside transformers {where}: {first_line} -- "

@@ -39,6 +39,7 @@ from research.pruning.compat import (
     cached_length,
     describe_failure,
     failed_inside_transformers,
+    failing_layer,
     find_cache,
     is_static,
     required,
@@ -212,7 +213,6 @@ class PruningEngine:
             scorer.bind(self.adapter)  # scorers with models of their own (e.g. a CLIP text tower) load them here
         self.records: list[ForwardRecord] = []
         self._handles: list[Any] = []
-        self._running_layer: int | None = None  # decoder layer of the current call (for error messages)
         self._state: _ForwardState | None = None
         self._vision: dict[str, Tensor] = {}  # latest vision-tower captures, consumed at the interface
         self._layer_locations = [x for x in plan.locations if x != INTERFACE]
@@ -229,8 +229,9 @@ class PruningEngine:
         vision_q, vision_k, _, _ = a.vision_attention()
         for module, name in ((vision_q, "vision_q"), (vision_k, "vision_k"), (a.vision_tower, "vision_states")):
             self._handles.append(module.register_forward_hook(self._timed(self._make_capture(name))))
-        for idx in range(a.num_layers):
-            self._hook_pre(a.decoder_layers[idx], self._make_layer_input_hook(idx))
+        if self._layer_locations:  # layer 0 keeps the call's kwargs; layers after the first stage slice them
+            for idx in [0, *range(self._layer_locations[0] + 1, a.num_layers)]:
+                self._hook_pre(a.decoder_layers[idx], self._make_layer_input_hook(idx))
         for idx in sorted(set(self._layer_locations) | set(self._observed)):
             q_proj, k_proj = a.attention_projections(idx)
             self._handles.append(q_proj.register_forward_hook(self._timed(self._make_capture("q"))))
@@ -248,7 +249,7 @@ class PruningEngine:
         pruned = self._state is not None and (bool(self._state.stages) or self._state.interface_kept is not None)
         self._state = None
         if exc is not None and pruned and failed_inside_transformers(tb):
-            raise describe_failure(exc, self.scorer, self._running_layer) from exc
+            raise describe_failure(exc, self.scorer, failing_layer(tb, self.adapter.decoder_layers)) from exc
 
     @property
     def last(self) -> ForwardRecord:
@@ -287,7 +288,6 @@ class PruningEngine:
         if input_ids is None:
             raise ValueError("the pruning engine needs input_ids to locate the image tokens")
         self._finish_prefill()
-        self._running_layer = None
         if self._state is not None and cached_length(find_cache(args, kwargs)) > 0:
             self._state.is_prefill = False  # a cached decode step of the last prefill
             self._state.base_kwargs = None
@@ -478,11 +478,10 @@ class PruningEngine:
         return kept, selected
 
     def _make_layer_input_hook(self, layer_idx: int) -> Any:
-        """Before decoder layer ``layer_idx``: note it; layer 0 keeps the call's kwargs that every layer
-        receives; a layer after a stage gets them sliced to that stage's kept tokens."""
+        """Before decoder layer ``layer_idx``: layer 0 keeps the call's kwargs that every layer receives;
+        a layer after a stage gets them sliced to that stage's kept tokens."""
 
         def slice_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-            self._running_layer = layer_idx
             st = self._state
             if st is None:
                 return None
