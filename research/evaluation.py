@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -73,9 +74,7 @@ class SweepModule(L.LightningModule):
 
 def labelled_progress_bar(label: str) -> ProgressBar:
     """Lightning's progress bar (Rich when installed, else tqdm) with ``label`` in place of "Predicting"."""
-    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
-
-    if _RICH_AVAILABLE:
+    if importlib.util.find_spec("rich") is not None:
         from rich.markup import escape
 
         class Labelled(RichProgressBar):
@@ -265,8 +264,8 @@ class TensorBoardReport(Callback):
         combo, rows = module.combo, module.rows
         if not rows:
             return  # nothing evaluated (every image undecodable): the combination fails, no metrics
-        self.latency_samples = decodable(self.latency_samples, [])[0]
-        self.overlay_samples = decodable(self.overlay_samples, [])[0]
+        latency_samples = decodable(self.latency_samples, [])[0]  # a sample whose image fails is skipped there too
+        overlay_samples = decodable(self.overlay_samples, [])[0]
         accuracy = self.metric([r["prediction"] for r in rows], [r["answer"] for r in rows])
         by_type: dict[str, float] = {}
         for qtype in sorted({r["qtype"] for r in rows if r["qtype"]}):
@@ -277,12 +276,12 @@ class TensorBoardReport(Callback):
             [num_vision] * module.adapter.num_layers if combo.is_vanilla
             else module.plan.tokens_per_layer(module.adapter.num_layers, num_vision)
         )
-        prompt = module.inputs(self.latency_samples[:1])["input_ids"].shape[1]
+        prompt = module.inputs(latency_samples[:1])["input_ids"].shape[1]
         flops = flops_for_model(module.adapter, tokens_per_layer, prompt - num_vision, combo.locations)
         metrics = {
             "accuracy": accuracy,
             "accuracy_ratio": accuracy / self.vanilla_accuracy if self.vanilla_accuracy else 1.0,
-            **measure_latency(module, self.latency_samples, self.decode_tokens),
+            **measure_latency(module, latency_samples, self.decode_tokens),
             "gflops": flops.total_prefill / 1e9,
             "flops_ratio": flops.total_prefill / self.vanilla_flops if self.vanilla_flops else 1.0,
             "avg_tokens": combo.reported_avg,
@@ -301,7 +300,7 @@ class TensorBoardReport(Callback):
         # metric dict as scalars itself and the HParams dashboard reads those same tags.
         log_hparams(trainer.logger, combo, num_vision, {**metrics, "failed": 0})
         predictions = {r["id"]: r["prediction"] for r in rows}
-        for sample, stages in zip(self.overlay_samples, kept_patches(module, self.overlay_samples)):
+        for sample, stages in zip(overlay_samples, kept_patches(module, overlay_samples)):
             if not stages:
                 continue
             grid = int(round(num_vision**0.5))

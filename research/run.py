@@ -288,8 +288,8 @@ def run_name(combo: Combination) -> str:
     """
     if combo.is_vanilla:
         return "vanilla"
-    suffix = f"__{combo.positions}" if combo.own_positions else ""
-    return "/".join([slug(combo.scorer_label), slug(combo.schedule), slug(f"b{combo.budget:g}{suffix}")])
+    budget = f"b{combo.budget:g}{combo.positions_suffix}"
+    return "/".join([slug(combo.scorer_label), slug(combo.schedule), slug(budget)])
 
 
 def run_logger(out: Path, combo: Combination) -> TensorBoardLogger:
@@ -472,13 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(argv)
-        directory = model_directory(cfg)
-        plan_sweep(cfg, *model_shape(directory), cached_histograms(cfg, directory), allow_pending=True)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        rows = run(cfg)
+        rows = run(cfg)  # validates everything before any model loads
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

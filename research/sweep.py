@@ -36,8 +36,12 @@ class Combination:
     def name(self) -> str:
         if self.is_vanilla:
             return "vanilla"
-        suffix = f"__{self.positions}" if self.own_positions else ""
-        return slug(f"{self.scorer_label}__{self.schedule}__b{self.budget:g}{suffix}")
+        return slug(f"{self.scorer_label}__{self.schedule}__b{self.budget:g}{self.positions_suffix}")
+
+    @property
+    def positions_suffix(self) -> str:
+        """``__<positions>`` when the scorer entry chose its own positions (part of names), else ""."""
+        return f"__{self.positions}" if self.own_positions else ""
 
     @property
     def scorer_label(self) -> str:
