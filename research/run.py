@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from research.config import ConfigError, RunConfig, load_config, model_directory, model_shape, slug
+from research.config import ConfigError, RunConfig, load_config, model_directory, model_family, model_shape, slug
 from research.storage import (
     OutputLock,
     StopSweep,
@@ -103,9 +103,9 @@ def run(cfg: RunConfig) -> list[dict]:
     """Run (or resume) every combination; return the summary rows (vanilla first)."""
     from research.data import DATASETS
     from research.data.shapes import accuracy
-    from research.models import LlavaAdapter
     directory = model_directory(cfg)
-    num_layers, num_vision = model_shape(directory)
+    adapter_class = model_family(cfg, directory)
+    num_layers, num_vision = model_shape(directory, adapter_class)
     out = Path(cfg.output_dir) / cfg.experiment
     histograms = cached_histograms(cfg, directory)
     plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
@@ -119,7 +119,7 @@ def run(cfg: RunConfig) -> list[dict]:
                           f"(data.limit={cfg.data.limit})")
     metric = getattr(dataset, "metric", accuracy)
     with OutputLock(out):
-        rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, samples, metric, LlavaAdapter)
+        rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, samples, metric, adapter_class)
         if cfg.analysis is None:
             _log_summary_figures(out, rows, len(samples), chance_accuracy(dataset, samples))
         return rows

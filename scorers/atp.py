@@ -87,6 +87,7 @@ class ATP(Scorer):
     """Hybrid of the vision tower's CLS attention and CLIP patch-question similarity, before the LLM."""
 
     pre_llm = True
+    needs_cls_saliency = True  # visual saliency: the CLS attention of the vision tower
     needs_llm_attention = False
 
     alpha: float = 0.5  # weight of CLS attention (1 - alpha: CLIP similarity)

@@ -38,7 +38,11 @@ class TokenLayout:
     text: Tensor  # [B, T] slots of question tokens (the last T slots)
     text_valid: Tensor  # [B, T] bool
     valid: Tensor  # [B, S] bool, False on left padding (and on filler slots of shorter pruned rows)
-    vision_valid: Tensor  # [B, V] bool, False on entries past a row's own number of image tokens
+    vision_valid: Tensor | None = None  # [B, V] bool, False past a row's own image tokens (None: all real)
+
+    def __post_init__(self) -> None:
+        if self.vision_valid is None:
+            self.vision_valid = torch.ones_like(self.vision, dtype=torch.bool)
 
     @property
     def seq_len(self) -> int:
