@@ -233,19 +233,26 @@ def test_compact_positions_are_refused_on_multi_axis_positions(family):
 
 
 def test_an_unsupported_class_is_refused_in_one_line():
+    """Gemma3 (sliding-window layers beside global ones, normalised queries and keys) is refused, before
+    its weights load (from config.json) and when a loaded one is handed to the engine."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    with pytest.raises(UnsupportedModel, match="model class Gemma3ForConditionalGeneration cannot be pruned; "
-                                              "supported families: .*qwen2_vl") as caught:
-        family_of_config({"architectures": ["Gemma3ForConditionalGeneration"]})
-    assert "\n" not in str(caught.value)
     tiny = AutoConfig.for_model("gemma3", text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-                                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                     "head_dim": 16},
-                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                       "num_attention_heads": 2, "image_size": 16, "patch_size": 4})
-    with pytest.raises(UnsupportedModel, match="Gemma3ForConditionalGeneration cannot be pruned"):
-        PruningEngine(AutoModelForImageTextToText.from_config(tiny), EmbeddingNorm(), PruningPlan.of([1], [4]))
+                                                       "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                       "num_key_value_heads": 1, "head_dim": 16},
+                                vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "image_size": 16, "patch_size": 4})
+    gemma = AutoModelForImageTextToText.from_config(tiny)
+    name = type(gemma).__name__
+    saved = {**tiny.to_dict(), "architectures": [name]}  # what save_pretrained writes to config.json
+    with pytest.raises(UnsupportedModel, match=f"model class {name} cannot be pruned; supported families: .*qwen2_vl"
+                       ) as caught:
+        family_of_config(saved)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UnsupportedModel, match="model_type 'gemma3' names no architecture this project can prune"):
+        family_of_config(tiny.to_dict())
+    with pytest.raises(UnsupportedModel, match=f"{name} cannot be pruned"):
+        PruningEngine(gemma, EmbeddingNorm(), PruningPlan.of([1], [4]))
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -253,3 +260,66 @@ def test_family_is_detected_from_its_config_json(family):
     config = model(family).config.to_dict()
     assert family_of_config(config) is FAMILIES.get(family)
     assert family_of_config({k: v for k, v in config.items() if k != "architectures"}) is FAMILIES.get(family)
+
+
+@cache
+def clip_dir_for(family: str):
+    """A tiny CLIP checkpoint whose vision tower matches the family's (for ``atp``'s text tower), on disk."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModel
+
+    from research.shapes_model.vocab import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = model(family).config.vision_config.to_dict()
+    clip = AutoModel.from_config(AutoConfig.for_model("clip", text_config=text, vision_config=vision, projection_dim=16))
+    path = tempfile.mkdtemp(prefix=f"clip-{family}-")
+    clip.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("scorer", SCORERS.names())
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, scorer, tmp_path):
+    from research.config import ConfigError, ModelConfig, RunConfig, model_family
+
+    adapter, scorer_class = FAMILIES.get(family), SCORERS.get(scorer)
+    model(family).config.save_pretrained(tmp_path)  # config.json alone: the check must not need weights
+    cfg = RunConfig(scorers=[scorer], model=ModelConfig(name=family, path=str(tmp_path)))
+    if scorer_class.needs_cls_saliency and not adapter.has_cls_saliency:
+        with pytest.raises(ConfigError, match=f"scorer '{scorer}' ranks by the vision tower's CLS attention, which "
+                                              f"{family} .* does not map onto its image tokens") as caught:
+            model_family(cfg, tmp_path)
+        assert "\n" not in str(caught.value)
+        return
+    assert model_family(cfg, tmp_path) is adapter
+    params = {"clip_path": clip_dir_for(family)} if scorer == "atp" else {}
+    plan = PruningPlan.of([-1], [0.5], relative=True) if scorer_class.pre_llm else LAYER_PLAN
+    batch = inputs(family)
+    counts = (batch["input_ids"] == model(family).config.image_token_id).sum(1)
+    _, record = forward(family, batch, scorer=scorer_class(**params), plan=plan)
+    for stage, fraction in zip(record.kept, plan.keep):
+        kept = (stage >= 0).sum(1)
+        assert torch.equal(kept, torch.round(fraction * counts.double()).long())
+        for r in range(len(counts)):  # real image tokens, each once
+            real = stage[r][stage[r] >= 0]
+            assert (batch["input_ids"][r, real] == model(family).config.image_token_id).all()
+            assert len(set(real.tolist())) == len(real)
+
+
+def test_budget_fractions_are_solved_on_the_nominal_count_and_kept_per_row():
+    from research.config import RunConfig
+    from research.sweep import plan_sweep
+
+    cfg = RunConfig(scorers=["text_prior"], schedules=[{"name": "layers", "layers": [1, 3]}], budgets=[0.25, 36])
+    fraction, tokens = plan_sweep(cfg, 6, 144)[1:]
+    assert fraction.relative and not tokens.relative
+    assert [k * 144 for k in fraction.keep] == pytest.approx(tokens.keep)
+    plan = fraction.plan()
+    assert plan.stage_keep(0, torch.tensor([144, 72])).tolist() == [round(plan.keep[0] * 144), round(plan.keep[0] * 72)]
