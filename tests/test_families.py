@@ -323,3 +323,47 @@ def test_budget_fractions_are_solved_on_the_nominal_count_and_kept_per_row():
     assert [k * 144 for k in fraction.keep] == pytest.approx(tokens.keep)
     plan = fraction.plan()
     assert plan.stage_keep(0, torch.tensor([144, 72])).tolist() == [round(plan.keep[0] * 144), round(plan.keep[0] * 72)]
+
+
+def save_llava_next_checkpoint(path):
+    """A tiny LLaVA-NeXT with the shapes word tokenizer and an anyres processor, saved as a local checkpoint."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from research.shapes_model.vocab import CHAT_TEMPLATE, IMAGE, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    adapter = FAMILIES.get("llava_next")
+    config = adapter.random_config("tiny", 4, 2)
+    config.text_config.vocab_size = len(tokenizer)
+    config.text_config.pad_token_id, config.text_config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    torch.manual_seed(0)
+    adapter.model_type()(config).save_pretrained(path)
+    view = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": view}, crop_size={"height": view, "width": view},
+                                                 image_grid_pinpoints=config.image_grid_pinpoints)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+                       vision_feature_select_strategy="default", image_token=IMAGE, chat_template=CHAT_TEMPLATE,
+                       num_additional_image_tokens=1).save_pretrained(path)
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_on_a_local_llava_next_checkpoint(tmp_path, capsys):
+    """``model=llava_next model.path=...`` runs like the LLaVA path; a scorer the family cannot run stops first."""
+    import csv
+
+    from research.run import main
+
+    save_llava_next_checkpoint(tmp_path / "ckpt")
+    common = [f"model.path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}", "data.limit=6",
+              "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "budgets=[0.25]"]
+    assert main(["experiment=main_table", "model=llava_next", "scorers=[text_prior,atp]", *common]) == 2
+    assert not (tmp_path / "runs").exists()
+    assert "ranks by the vision tower's CLS attention, which llava_next" in capsys.readouterr().err
+    assert main(["experiment=main_table", "model=llava_next", "scorers=[text_prior,fastv,random]", *common]) == 0
+    with open(tmp_path / "runs" / "main_table" / "summary.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [r["scorer"] for r in rows] == ["vanilla", "text_prior", "fastv", "random"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert all(float(r["flops_ratio"]) < 1 for r in rows[1:])

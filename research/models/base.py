@@ -131,6 +131,12 @@ class VLMAdapter:
         tokens one to one; ``None`` for a family without such a source (no CLS, merged or cropped patches)."""
         return None
 
+    def token_grid(self, num_tokens: int) -> int | None:
+        """Side of the square patch grid the image's ``num_tokens`` tokens form one to one (row-major), for
+        drawing which were kept; None if they form none (crops, newline tokens, a non-square image)."""
+        side = round(num_tokens**0.5)
+        return side if side * side == num_tokens and self.vision_layout(self.model.config).image_tokens else None
+
     @property
     def path(self) -> Path | None:
         """The local directory the model was loaded from, if any."""
