@@ -302,7 +302,8 @@ class TensorBoardReport(Callback):
         predictions = {r["id"]: r["prediction"] for r in rows}
         grid = module.adapter.token_grid(num_vision)
         if grid is None and overlay_samples:
-            logging.getLogger(__name__).info("no kept-token overlays: %s's image tokens do not form one square patch grid",
+            logging.getLogger(__name__).info(
+                "no kept-token overlays: %s's image tokens do not form one square patch grid",
                      module.adapter.family)
             overlay_samples = []
         for sample, stages in zip(overlay_samples, kept_patches(module, overlay_samples) if overlay_samples else []):

@@ -277,7 +277,8 @@ def clip_dir_for(family: str):
                 num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
                 eos_token_id=tokenizer.eos_token_id)
     vision = model(family).config.vision_config.to_dict()
-    clip = AutoModel.from_config(AutoConfig.for_model("clip", text_config=text, vision_config=vision, projection_dim=16))
+    config = AutoConfig.for_model("clip", text_config=text, vision_config=vision, projection_dim=16)
+    clip = AutoModel.from_config(config)
     path = tempfile.mkdtemp(prefix=f"clip-{family}-")
     clip.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -341,7 +342,8 @@ def save_llava_next_checkpoint(path):
     torch.manual_seed(0)
     adapter.model_type()(config).save_pretrained(path)
     view = config.vision_config.image_size
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": view}, crop_size={"height": view, "width": view},
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": view},
+                                                 crop_size={"height": view, "width": view},
                                                  image_grid_pinpoints=config.image_grid_pinpoints)
     LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
                        vision_feature_select_strategy="default", image_token=IMAGE, chat_template=CHAT_TEMPLATE,

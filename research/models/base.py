@@ -225,6 +225,20 @@ class VLMAdapter:
         raise NotImplementedError
 
 
+def random_text_sizes(size: str, num_layers: int | None = None, num_kv_heads: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of a random-weight LLM config: ``tiny`` (tests) or ``mid`` (benchmarks: hidden 1024,
+    16 layers, LLaMA-7B's MLP ratio); special ids pad 0, BOS 1, EOS 2."""
+    tiny = size == "tiny"
+    hidden = 64 if tiny else 1024
+    heads = 4 if tiny else 16
+    return dict(
+        vocab_size=64 if tiny else 1000, hidden_size=hidden, intermediate_size=2 * hidden if tiny else 2816,
+        num_hidden_layers=num_layers or (6 if tiny else 16), num_attention_heads=heads,
+        num_key_value_heads=num_kv_heads or heads, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
 def register(cls: type[VLMAdapter]) -> type[VLMAdapter]:
     """Class decorator: registers an adapter under its ``family``."""
     return FAMILIES.register(cls.family)(cls)

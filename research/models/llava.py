@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from research.models.base import VisionLayout, VLMAdapter, register
+from research.models.base import VisionLayout, VLMAdapter, random_text_sizes, register
 
 BOS, PAD, EOS = 1, 0, 2  # special ids of the random-weight models below
 
@@ -46,17 +46,11 @@ class LlavaAdapter(VLMAdapter):
 
         torch.manual_seed(seed)
         tiny = size == "tiny"
-        hidden = 64 if tiny else 1024
         vision = CLIPVisionConfig(
             hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512, num_hidden_layers=2,
             num_attention_heads=4, image_size=32 if tiny else 336, patch_size=4 if tiny else 14, projection_dim=32,
         )
-        text = LlamaConfig(
-            vocab_size=64 if tiny else 1000, hidden_size=hidden, intermediate_size=2 * hidden if tiny else 2816,
-            num_hidden_layers=num_layers or (6 if tiny else 16), num_attention_heads=4 if tiny else 16,
-            num_key_value_heads=num_kv_heads or (4 if tiny else 16), max_position_embeddings=2048,
-            pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-        )
+        text = LlamaConfig(**random_text_sizes(size, num_layers, num_kv_heads))
         config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=3, vision_feature_layer=-2,
                              vision_feature_select_strategy="default", projector_hidden_act="gelu")
         return finish_random(cls.model_type()(config), attn_implementation)
@@ -87,7 +81,7 @@ def left_padded(model: nn.Module, image_counts: Sequence[int], question_lengths:
     """``input_ids`` / ``attention_mask`` of rows ``[BOS, prefix, before, image*n, after, question]``,
     left-padded; random text ids avoid every special id of the model's config."""
     config = model.config
-    special = {getattr(config, key, None) for key in dir(config) if key.endswith("token_id") or key.endswith("token_index")}
+    special = {getattr(config, key, None) for key in dir(config) if key.endswith(("token_id", "token_index"))}
     vocab = config.text_config.vocab_size
     allowed = torch.tensor([i for i in range(4, min(vocab, 64)) if i not in special])
     rows = []

@@ -588,7 +588,8 @@ class PruningEngine:
                 pos = gather_positions(pos, cut.kept)
         if mask is not None:
             width = _key_width(mask.shape[-1], st.base_len - cut.kept.shape[1], st.static_cache)
-            out["attention_mask"] = slice_mask(mask, cut.kept if st.is_prefill else None, cut.columns(st.base_len, width))
+            columns = cut.columns(st.base_len, width)
+            out["attention_mask"] = slice_mask(mask, cut.kept if st.is_prefill else None, columns)
         if self.plan.positions == "compact" and pos is not None:
             pos = pos - (cut.shift if st.is_prefill else cut.dropped)
             cos, sin = self.adapter.rotary_emb(cos, position_ids=pos)
