@@ -369,3 +369,6 @@ def test_a_sweep_runs_on_a_local_llava_next_checkpoint(tmp_path, capsys):
     assert [r["scorer"] for r in rows] == ["vanilla", "text_prior", "fastv", "random"]
     assert all(r["status"] == "ok" for r in rows), rows
     assert all(float(r["flops_ratio"]) < 1 for r in rows[1:])
+    for analysis in ("text_dynamics", "attention_shifts"):  # the attention analyses run on the family too
+        assert main([f"experiment={analysis}", "model=llava_next", *common]) == 0
+        assert (tmp_path / "runs" / analysis / "tensorboard").is_dir()
