@@ -212,10 +212,23 @@ class VLMAdapter:
 
     # ---- random-weight instances (tests, benchmarks) ---------------------------------------------
     @classmethod
+    def random_config(cls, size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+        """The config of a random-weight model (``size``: tiny | mid; see :func:`random_text_sizes`)."""
+        raise NotImplementedError
+
+    @classmethod
     def random_model(cls, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
                      attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
-        """A random-weight model of this family built from its config classes (``size``: tiny | mid)."""
-        raise NotImplementedError
+        """A random-weight model of this family built from its config classes, ready for tests: eval mode,
+        the attention backend set, greedy decoding that never stops early."""
+        torch.manual_seed(seed)
+        model = cls.model_type()(cls.random_config(size, num_layers, num_kv_heads))
+        model.config._attn_implementation = attn_implementation
+        model.set_attn_implementation(attn_implementation)
+        model.eval()
+        model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+        model.generation_config.eos_token_id = None  # generated lengths stay comparable
+        return model
 
     @classmethod
     def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from research.models.base import VisionLayout, VLMAdapter, random_text_sizes, register
-from research.models.llava import finish_random, left_padded
+from research.models.llava import left_padded
 
 
 @register
@@ -48,12 +48,6 @@ class LlavaNextAdapter(VLMAdapter):
         pinpoints = [[view, 2 * view], [2 * view, view], [2 * view, 2 * view]]
         return LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
                                image_token_id=3, vision_feature_layer=-2)
-
-    @classmethod
-    def random_model(cls, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
-                     attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
-        torch.manual_seed(seed)
-        return finish_random(cls.model_type()(cls.random_config(size, num_layers, num_kv_heads)), attn_implementation)
 
     @classmethod
     def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,

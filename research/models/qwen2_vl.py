@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from research.models.base import VisionLayout, VLMAdapter, random_text_sizes, register
-from research.models.llava import finish_random, left_padded
+from research.models.llava import left_padded
 
 
 @register
@@ -54,12 +54,6 @@ class Qwen2VLAdapter(VLMAdapter):
                       patch_size=2 if tiny else 14, spatial_merge_size=2, temporal_patch_size=2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=3, video_token_id=4,
                              vision_start_token_id=5, vision_end_token_id=6)
-
-    @classmethod
-    def random_model(cls, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
-                     attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
-        torch.manual_seed(seed)
-        return finish_random(cls.model_type()(cls.random_config(size, num_layers, num_kv_heads)), attn_implementation)
 
     @classmethod
     def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,
