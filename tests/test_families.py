@@ -372,3 +372,25 @@ def test_a_sweep_runs_on_a_local_llava_next_checkpoint(tmp_path, capsys):
     for analysis in ("text_dynamics", "attention_shifts"):  # the attention analyses run on the family too
         assert main([f"experiment={analysis}", "model=llava_next", *common]) == 0
         assert (tmp_path / "runs" / analysis / "tensorboard").is_dir()
+
+
+def test_no_model_class_is_named_outside_the_adapters():
+    """Only ``research/models/`` names transformers model or config classes (the offline model's own
+    definition and training code excepted); the rest asks the family registry. Auto classes are fine."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    root = Path(__file__).resolve().parent.parent
+    names = {n for n in dir(transformers) if n.endswith(("ForConditionalGeneration", "Model", "Config"))
+             and not n.startswith(("Auto", "Pretrained", "PreTrained", "Generation", "Bits"))}
+    allowed = ("research/models/", "research/shapes_model/", "research/train_offline_model.py")
+    found = []
+    for path in sorted(root.glob("*/**/*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith(("build/", ".")) or relative.startswith(allowed):
+            continue
+        for word in set(re.findall(r"\b[A-Z][A-Za-z0-9_]+\b", path.read_text())) & names:
+            found.append(f"{relative}: {word}")
+    assert not found, found
