@@ -394,3 +394,18 @@ def test_no_model_class_is_named_outside_the_adapters():
         for word in set(re.findall(r"\b[A-Z][A-Za-z0-9_]+\b", path.read_text())) & names:
             found.append(f"{relative}: {word}")
     assert not found, found
+
+
+def test_model_name_must_match_the_checkpoint_family_or_be_auto(tmp_path):
+    from research.config import ConfigError, ModelConfig, RunConfig, model_family
+
+    model("qwen2_vl").config.save_pretrained(tmp_path)
+    for name in ("auto", "qwen2_vl"):
+        cfg = RunConfig(scorers=["text_prior"], model=ModelConfig(name=name, path=str(tmp_path)))
+        assert model_family(cfg, tmp_path) is FAMILIES.get("qwen2_vl")
+    cfg = RunConfig(scorers=["text_prior"], model=ModelConfig(name="llava15", path=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"model=llava15 but .* \(family qwen2_vl\); use model=qwen2_vl or model=a"):
+        model_family(cfg, tmp_path)
+    cfg = RunConfig(scorers=["text_prior"], positions="compact", model=ModelConfig(name="auto", path=str(tmp_path)))
+    with pytest.raises(ConfigError, match="positions=compact renumbers 1-D positions; qwen2_vl's multimodal"):
+        model_family(cfg, tmp_path)
