@@ -54,8 +54,29 @@ def test_llava_batch_keeps_positions_and_the_needed_patches():
         assert len(answers) == 2 * len(questions)  # answer word + </s> per turn
 
 
+def test_question_and_caption_labels_are_the_next_words():
+    from research.data.shapes import caption
+    from research.shapes_model.vocab import EOS, build_tokenizer
+
+    tok = build_tokenizer()
+    scenes = [training_scene(i, 0, 3) for i in range(4)]
+    batch = llava_batch(scenes, np.random.default_rng(0), drop_probability=0.0, captions=True)
+    ids = batch["input_ids"]
+    for name in ("labels", "question_labels", "caption_labels"):
+        slots = (batch[name] >= 0).nonzero()
+        assert torch.equal(batch[name][slots[:, 0], slots[:, 1]], ids[slots[:, 0], slots[:, 1] + 1]), name
+    for row, (scene, questions) in enumerate(scenes):
+        words = tok.convert_ids_to_tokens(batch["question_labels"][row][batch["question_labels"][row] >= 0])
+        assert words == [w for q in questions for w in q.text.split()[1:]]  # every word but the first, "?" too
+        words = tok.convert_ids_to_tokens(batch["caption_labels"][row][batch["caption_labels"][row] >= 0])
+        assert words == caption(scene).split()[1:] + [EOS]
+    dropped = llava_batch(scenes, np.random.default_rng(0), drop_probability=1.0, captions=True)
+    assert not (dropped["caption_labels"] >= 0).any()  # no caption for an image with dropped tokens
+
+
 def test_each_packed_branch_is_the_one_question_prompt():
-    """A branch of a packed training row sees what the evaluation prompt shows: same logits at ASSISTANT:."""
+    """A branch of a packed training row sees what the evaluation prompt shows: same logits at ASSISTANT:
+    (a caption branch packed beside the questions changes nothing for them)."""
     from PIL import Image
 
     from research.models import LlavaAdapter
@@ -66,7 +87,7 @@ def test_each_packed_branch_is_the_one_question_prompt():
     torch.manual_seed(0)
     model = build_llava(MICRO, build_clip(MICRO)).eval()
     scenes = [training_scene(i, 0, 5) for i in range(3)]
-    batch = llava_batch(scenes, np.random.default_rng(0), drop_probability=0.0)
+    batch = llava_batch(scenes, np.random.default_rng(0), drop_probability=0.0, captions=True)
     processor = build_processor()
     eos = processor.tokenizer.convert_tokens_to_ids(EOS)
     with torch.no_grad():
