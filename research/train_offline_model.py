@@ -69,12 +69,18 @@ def model_card(cfg: TrainConfig, model_cfg: ShapesModelConfig, metrics: dict, mi
         "2. LLaVA phase: vision tower frozen; projector + LLM trained from scratch on",
         f"   - the answers to {cfg.questions_per_image} questions per image, each question a branch that attends to",
         "     the image prefix and itself only, at the positions of the one-question prompt (branch packing);",
-        f"   - language modelling on the question words (weight {cfg.question_weight}): each word predicts the next",
-        "     one, as LLaVA trains every text position (\"is there a red\" -> \"circle\" needs the red objects);",
-        f"   - captioning (weight {cfg.caption_weight}; 0 = off): in every sequence with a complete image, one more",
-        "     branch holds the scene's caption, 'the red circle is at the top-left the blue square is at the",
-        "     center ...' (`shapes.caption`, objects in cell order), every word predicted from the previous ones,",
-        "     so each colour, shape and position word is read off the region it names (LLaVA's stage-1 task);",
+        *(
+            [f"   - language modelling on the question words (weight {cfg.question_weight}): each word predicts the",
+             "     next one, as LLaVA trains every text position ('is there a red' -> 'circle' needs the red objects);"]
+            if cfg.question_weight > 0 else []
+        ),
+        *(
+            [f"   - captioning (weight {cfg.caption_weight}): in every sequence with a complete image, one more branch",
+             "     holds the scene's caption, 'the red circle is at the top-left the blue square is at the center ...'",
+             "     (`shapes.caption`, objects in cell order), every word predicted from the previous ones, so each",
+             "     colour, shape and position word is read off the region it names (LLaVA's stage-1 task);"]
+            if cfg.caption_weight > 0 else []
+        ),
         "   - dense targets through the LLM: at every image token the LM head names the patch's colour, shape,",
         f"     grid cell and colour count as words (weight {cfg.dense_weight});",
         f"   - token dropping: in {100 * cfg.drop_probability:.0f}% of sequences the image tokens that are not object",

@@ -103,14 +103,16 @@ def test_each_packed_branch_is_the_one_question_prompt():
             assert labels[answer_slots].tolist() == answers
 
 
-def test_micro_llava_loss_decreases():
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, 1.0)], ids=["shipped", "question+caption"])
+def test_micro_llava_loss_decreases(weights):
     from research.shapes_model.modeling import build_clip, build_llava
 
     torch.manual_seed(0)
     model = build_llava(MICRO, build_clip(MICRO))
-    module = LlavaPhase(model, TrainConfig())
+    module = LlavaPhase(model, TrainConfig(question_weight=weights[0], caption_weight=weights[1]))
     module.log_dict = lambda *args, **kwargs: None
-    batch = llava_batch([training_scene(i, 0, 2) for i in range(8)], np.random.default_rng(0), 0.5)
+    scenes = [training_scene(i, 0, 2) for i in range(8)]
+    batch = llava_batch(scenes, np.random.default_rng(0), 0.5, captions=weights[1] > 0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(15):
@@ -144,3 +146,33 @@ def test_interface_scorers_run_on_the_shipped_model(name):
     with torch.no_grad(), PruningEngine(adapter.model, SCORERS.get(name)(), PruningPlan.of([-1], [36])) as engine:
         adapter.model(**inputs)
     assert engine.last.kept[0].shape == (8, 36)
+
+
+def test_keep_metrics_counts_relevant_and_object_patches():
+    from research.shapes_model.grounding import keep_metrics
+
+    sample = ShapesVQA("test", size=1)[0]
+    relevant, objects = sample.relevant.reshape(-1), sample.objects_mask.reshape(-1)
+    all_relevant = np.flatnonzero(relevant)
+    result = keep_metrics(all_relevant[None], [sample])
+    assert result["recall"] == 1.0
+    assert result["on_object"] == pytest.approx(objects[all_relevant].mean())
+    half = all_relevant[: len(all_relevant) // 2]
+    background = np.flatnonzero(~relevant & ~objects)[: len(half)]
+    result = keep_metrics(np.concatenate([half, background])[None], [sample])
+    assert result["recall"] == pytest.approx(len(half) / len(all_relevant))
+    assert result["on_object"] == pytest.approx(objects[half].sum() / (2 * len(half)))
+
+
+@pytest.mark.slow
+def test_shipped_grounding_figures_reproduce():
+    """metrics.json's grounding table is what the shipped model does (text_prior and pdrop after layer 1)."""
+    from research.shapes_model.grounding import keep_metrics, kept_patches
+
+    stored = json.loads((SHIPPED / "metrics.json").read_text())["grounding"]
+    adapter, processor = load_model("shapes")
+    samples = list(ShapesVQA("test", size=stored["samples"]))
+    for name in ("text_prior", "pdrop"):
+        measured = keep_metrics(kept_patches(adapter, processor, samples, name, 1, stored["keep"]), samples)
+        for metric, value in measured.items():
+            assert value == pytest.approx(stored[name][metric][1], abs=1e-6), (name, metric)
