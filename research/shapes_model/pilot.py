@@ -23,7 +23,7 @@ from research.models import LlavaAdapter
 from research.shapes_model.evaluate import predict, report
 from research.shapes_model.grounding import measure
 from research.shapes_model.modeling import ShapesModelConfig, build_llava
-from research.shapes_model.train import LlavaPhase, SceneBatches, TrainConfig, _fit, llava_batch
+from research.shapes_model.train import LlavaPhase, TrainConfig, _fit, llava_batches
 from research.shapes_model.vocab import build_processor, build_tokenizer
 
 
@@ -36,11 +36,7 @@ def probe(out: Path, overrides: dict, samples: int = 300) -> dict:
     tok = build_tokenizer()
     llava = build_llava(ShapesModelConfig(), CLIPModel.from_pretrained(SHIPPED / "clip"))
     start = time.perf_counter()
-    batches = SceneBatches(
-        cfg.llava_batch, cfg.seed + 1, cfg.questions_per_image,
-        lambda s, rng: llava_batch(s, rng, cfg.drop_probability, tok, captions=cfg.caption_weight > 0),
-    )
-    _fit(LlavaPhase(llava, cfg), batches, cfg.llava_steps)
+    _fit(LlavaPhase(llava, cfg), llava_batches(cfg, tok), cfg.llava_steps)
     minutes = (time.perf_counter() - start) / 60
     llava.eval().save_pretrained(out)
     build_processor().save_pretrained(out)

@@ -366,6 +366,14 @@ def _fit(module: L.LightningModule, batches: IterableDataset, steps: int) -> Non
     trainer.fit(module, DataLoader(batches, batch_size=None))
 
 
+def llava_batches(cfg: TrainConfig, tokenizer) -> SceneBatches:
+    """The LLaVA phase's batch stream (seed ``cfg.seed + 1``; a caption branch when ``caption_weight > 0``)."""
+    return SceneBatches(
+        cfg.llava_batch, cfg.seed + 1, cfg.questions_per_image,
+        lambda s, rng: llava_batch(s, rng, cfg.drop_probability, tokenizer, captions=cfg.caption_weight > 0),
+    )
+
+
 def train(cfg: TrainConfig, model_cfg: ShapesModelConfig | None = None):
     """Both phases from ``cfg.seed``; returns (clip, llava)."""
     model_cfg = model_cfg or ShapesModelConfig()
@@ -379,12 +387,5 @@ def train(cfg: TrainConfig, model_cfg: ShapesModelConfig | None = None):
         cfg.clip_steps,
     )
     llava = build_llava(model_cfg, clip)
-    _fit(
-        LlavaPhase(llava, cfg),
-        SceneBatches(
-            cfg.llava_batch, cfg.seed + 1, cfg.questions_per_image,
-            lambda s, rng: llava_batch(s, rng, cfg.drop_probability, tok, captions=cfg.caption_weight > 0),
-        ),
-        cfg.llava_steps,
-    )
+    _fit(LlavaPhase(llava, cfg), llava_batches(cfg, tok), cfg.llava_steps)
     return clip.eval(), llava.eval()
