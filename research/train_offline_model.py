@@ -2,7 +2,8 @@
 
 Writes, under ``--out`` (default: the shipped ``research/assets/shapes``): the LLaVA (safetensors),
 its tokenizer and processor, the CLIP pair under ``clip/``, ``metrics.json`` and ``MODEL_CARD.md``
-with the measured accuracy (vanilla per question type, chance, majority, oracle and random keeps).
+with the measured accuracy (vanilla per question type, chance, majority, oracle and random keeps) and
+the grounding of each scorer's kept tokens (``research.shapes_model.grounding``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from research.data.shapes import QTYPES, ShapesVQA, oracle_keep, random_keep
 from research.models import LlavaAdapter
 from research.shapes_model.evaluate import baselines, predict, report
+from research.shapes_model.grounding import measure, table
 from research.shapes_model.modeling import ShapesModelConfig
 from research.shapes_model.train import TrainConfig, train
 from research.shapes_model.vocab import build_processor
@@ -67,6 +69,18 @@ def model_card(cfg: TrainConfig, model_cfg: ShapesModelConfig, metrics: dict, mi
         "2. LLaVA phase: vision tower frozen; projector + LLM trained from scratch on",
         f"   - the answers to {cfg.questions_per_image} questions per image, each question a branch that attends to",
         "     the image prefix and itself only, at the positions of the one-question prompt (branch packing);",
+        *(
+            [f"   - language modelling on the question words (weight {cfg.question_weight}): each word predicts the",
+             "     next one, as LLaVA trains every text position ('is there a red' -> 'circle' needs the red objects);"]
+            if cfg.question_weight > 0 else []
+        ),
+        *(
+            [f"   - captioning (weight {cfg.caption_weight}): in every sequence with a complete image, one more branch",
+             "     holds the scene's caption, 'the red circle is at the top-left the blue square is at the center ...'",
+             "     (`shapes.caption`, objects in cell order), every word predicted from the previous ones, so each",
+             "     colour, shape and position word is read off the region it names (LLaVA's stage-1 task);"]
+            if cfg.caption_weight > 0 else []
+        ),
         "   - dense targets through the LLM: at every image token the LM head names the patch's colour, shape,",
         f"     grid cell and colour count as words (weight {cfg.dense_weight});",
         f"   - token dropping: in {100 * cfg.drop_probability:.0f}% of sequences the image tokens that are not object",
@@ -87,6 +101,18 @@ def model_card(cfg: TrainConfig, model_cfg: ShapesModelConfig, metrics: dict, mi
         "Oracle: the object patches of the cells the answer depends on (every object for negative answers),",
         "topped up with other object patches. Random: uniform per sample (seeded).",
     ]
+    if "grounding" in metrics:
+        grounding = metrics["grounding"]
+        lines += [
+            "",
+            f"## Grounding: where each scorer's kept tokens lie ({grounding['samples']} test samples)",
+            "",
+            f"Pruning once, after one decoder layer, to {grounding['keep']} of 144 image tokens: `recall` = kept",
+            "relevant patches / the question's relevant patches (its cells), `on_object` = share of kept tokens",
+            "on an object; means over the samples. `python -m research.shapes_model.grounding` re-measures.",
+            "",
+            *table(grounding),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -102,6 +128,7 @@ def run(cfg: TrainConfig, out: Path, model_cfg: ShapesModelConfig | None = None,
     clip.save_pretrained(out / "clip")
     processor.tokenizer.save_pretrained(out / "clip")
     metrics = evaluate(out, limit=eval_limit)
+    metrics["grounding"] = measure(out)
     metrics["train_minutes"] = minutes
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     command = "python -m research.train_offline_model" + (f" --seed {cfg.seed}" if cfg.seed else "")

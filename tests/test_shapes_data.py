@@ -197,6 +197,20 @@ def test_training_scene():
     assert len({q.text for q in many}) == len(many) >= 5
 
 
+def test_caption_names_every_object_in_cell_order_with_benchmark_words():
+    from research.data.shapes import caption
+
+    for index in range(20):
+        scene, _ = training_scene(index, seed=0, num_questions=1)
+        words = caption(scene).split()
+        assert set(words) <= set(WORDS)  # the tokenizer needs no new words
+        clauses = [words[i : i + 7] for i in range(0, len(words), 7)]
+        assert len(clauses) == len(scene.objects) and len(words) == 7 * len(scene.objects)
+        for clause, obj in zip(clauses, scene.objects):
+            assert clause == ["the", obj.colour, obj.shape, "is", "at", "the", obj.position]
+        assert [obj.cell for obj in scene.objects] == sorted(obj.cell for obj in scene.objects)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.05, 0.125, 0.25, 0.5, 1.0])
 def test_oracle_keep(test_split, fraction):
     rng = np.random.default_rng(0)

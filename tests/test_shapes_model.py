@@ -54,8 +54,29 @@ def test_llava_batch_keeps_positions_and_the_needed_patches():
         assert len(answers) == 2 * len(questions)  # answer word + </s> per turn
 
 
+def test_question_and_caption_labels_are_the_next_words():
+    from research.data.shapes import caption
+    from research.shapes_model.vocab import EOS, build_tokenizer
+
+    tok = build_tokenizer()
+    scenes = [training_scene(i, 0, 3) for i in range(4)]
+    batch = llava_batch(scenes, np.random.default_rng(0), drop_probability=0.0, captions=True)
+    ids = batch["input_ids"]
+    for name in ("labels", "question_labels", "caption_labels"):
+        slots = (batch[name] >= 0).nonzero()
+        assert torch.equal(batch[name][slots[:, 0], slots[:, 1]], ids[slots[:, 0], slots[:, 1] + 1]), name
+    for row, (scene, questions) in enumerate(scenes):
+        words = tok.convert_ids_to_tokens(batch["question_labels"][row][batch["question_labels"][row] >= 0])
+        assert words == [w for q in questions for w in q.text.split()[1:]]  # every word but the first, "?" too
+        words = tok.convert_ids_to_tokens(batch["caption_labels"][row][batch["caption_labels"][row] >= 0])
+        assert words == caption(scene).split()[1:] + [EOS]
+    dropped = llava_batch(scenes, np.random.default_rng(0), drop_probability=1.0, captions=True)
+    assert not (dropped["caption_labels"] >= 0).any()  # no caption for an image with dropped tokens
+
+
 def test_each_packed_branch_is_the_one_question_prompt():
-    """A branch of a packed training row sees what the evaluation prompt shows: same logits at ASSISTANT:."""
+    """A branch of a packed training row sees what the evaluation prompt shows: same logits at ASSISTANT:
+    (a caption branch packed beside the questions changes nothing for them)."""
     from PIL import Image
 
     from research.models import LlavaAdapter
@@ -66,7 +87,7 @@ def test_each_packed_branch_is_the_one_question_prompt():
     torch.manual_seed(0)
     model = build_llava(MICRO, build_clip(MICRO)).eval()
     scenes = [training_scene(i, 0, 5) for i in range(3)]
-    batch = llava_batch(scenes, np.random.default_rng(0), drop_probability=0.0)
+    batch = llava_batch(scenes, np.random.default_rng(0), drop_probability=0.0, captions=True)
     processor = build_processor()
     eos = processor.tokenizer.convert_tokens_to_ids(EOS)
     with torch.no_grad():
@@ -82,14 +103,16 @@ def test_each_packed_branch_is_the_one_question_prompt():
             assert labels[answer_slots].tolist() == answers
 
 
-def test_micro_llava_loss_decreases():
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, 1.0)], ids=["shipped", "question+caption"])
+def test_micro_llava_loss_decreases(weights):
     from research.shapes_model.modeling import build_clip, build_llava
 
     torch.manual_seed(0)
     model = build_llava(MICRO, build_clip(MICRO))
-    module = LlavaPhase(model, TrainConfig())
+    module = LlavaPhase(model, TrainConfig(question_weight=weights[0], caption_weight=weights[1]))
     module.log_dict = lambda *args, **kwargs: None
-    batch = llava_batch([training_scene(i, 0, 2) for i in range(8)], np.random.default_rng(0), 0.5)
+    scenes = [training_scene(i, 0, 2) for i in range(8)]
+    batch = llava_batch(scenes, np.random.default_rng(0), 0.5, captions=weights[1] > 0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(15):
@@ -123,3 +146,33 @@ def test_interface_scorers_run_on_the_shipped_model(name):
     with torch.no_grad(), PruningEngine(adapter.model, SCORERS.get(name)(), PruningPlan.of([-1], [36])) as engine:
         adapter.model(**inputs)
     assert engine.last.kept[0].shape == (8, 36)
+
+
+def test_keep_metrics_counts_relevant_and_object_patches():
+    from research.shapes_model.grounding import keep_metrics
+
+    sample = ShapesVQA("test", size=1)[0]
+    relevant, objects = sample.relevant.reshape(-1), sample.objects_mask.reshape(-1)
+    all_relevant = np.flatnonzero(relevant)
+    result = keep_metrics(all_relevant[None], [sample])
+    assert result["recall"] == 1.0
+    assert result["on_object"] == pytest.approx(objects[all_relevant].mean())
+    half = all_relevant[: len(all_relevant) // 2]
+    background = np.flatnonzero(~relevant & ~objects)[: len(half)]
+    result = keep_metrics(np.concatenate([half, background])[None], [sample])
+    assert result["recall"] == pytest.approx(len(half) / len(all_relevant))
+    assert result["on_object"] == pytest.approx(objects[half].sum() / (2 * len(half)))
+
+
+@pytest.mark.slow
+def test_shipped_grounding_figures_reproduce():
+    """metrics.json's grounding table is what the shipped model does (text_prior and pdrop after layer 1)."""
+    from research.shapes_model.grounding import keep_metrics, kept_patches
+
+    stored = json.loads((SHIPPED / "metrics.json").read_text())["grounding"]
+    adapter, processor = load_model("shapes")
+    samples = list(ShapesVQA("test", size=stored["samples"]))
+    for name in ("text_prior", "pdrop"):
+        measured = keep_metrics(kept_patches(adapter, processor, samples, name, 1, stored["keep"]), samples)
+        for metric, value in measured.items():
+            assert value == pytest.approx(stored[name][metric][1], abs=1e-6), (name, metric)

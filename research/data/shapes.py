@@ -405,6 +405,19 @@ def training_scene(index: int, seed: int = 0, num_questions: int = 3) -> tuple[S
     return scene, questions
 
 
+CAPTION = "the {colour} {shape} is at the {position}"  # one clause per object, in the benchmark's own words
+
+
+def caption(scene: Scene) -> str:
+    """A scene description naming every object's colour, shape and position, in cell order (row-major).
+
+    Its words are the benchmark's (``WORDS``), so the tokenizer is unchanged; each word after "the" is
+    predictable only from the image region of the object it describes."""
+    return " ".join(
+        CAPTION.format(colour=obj.colour, shape=obj.shape, position=obj.position) for obj in scene.objects
+    )
+
+
 def _budget(fraction: float) -> int:
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")

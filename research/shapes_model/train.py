@@ -36,7 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from research.data.shapes import COLOURS, NOTHING, NUM_PATCHES, NUMBERS, POSITIONS, SHAPES, training_scene
+from research.data.shapes import (
+    COLOURS,
+    NOTHING,
+    NUM_PATCHES,
+    NUMBERS,
+    POSITIONS,
+    SHAPES,
+    caption,
+    training_scene,
+)
 from research.shapes_model.modeling import (
     DenseHeads,
     ShapesModelConfig,
@@ -65,6 +74,9 @@ class TrainConfig:
     questions_per_image: int = 12
     dense_weight: float = 1.0  # dense targets through the LLM (LlavaPhase.dense_loss)
     drop_probability: float = 0.5  # share of sequences whose irrelevant image tokens are randomly dropped
+    # Grounding recipe (issue 16), off in the shipped model: see MODEL_CARD.md "Grounding recipe".
+    question_weight: float = 0.0  # language-modelling loss on the question words (LlavaPhase.training_step)
+    caption_weight: float = 0.0  # language-modelling loss on a scene caption branch (0 = no caption branch)
     warmup: int = 100
     threads: int = 2
 
@@ -191,7 +203,9 @@ class ClipPhase(L.LightningModule):
 
 
 # ---- phase 2: the LLaVA --------------------------------------------------------------------------
-def llava_batch(scenes: list, rng: np.random.Generator, drop_probability: float, tokenizer=None) -> dict:
+def llava_batch(
+    scenes: list, rng: np.random.Generator, drop_probability: float, tokenizer=None, captions: bool = False
+) -> dict:
     """Branch-packed sequences: one image prefix, then every question of the scene as its own branch.
 
     Row layout ``<s> USER: <image>*n | q1 ASSISTANT: a1 </s> | q2 ASSISTANT: a2 </s> | ...`` (right padded).
@@ -203,15 +217,20 @@ def llava_batch(scenes: list, rng: np.random.Generator, drop_probability: float,
     ``image_index`` [B, L] holds the patch each image slot shows (-1 for text); dropped patches are
     simply absent, and ``position_ids`` keep every token's position in the complete sequence.
     ``labels`` [B, L] is the token each position must predict (answer word after ``ASSISTANT:``, then
-    ``</s>``), already shifted.
+    ``</s>``), already shifted; ``question_labels`` [B, L] the next question word at every question word
+    but the last (the first word follows the shared prefix, so it has no position of its own to be
+    predicted from). With ``captions``, rows whose image is complete get one more branch, the scene's
+    caption (``shapes.caption``) then ``</s>``, whose next words are ``caption_labels`` [B, L].
     """
     tok = tokenizer or build_tokenizer()
     user, assistant = tok.convert_tokens_to_ids(["USER:", "ASSISTANT:"])
     eos = tok.convert_tokens_to_ids(EOS)
-    rows, labels, image_index, positions, branches = [], [], [], [], []
+    rows, labels, question_labels, caption_labels = [], [], [], []
+    image_index, positions, branches = [], [], []
     for scene, questions in scenes:
         kept = np.arange(NUM_PATCHES)
-        if rng.random() < drop_probability:
+        dropped = rng.random() < drop_probability
+        if dropped:
             # every object patch an answer depends on stays; everything else is kept at a random rate
             needed = np.any([q.relevant.reshape(-1) for q in questions], axis=0) & scene.objects_mask.reshape(-1)
             others = np.flatnonzero(~needed)
@@ -220,6 +239,8 @@ def llava_batch(scenes: list, rng: np.random.Generator, drop_probability: float,
         ids = [tok.bos_token_id, user] + [tok.pad_token_id] * len(kept)
         pos = [0, 1] + [2 + int(p) for p in kept]
         target = [-100] * len(ids)
+        question_target = [-100] * len(ids)
+        caption_target = [-100] * len(ids)
         patch = [-1, -1] + [int(p) for p in kept]
         branch = [PREFIX] * len(ids)
         for j, q in enumerate(questions):
@@ -227,11 +248,22 @@ def llava_batch(scenes: list, rng: np.random.Generator, drop_probability: float,
             answer = [*_words(tok, q.answer), eos]
             ids += words + answer
             target += [-100] * (len(words) - 1) + answer + [-100]  # ASSISTANT: -> answer -> </s>
+            question_target += words[1:-1] + [-100] * (2 + len(answer))  # word -> next word, up to "?"
+            caption_target += [-100] * (len(words) + len(answer))
             patch += [-1] * (len(words) + len(answer))
             pos += list(range(2 + NUM_PATCHES, 2 + NUM_PATCHES + len(words) + len(answer)))
             branch += [j] * (len(words) + len(answer))
+        if captions and not dropped:  # a caption names every object: only for complete images
+            words = [*_words(tok, caption(scene)), eos]
+            ids += words
+            target += [-100] * len(words)
+            question_target += [-100] * len(words)
+            caption_target += words[1:] + [-100]
+            patch += [-1] * len(words)
+            pos += list(range(2 + NUM_PATCHES, 2 + NUM_PATCHES + len(words)))
+            branch += [len(questions)] * len(words)
         rows.append(ids), labels.append(target), image_index.append(patch), positions.append(pos)
-        branches.append(branch)
+        question_labels.append(question_target), caption_labels.append(caption_target), branches.append(branch)
     images = torch.from_numpy(np.stack([s.image for s, _ in scenes]))
     colour, shape = patch_labels([scene for scene, _ in scenes])  # [B, P] each
     branch = _pad(branches, PADDING)  # [B, L]
@@ -243,6 +275,8 @@ def llava_batch(scenes: list, rng: np.random.Generator, drop_probability: float,
         "pixel_values": pixel_values(images),
         "input_ids": _pad(rows, tok.pad_token_id),
         "labels": _pad(labels, -100),
+        "question_labels": _pad(question_labels, -100),
+        "caption_labels": _pad(caption_labels, -100),
         "image_index": _pad(image_index, -1),
         "position_ids": _pad(positions, 0),
         "attention_mask": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None],
@@ -300,12 +334,20 @@ class LlavaPhase(L.LightningModule):
 
     def training_step(self, batch: dict, step: int) -> Tensor:
         logits = llava_logits(self.model, batch)
-        answer_loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+        flat = logits.flatten(0, 1)  # [B * L, vocab]
+        answer_loss = F.cross_entropy(flat, batch["labels"].flatten(), ignore_index=-100)
         dense = self.dense_loss(logits, batch)
+        loss = answer_loss + self.cfg.dense_weight * dense
+        logs = {"answer_loss": answer_loss, "dense": dense}
+        for name, weight in (("question", self.cfg.question_weight), ("caption", self.cfg.caption_weight)):
+            targets = batch[f"{name}_labels"].flatten()
+            if weight > 0 and bool((targets >= 0).any()):
+                logs[name] = F.cross_entropy(flat, targets, ignore_index=-100)
+                loss = loss + weight * logs[name]
         answers = batch["labels"] >= 0
-        accuracy = (logits.argmax(-1)[answers] == batch["labels"][answers]).float().mean()
-        self.log_dict({"answer_loss": answer_loss, "dense": dense, "token_acc": accuracy}, prog_bar=True)
-        return answer_loss + self.cfg.dense_weight * dense
+        logs["token_acc"] = (logits.argmax(-1)[answers] == batch["labels"][answers]).float().mean()
+        self.log_dict(logs, prog_bar=True)
+        return loss
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -324,6 +366,14 @@ def _fit(module: L.LightningModule, batches: IterableDataset, steps: int) -> Non
     trainer.fit(module, DataLoader(batches, batch_size=None))
 
 
+def llava_batches(cfg: TrainConfig, tokenizer) -> SceneBatches:
+    """The LLaVA phase's batch stream (seed ``cfg.seed + 1``; a caption branch when ``caption_weight > 0``)."""
+    return SceneBatches(
+        cfg.llava_batch, cfg.seed + 1, cfg.questions_per_image,
+        lambda s, rng: llava_batch(s, rng, cfg.drop_probability, tokenizer, captions=cfg.caption_weight > 0),
+    )
+
+
 def train(cfg: TrainConfig, model_cfg: ShapesModelConfig | None = None):
     """Both phases from ``cfg.seed``; returns (clip, llava)."""
     model_cfg = model_cfg or ShapesModelConfig()
@@ -337,12 +387,5 @@ def train(cfg: TrainConfig, model_cfg: ShapesModelConfig | None = None):
         cfg.clip_steps,
     )
     llava = build_llava(model_cfg, clip)
-    _fit(
-        LlavaPhase(llava, cfg),
-        SceneBatches(
-            cfg.llava_batch, cfg.seed + 1, cfg.questions_per_image,
-            lambda s, rng: llava_batch(s, rng, cfg.drop_probability, tok),
-        ),
-        cfg.llava_steps,
-    )
+    _fit(LlavaPhase(llava, cfg), llava_batches(cfg, tok), cfg.llava_steps)
     return clip.eval(), llava.eval()
