@@ -37,6 +37,7 @@ class MMBench(SnapshotBenchmark):
     optional_fields = ("C", "D", "E")
     max_new_tokens = 1024
     until = ("ASSISTANT:",)
+    summary_counts = ("unparsed",)  # a column of the Table-1 summary
     post_prompt = "\nAnswer with the option's letter from the given choices directly."
 
     def make_sample(self, row: dict, index: int, image: ImageRef) -> BenchmarkSample:

@@ -55,8 +55,9 @@ def shard_files(directory: Path, config: str | None, split: str) -> list[Path]:
             return files
     where = f"{directory / (config or 'data')}/{split}-*.parquet"
     present = sorted(str(p.relative_to(directory)) for p in directory.rglob("*.parquet"))[:6]
-    raise SnapshotError(f"{directory}: no parquet shards for split {split!r}{f' of config {config!r}' if config else ''}"
-                        f" (expected {where}); parquet files found: {present or 'none'}")
+    of_config = f" of config {config!r}" if config else ""
+    raise SnapshotError(f"{directory}: no parquet shards for split {split!r}{of_config} (expected {where}); "
+                        f"parquet files found: {present or 'none'}")
 
 
 def read_columns(files: Sequence[Path], columns: Sequence[str], what: str) -> pa.Table:
