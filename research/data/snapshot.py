@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,9 @@ class ImageColumn:
     def __init__(self, files: Sequence[Path], column: str = "image", what: str = "") -> None:
         self.files, self.column, self.cache_groups = list(files), column, 2
         self.index: list[tuple[int, int, int]] = []  # global row -> (file, row group, first global row of the group)
+        self.file_starts: list[int] = []
         for f, file in enumerate(self.files):
+            self.file_starts.append(len(self.index))
             meta = pq.ParquetFile(file)
             if column not in meta.schema_arrow.names:
                 raise SnapshotError(f"{what}: {file} has no field {column!r}; found {meta.schema_arrow.names}")
@@ -114,20 +115,25 @@ class ImageColumn:
         return value or b""
 
     def where(self, row: int) -> str:
-        f, _, _ = self.index[row]
-        offset = row - sum(1 for r in self.index[:row] if r[0] < f)
-        return f"row {offset} of {self.files[f].name}"
+        f = self.index[row][0]
+        return f"row {row - self.file_starts[f]} of {self.files[f].name}"
 
 
-@dataclass(frozen=True)
 class ImageRef:
-    """A sample's image, still encoded in its snapshot: ``load()`` reads it (per batch, never up front)."""
+    """A sample's image, still encoded in its snapshot: ``load()`` reads it (per batch, never up front).
 
-    column: ImageColumn
-    row: int
+    A plain class, not a dataclass: Lightning's batch transfer rebuilds dataclasses, this is left as it is."""
+
+    __slots__ = ("column", "row")
+
+    def __init__(self, column: ImageColumn, row: int) -> None:
+        self.column, self.row = column, row
 
     def load(self) -> bytes:
         return self.column.bytes_at(self.row)
 
     def __str__(self) -> str:
         return self.column.where(self.row)
+
+    def __repr__(self) -> str:
+        return f"ImageRef({self})"
