@@ -421,6 +421,7 @@ def write_summary(out: Path, rows: list[dict]) -> None:
 
 
 IDENTITY_COLUMNS = ["scorer", "schedule", "layers", "budget", "keep", "positions"]
+PER_BENCHMARK_MEASURES = ("prefill_ms", "gflops")  # summary.csv only (AdaptInfer Table 3's columns)
 
 
 def benchmark_columns(tasks: list[Task]) -> list[str]:
@@ -434,6 +435,7 @@ def benchmark_columns(tasks: list[Task]) -> list[str]:
     for task in tasks:
         columns += [f"{task.name}_{extra}" for extra in getattr(task.dataset, "summary_counts", ())]
         columns.append(f"{task.name}_skipped")
+    columns += [f"{task.name}_{measure}" for task in tasks for measure in PER_BENCHMARK_MEASURES]
     return columns + ["status", "error"]
 
 
@@ -462,6 +464,8 @@ def summarise_benchmarks(combos: list[Combination], results: dict[str, dict[str,
             for extra in getattr(task.dataset, "summary_counts", ()):
                 row[f"{task.name}_{extra}"] = round(r[extra]) if ok and extra in r else ""
             row[f"{task.name}_skipped"] = r.get("skipped_images", "") if ok else ""
+            for measure in PER_BENCHMARK_MEASURES:
+                row[f"{task.name}_{measure}"] = round(r[measure], 4) if ok else ""
             if ratio is not None:
                 ratios.append(ratio)
             if both:
@@ -487,7 +491,8 @@ def write_benchmark_summary(out: Path, rows: list[dict], columns: list[str]) -> 
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "summary.csv", table.getvalue())
-    shown = [c for c in columns if c not in ("layers", "keep", "positions", "computed_avg_tokens")]
+    shown = [c for c in columns if c not in ("layers", "keep", "positions", "computed_avg_tokens")
+             and not c.endswith(tuple(f"_{m}" for m in PER_BENCHMARK_MEASURES))]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(row[c]) for c in shown) + " |" for row in rows]
     write_atomic(out / "summary.md", "\n".join(lines) + "\n")

@@ -81,7 +81,8 @@ def test_two_benchmarks_table1_layout_tensorboard_and_resume_per_benchmark(micro
     table = read_csv(out / "bench_sweep" / "summary.csv")
     assert list(table[0]) == ["scorer", "schedule", "layers", "budget", "keep", "positions", "mme", "mme_ratio",
                               "pope", "pope_ratio", "avg_ratio", "flops_ratio", "prefill_ms", "avg_tokens",
-                              "computed_avg_tokens", "mme_skipped", "pope_skipped", "status", "error"]
+                              "computed_avg_tokens", "mme_skipped", "pope_skipped", "mme_prefill_ms", "mme_gflops",
+                              "pope_prefill_ms", "pope_gflops", "status", "error"]
     assert [r["mme_skipped"] for r in table] == ["0", "0"]
     header = (out / "bench_sweep" / "summary.md").read_text().splitlines()[0]
     assert "| mme | mme_ratio | pope | pope_ratio | avg_ratio |" in header
@@ -161,8 +162,8 @@ def test_table1_average_ratio_is_the_mean_of_the_benchmark_ratios():
     combos = [Combination("vanilla", "-", None), Combination("fastv", "layers[2]", 64.0, [2], [64])]
 
     def result(accuracy: float, flops: float, **extra) -> dict:
-        return {"status": "ok", "accuracy": accuracy, "flops": flops, "prefill_ms": 10.0, "skipped_images": 0,
-                **extra}
+        return {"status": "ok", "accuracy": accuracy, "flops": flops, "prefill_ms": 10.0, "gflops": flops,
+                "skipped_images": 0, **extra}
 
     results = {"mme": {"vanilla": result(1864, 4.0), "fastv__layers2__b64": result(1490, 1.0)},
                "mmbench": {"vanilla": result(64.6, 4.0, unparsed=0.0),
