@@ -179,13 +179,15 @@ def test_table1_average_ratio_is_the_mean_of_the_benchmark_ratios():
 README_COMMANDS = """\
 python -m research.data.fixtures {root}
 python -m research.run experiment=main_table data.name=[mme,pope] data.root={root} output_dir={out} \
-scorers=[text_prior] budgets=[64] eval.latency_samples=2 eval.overlays=1
+scorers=[text_prior] budgets=[64] eval.latency_samples=2 eval.overlays=1 eval.max_new_tokens=4
 """
 
 
 @pytest.mark.slow
 def test_readme_benchmark_sweep_with_the_shipped_model(tmp_path):
     """The README's fixture sweep, as a user types it, with the shipped shapes model."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert README_COMMANDS.format(root="/tmp/lmms-lab", out="/tmp/runs") in readme.replace(" \\\n", " ")
     root, out = tmp_path / "lmms-lab", tmp_path / "runs"
     for command in README_COMMANDS.format(root=root, out=out).splitlines():
         done = subprocess.run([sys.executable, "-m", *command.split()[2:]], capture_output=True, text=True,
