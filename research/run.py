@@ -28,7 +28,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from research.config import ConfigError, RunConfig, dataset_names, load_config, model_directory, model_shape, slug
+from research.config import (
+    ConfigError,
+    RunConfig,
+    dataset_names,
+    load_config,
+    model_directory,
+    model_family,
+    model_shape,
+    slug,
+)
 from research.storage import (
     OutputLock,
     StopSweep,
@@ -160,15 +169,15 @@ def open_tasks(cfg: RunConfig) -> list[Task]:
 
 def run(cfg: RunConfig) -> list[dict]:
     """Run (or resume) every combination on every dataset; return the summary rows (vanilla first)."""
-    from research.models import LlavaAdapter
     directory = model_directory(cfg)
-    num_layers, num_vision = model_shape(directory)
+    adapter_class = model_family(cfg, directory)
+    num_layers, num_vision = model_shape(directory, adapter_class)
     out = Path(cfg.output_dir) / cfg.experiment
     histograms = cached_histograms(cfg, directory)
     plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
     tasks = open_tasks(cfg)
     with OutputLock(out):
-        rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, tasks, LlavaAdapter)
+        rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, tasks, adapter_class)
         if cfg.analysis is None and not tasks[0].subdir:
             task = tasks[0]
             _log_summary_figures(out, rows, len(task.samples), chance_accuracy(task.dataset, task.samples))
