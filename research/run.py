@@ -380,22 +380,27 @@ def log_failure(out: Path, combo: Combination, num_vision: int, error: str, subd
         logging.getLogger(__name__).warning("cannot log the failure of %s to TensorBoard: %s", combo.name, failure)
 
 
+def combination_columns(combo: Combination) -> dict[str, Any]:
+    """The summary columns that describe a combination (scorer, schedule, layers, budget, keep, positions and
+    the reported and computed average tokens)."""
+    return {
+        "scorer": combo.scorer_label, "schedule": combo.schedule,
+        "layers": " ".join(map(str, combo.locations)) or "-",
+        "budget": combo.budget if combo.budget is not None else "all",
+        "keep": " ".join(map(str, combo.keep)) or "-",
+        "positions": "-" if combo.is_vanilla else combo.positions,
+        "avg_tokens": "" if combo.error else round(combo.reported_avg, 2),
+        "computed_avg_tokens": "" if combo.error else round(combo.computed_avg, 2),
+    }
+
+
 def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]:
     vanilla = results.get("vanilla", {})
     rows = []
     for combo in combos:
         r = results[combo.name]
         ok = r["status"] == "ok"
-        row = {
-            "scorer": combo.scorer_label, "schedule": combo.schedule,
-            "layers": " ".join(map(str, combo.locations)) or "-",
-            "budget": combo.budget if combo.budget is not None else "all",
-            "keep": " ".join(map(str, combo.keep)) or "-",
-            "positions": "-" if combo.is_vanilla else combo.positions,
-            "avg_tokens": "" if combo.error else round(combo.reported_avg, 2),
-            "computed_avg_tokens": "" if combo.error else round(combo.computed_avg, 2),
-            "status": r["status"], "error": r.get("error", ""),
-        }
+        row = {**combination_columns(combo), "status": r["status"], "error": r.get("error", "")}
         for column in ("accuracy", "prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms",
                        "peak_memory_mb", "gflops"):
             row[column] = round(r[column], 4) if ok else ""
@@ -418,12 +423,17 @@ def resume_line(stale: dict[str, str | None]) -> str:
 
 
 def write_summary(out: Path, rows: list[dict]) -> None:
+    shown = [c for c in SUMMARY_COLUMNS if c not in ("prefill_p90_ms", "peak_memory_mb")]
+    write_tables(out, rows, SUMMARY_COLUMNS, shown)
+
+
+def write_tables(out: Path, rows: list[dict], columns: list[str], shown: list[str]) -> None:
+    """``summary.csv`` with ``columns`` and ``summary.md`` with the ``shown`` ones."""
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "summary.csv", table.getvalue())
-    shown = [c for c in SUMMARY_COLUMNS if c not in ("prefill_p90_ms", "peak_memory_mb")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(row[c]) for c in shown) + " |" for row in rows]
     write_atomic(out / "summary.md", "\n".join(lines) + "\n")
@@ -454,15 +464,7 @@ def summarise_benchmarks(combos: list[Combination], results: dict[str, dict[str,
     only when it ran on every benchmark, its ``avg_ratio`` only then; failures name their benchmark."""
     rows = []
     for combo in combos:
-        row: dict[str, Any] = {
-            "scorer": combo.scorer_label, "schedule": combo.schedule,
-            "layers": " ".join(map(str, combo.locations)) or "-",
-            "budget": combo.budget if combo.budget is not None else "all",
-            "keep": " ".join(map(str, combo.keep)) or "-",
-            "positions": "-" if combo.is_vanilla else combo.positions,
-            "avg_tokens": "" if combo.error else round(combo.reported_avg, 2),
-            "computed_avg_tokens": "" if combo.error else round(combo.computed_avg, 2),
-        }
+        row = combination_columns(combo)
         ratios, flops, prefill, errors = [], [], [], []
         for task in tasks:
             r, base = results[task.name][combo.name], results[task.name].get("vanilla", {})
@@ -495,16 +497,8 @@ def summarise_benchmarks(combos: list[Combination], results: dict[str, dict[str,
 
 def write_benchmark_summary(out: Path, rows: list[dict], columns: list[str]) -> None:
     """``summary.csv`` (every column) and ``summary.md`` in the Table-1 layout."""
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(out / "summary.csv", table.getvalue())
-    shown = [c for c in columns if c not in ("layers", "keep", "positions", "computed_avg_tokens")
-             and not c.endswith(tuple(f"_{m}" for m in PER_BENCHMARK_MEASURES))]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(str(row[c]) for c in shown) + " |" for row in rows]
-    write_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    write_tables(out, rows, columns, [c for c in columns if c not in ("layers", "keep", "positions",
+                 "computed_avg_tokens") and not c.endswith(tuple(f"_{m}" for m in PER_BENCHMARK_MEASURES))])
 
 
 def chance_accuracy(dataset: Any, samples: list) -> float | None:

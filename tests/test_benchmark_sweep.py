@@ -11,31 +11,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_run import MICRO
 
 from research.config import load_config
 from research.data.fixtures import WRITERS
 from research.run import main, open_tasks, run, summarise_benchmarks
-from research.shapes_model.modeling import build_clip, build_llava
-from research.shapes_model.vocab import build_processor
 from research.sweep import Combination
 
 FAST = ["eval.batch_size=2", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1",
         "eval.max_new_tokens=2"]
-
-
-@pytest.fixture(scope="module")
-def micro_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("micro_llava")
-    clip = build_clip(MICRO)
-    build_llava(MICRO, clip).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    clip.save_pretrained(path / "clip")
-    build_processor().tokenizer.save_pretrained(path / "clip")
-    return path
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """``python -m research.run``: sweep, resume, failures, TensorBoard output and one-line errors.
 
-A micro LLaVA with the shapes tokenizer and processor (random weights) is saved to disk once; the
-runs use a handful of samples so each takes seconds.
+A micro LLaVA with the shapes tokenizer and processor (random weights; ``micro_model`` in conftest.py) is saved
+to disk once; the runs use a handful of samples so each takes seconds.
 """
 
 from __future__ import annotations
@@ -20,27 +20,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from research.config import ConfigError, load_config
 from research.run import TIMING_COLUMNS, main, run
-from research.shapes_model.modeling import ShapesModelConfig, build_clip, build_llava
-from research.shapes_model.vocab import build_processor
 from research.sweep import plan_sweep
 
-MICRO = ShapesModelConfig(
-    vision_hidden=32, vision_layers=1, text_encoder_hidden=32, text_encoder_layers=1, projection_dim=16,
-    llm_hidden=32, llm_layers=4, llm_heads=2, llm_intermediate=64,
-)
 FAST = ["data.limit=6", "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1"]
-
-
-@pytest.fixture(scope="module")
-def micro_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("micro_llava")
-    clip = build_clip(MICRO)
-    build_llava(MICRO, clip).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    clip.save_pretrained(path / "clip")
-    build_processor().tokenizer.save_pretrained(path / "clip")
-    return path
 
 
 @pytest.fixture
