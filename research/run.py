@@ -58,26 +58,33 @@ SUMMARY_COLUMNS = [
 TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb"}
 
 
-def fingerprint(cfg: RunConfig, combo: Combination, weights: str, task: Task) -> dict[str, str]:
+def fingerprint(cfg: RunConfig, combo: Combination, weights: str, task: Task | None = None) -> dict[str, str]:
     """Everything a finished combination's result depends on, by part (a re-run names the parts that changed).
 
-    ``config``: model, data, eval, seed, positions, counting; ``weights``: the checkpoint
-    (:func:`research.storage.weights_digest`); ``dataset``, ``scorer``, ``schedule``: the source files
-    of the classes that ran; ``scorer settings``: its parameters with the defaults filled in (a default
+    ``config``: model, data (of ``task``, the dataset it ran on), eval, seed, positions, counting;
+    ``weights``: the checkpoint (:func:`research.storage.weights_digest`); ``dataset``, ``scorer``,
+    ``schedule``: the source files of the classes that ran; ``scorer settings``: its parameters with the defaults filled in (a default
     changed in the code, e.g. pdrop's attention, re-runs the combination).
     """
     from research.data import DATASETS
+    from research.data.benchmark import DEFAULT_MAX_NEW_TOKENS
     from schedules import SCHEDULES
     from scorers import SCORERS
 
-    keys = {"model": cfg.model, "data": task.data_key, "eval": {**dataclasses.asdict(cfg.eval),
-            "max_new_tokens": task.max_new_tokens}, "seed": cfg.seed, "positions": cfg.positions,
-            "counting": cfg.counting}
+    if task is None:  # the first dataset, not opened: its settings as configured (shapes: split test)
+        name = dataset_names(cfg)[0]
+        data = {"name": name, "split": cfg.data.split or "test", "limit": cfg.data.limit,
+                "calibration_split": cfg.data.calibration_split}
+        tokens = cfg.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    else:
+        name, data, tokens = task.name, task.data_key, task.max_new_tokens
+    keys = {"model": cfg.model, "data": data, "eval": {**dataclasses.asdict(cfg.eval), "max_new_tokens": tokens},
+            "seed": cfg.seed, "positions": cfg.positions, "counting": cfg.counting}
     config = json.dumps(OmegaConf.to_container(OmegaConf.structured(keys)), sort_keys=True)
     return {
         "config": hashlib.sha256(config.encode()).hexdigest()[:16],
         "weights": weights,
-        "dataset": source_digest(DATASETS.get(task.name)),
+        "dataset": source_digest(DATASETS.get(name)),
         "scorer": "-" if combo.is_vanilla else source_digest(SCORERS.get(combo.scorer)),
         "scorer settings": hashlib.sha256(json.dumps(scorer_settings(combo)).encode()).hexdigest()[:16],
         "schedule": source_digest(SCHEDULES.get(combo.schedule_name)) if combo.schedule_name in SCHEDULES else "-",
