@@ -63,8 +63,8 @@ def fingerprint(cfg: RunConfig, combo: Combination, weights: str, task: Task | N
 
     ``config``: model, data (of ``task``, the dataset it ran on), eval, seed, positions, counting;
     ``weights``: the checkpoint (:func:`research.storage.weights_digest`); ``dataset``, ``scorer``,
-    ``schedule``: the source files of the classes that ran; ``scorer settings``: its parameters with the defaults filled in (a default
-    changed in the code, e.g. pdrop's attention, re-runs the combination).
+    ``schedule``: the source files of the classes that ran; ``scorer settings``: its parameters with the
+    defaults filled in (a default changed in the code, e.g. pdrop's attention, re-runs the combination).
     """
     from research.data import DATASETS
     from research.data.benchmark import DEFAULT_MAX_NEW_TOKENS
