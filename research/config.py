@@ -38,16 +38,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"
-    split: str = "test"
+    # a registered dataset, or a list of them: every combination runs on each (summary in the Table-1 layout)
+    name: Any = "shapes"
+    split: str | None = None  # None: each dataset's own evaluated split (shapes: test; textvqa: validation; ...)
     limit: int | None = None  # first N samples of the split (None: all)
     calibration_split: str | None = None  # where changepoint calibrates (None: val, or train when val is evaluated)
+    root: str | None = None  # folder holding the lmms-lab snapshots (MME/, GQA/, MMBench/, ScienceQA/, textvqa/, ...)
+    paths: dict[str, str] = field(default_factory=dict)  # a snapshot folder (or file) per benchmark, overriding root
+    options: dict[str, Any] = field(default_factory=dict)  # per benchmark: {post_prompt: ..., metric: ...}
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 100
-    max_new_tokens: int = 3  # greedy answer length (shapes answers are one word and </s>)
+    max_new_tokens: int | None = None  # greedy answer length; None: the dataset's own (lmms-eval's; shapes 3)
     latency_samples: int = 12  # batch-1 prefills timed per combination, after warm-up
     decode_tokens: int = 8  # tokens generated to time decoding
     overlays: int = 3  # fixed images whose kept tokens are drawn per combination
@@ -211,9 +215,14 @@ def validate(cfg: RunConfig) -> None:
         _check_protocol(name, protocol, SCORERS.get(name).pre_llm, SCHEDULES, POSITION_MODES)
     for spec in cfg.schedules:
         _check_entry(SCHEDULES, spec)
-    for registry, name in ((MODELS, cfg.model.name), (DATASETS, cfg.data.name)):
+    for registry, name in [(MODELS, cfg.model.name)] + [(DATASETS, name) for name in dataset_names(cfg)]:
         if name not in registry:
             raise ConfigError(registry.unknown_message(name))
+    if cfg.analysis is not None and len(dataset_names(cfg)) > 1:
+        raise ConfigError(f"analysis {cfg.analysis!r} runs on one dataset; got data.name={dataset_names(cfg)}")
+    unknown = sorted(set(cfg.data.paths) - set(dataset_names(cfg)))
+    if unknown:
+        raise ConfigError(f"data.paths names {unknown}, not among data.name {dataset_names(cfg)}")
     from research.analysis.collect import ANALYSES
 
     if cfg.analysis is not None and cfg.analysis not in ANALYSES:
@@ -230,6 +239,17 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value} out of range; valid: an integer >= {lowest}"
                               + (" (or null for the whole split)" if key == "data.limit" else ""))
     check_writable(Path(cfg.output_dir))
+
+
+def dataset_names(cfg: RunConfig) -> list[str]:
+    """``data.name`` as a list (one name, or the benchmarks of a multi-benchmark sweep)."""
+    names = cfg.data.name
+    if isinstance(names, str):
+        return [names]
+    names = list(names)
+    if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"data.name must be a dataset name or a non-empty list of distinct names, got {names}")
+    return names
 
 
 DEFAULT_EXAMPLES = {"budgets": "[64]", "scorers": "[text_prior]", "schedules": "[{name: layers, layers: [1, 10, 20]}]"}

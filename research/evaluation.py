@@ -10,7 +10,7 @@ import logging
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ProgressBar, RichProgressBar, TQDMProgressBar
 
+from research.data.benchmark import Scoring, cut_at_stop
 from research.pruning import PruningEngine
 from research.report.figures import token_overlay
 from research.report.flops import flops_for_model
@@ -30,14 +31,15 @@ class SweepModule(L.LightningModule):
     """Answers batches of samples (greedy generation) with the engine set up for one combination."""
 
     def __init__(
-        self, adapter: Any, processor: Any, combo: Combination, positions: str, max_new_tokens: int, num_vision: int
+        self, adapter: Any, processor: Any, combo: Combination, positions: str, max_new_tokens: int, num_vision: int,
+        until: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.adapter, self.processor, self.combo, self.num_vision = adapter, processor, combo, num_vision
         self.model = adapter.model
         self.plan = None if combo.is_vanilla else combo.plan(positions)
         self.scorer = None if combo.is_vanilla else combo.make_scorer()
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.until = max_new_tokens, tuple(until)  # until: stop strings that cut an answer
         self.rows: list[dict] = []
         self.skipped: list[str] = []  # ids of samples whose image could not be decoded
         self.metrics: dict[str, Any] = {}
@@ -64,7 +66,8 @@ class SweepModule(L.LightningModule):
         rows = [
             {
                 "id": s.id, "qtype": getattr(s, "qtype", None), "question": s.question, "answer": s.answer,
-                "prediction": a.strip(), "tokens_per_layer": kept,
+                "prediction": cut_at_stop(a, self.until), "tokens_per_layer": kept,
+                **({"target": s.target} if getattr(s, "target", None) is not None else {}),
             }
             for s, a in zip(batch, answers)
         ]
@@ -101,17 +104,28 @@ class UndecodableImage(ValueError):
 
 
 def sample_image(sample: Any) -> Any:
-    """The sample's image as a PIL image, from an array, a PIL image, encoded bytes or a file path."""
+    """The sample's image as a PIL image, from an array, a PIL image, encoded bytes, a file path or a lazy
+    reference (an object with ``load()`` returning one of those, e.g. a row of a parquet snapshot)."""
     from PIL import Image
 
     image = sample.image
     if isinstance(image, Image.Image):
         return image
+    if callable(getattr(image, "load", None)):
+        reference, image = image, image.load()
+        if isinstance(image, bytes):
+            return _decode(sample, io.BytesIO(image), f"{len(image)} encoded bytes at {reference}")
     if not isinstance(image, (str, Path, bytes)):
         return Image.fromarray(np.asarray(image))
     source = f"file {image}" if isinstance(image, (str, Path)) else f"{len(image)} encoded bytes"
+    return _decode(sample, io.BytesIO(image) if isinstance(image, bytes) else image, source)
+
+
+def _decode(sample: Any, file: Any, source: str) -> Any:
+    from PIL import Image
+
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+        with Image.open(file) as opened:
             opened.load()  # decode now: a truncated file fails here, not inside the processor
             return opened.convert("RGB")
     except (OSError, ValueError, SyntaxError) as error:
@@ -133,16 +147,19 @@ def decodable(samples: Sequence[Any], skipped: list[str]) -> tuple[list[Any], li
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Per-sample predictions as JSONL: id, question, answer, prediction, correct, kept-token counts."""
+    """Per-sample predictions as JSONL: id, question, answer, prediction, correct, kept-token counts (and, for a
+    benchmark with targets, the target and the sample's ``score``, e.g. its VQA accuracy)."""
 
-    def __init__(self, path: Path, metric: Callable[[list[str], list[str]], float]) -> None:
+    def __init__(self, path: Path, scoring: Scoring) -> None:
         super().__init__(write_interval="batch")
-        self.path, self.metric = path, metric
+        self.path, self.scoring = path, scoring
         self._write("w", [])
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        lines = [json.dumps({**row, "correct": self.metric([row["prediction"]], [row["answer"]]) == 1.0})
-                 for row in prediction]
+        lines = []
+        for row in prediction:
+            score = self.scoring.sample_score(row)
+            lines.append(json.dumps({**row, "correct": score == 1.0, **({"score": score} if "target" in row else {})}))
         self._write("a", lines)
 
     def _write(self, mode: str, lines: list[str]) -> None:
@@ -254,10 +271,10 @@ def log_hparams(logger: Any, combo: Combination, num_vision: int, metrics: dict[
 class TensorBoardReport(Callback):
     """After the predict loop: accuracy, latency, FLOPs, tokens, hparams and overlay images to TensorBoard."""
 
-    def __init__(self, metric, vanilla_accuracy: float | None, latency_samples, overlay_samples, decode_tokens,
-                 vanilla_flops: float | None = None):
+    def __init__(self, scoring: Scoring, vanilla_accuracy: float | None, latency_samples, overlay_samples,
+                 decode_tokens, vanilla_flops: float | None = None):
         super().__init__()
-        self.metric, self.vanilla_accuracy, self.vanilla_flops = metric, vanilla_accuracy, vanilla_flops
+        self.scoring, self.vanilla_accuracy, self.vanilla_flops = scoring, vanilla_accuracy, vanilla_flops
         self.latency_samples, self.overlay_samples, self.decode_tokens = latency_samples, overlay_samples, decode_tokens
 
     def on_predict_end(self, trainer: L.Trainer, module: SweepModule) -> None:
@@ -266,11 +283,12 @@ class TensorBoardReport(Callback):
             return  # nothing evaluated (every image undecodable): the combination fails, no metrics
         latency_samples = decodable(self.latency_samples, [])[0]  # a sample whose image fails is skipped there too
         overlay_samples = decodable(self.overlay_samples, [])[0]
-        accuracy = self.metric([r["prediction"] for r in rows], [r["answer"] for r in rows])
-        by_type: dict[str, float] = {}
+        scores = self.scoring.score(rows)
+        accuracy = scores[self.scoring.headline]  # the dataset's headline metric (shapes: accuracy)
+        by_type: dict[str, float] = {}  # mean per-sample score by question type / category
         for qtype in sorted({r["qtype"] for r in rows if r["qtype"]}):
-            subset = [r for r in rows if r["qtype"] == qtype]
-            by_type[qtype] = self.metric([r["prediction"] for r in subset], [r["answer"] for r in subset])
+            subset = [self.scoring.sample_score(r) for r in rows if r["qtype"] == qtype]
+            by_type[qtype] = sum(subset) / len(subset)
         num_vision = module.num_vision
         tokens_per_layer = (
             [num_vision] * module.adapter.num_layers if combo.is_vanilla
@@ -288,6 +306,7 @@ class TensorBoardReport(Callback):
             "computed_avg_tokens": combo.computed_avg,
             "skipped_images": len(module.skipped),
         }
+        metrics.update({name: value for name, value in scores.items() if name not in metrics})  # benchmark metrics
         module.metrics = {**metrics, "accuracy_by_type": by_type, "tokens_per_layer": tokens_per_layer,
                           "flops": flops.total_prefill, "decode_flops_per_token": flops.decode_per_token}
         writer = trainer.logger.experiment

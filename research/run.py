@@ -28,7 +28,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from research.config import ConfigError, RunConfig, load_config, model_directory, model_family, model_shape, slug
+from research.config import (
+    ConfigError,
+    RunConfig,
+    dataset_names,
+    load_config,
+    model_directory,
+    model_family,
+    model_shape,
+    slug,
+)
 from research.storage import (
     OutputLock,
     StopSweep,
@@ -49,25 +58,33 @@ SUMMARY_COLUMNS = [
 TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb"}
 
 
-def fingerprint(cfg: RunConfig, combo: Combination, weights: str) -> dict[str, str]:
+def fingerprint(cfg: RunConfig, combo: Combination, weights: str, task: Task | None = None) -> dict[str, str]:
     """Everything a finished combination's result depends on, by part (a re-run names the parts that changed).
 
-    ``config``: model, data, eval, seed, positions, counting; ``weights``: the checkpoint
-    (:func:`research.storage.weights_digest`); ``dataset``, ``scorer``, ``schedule``: the source files
-    of the classes that ran; ``scorer settings``: its parameters with the defaults filled in (a default
-    changed in the code, e.g. pdrop's attention, re-runs the combination).
+    ``config``: model, data (of ``task``, the dataset it ran on), eval, seed, positions, counting;
+    ``weights``: the checkpoint (:func:`research.storage.weights_digest`); ``dataset``, ``scorer``,
+    ``schedule``: the source files of the classes that ran; ``scorer settings``: its parameters with the
+    defaults filled in (a default changed in the code, e.g. pdrop's attention, re-runs the combination).
     """
     from research.data import DATASETS
+    from research.data.benchmark import DEFAULT_MAX_NEW_TOKENS
     from schedules import SCHEDULES
     from scorers import SCORERS
 
-    keys = {"model": cfg.model, "data": cfg.data, "eval": cfg.eval, "seed": cfg.seed, "positions": cfg.positions,
-            "counting": cfg.counting}
+    if task is None:  # the first dataset, not opened: its settings as configured (shapes: split test)
+        name = dataset_names(cfg)[0]
+        data = {"name": name, "split": cfg.data.split or "test", "limit": cfg.data.limit,
+                "calibration_split": cfg.data.calibration_split}
+        tokens = cfg.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    else:
+        name, data, tokens = task.name, task.data_key, task.max_new_tokens
+    keys = {"model": cfg.model, "data": data, "eval": {**dataclasses.asdict(cfg.eval), "max_new_tokens": tokens},
+            "seed": cfg.seed, "positions": cfg.positions, "counting": cfg.counting}
     config = json.dumps(OmegaConf.to_container(OmegaConf.structured(keys)), sort_keys=True)
     return {
         "config": hashlib.sha256(config.encode()).hexdigest()[:16],
         "weights": weights,
-        "dataset": source_digest(DATASETS.get(cfg.data.name)),
+        "dataset": source_digest(DATASETS.get(name)),
         "scorer": "-" if combo.is_vanilla else source_digest(SCORERS.get(combo.scorer)),
         "scorer settings": hashlib.sha256(json.dumps(scorer_settings(combo)).encode()).hexdigest()[:16],
         "schedule": source_digest(SCHEDULES.get(combo.schedule_name)) if combo.schedule_name in SCHEDULES else "-",
@@ -99,35 +116,84 @@ def scorer_settings(combo: Combination) -> dict:
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 
-def run(cfg: RunConfig) -> list[dict]:
-    """Run (or resume) every combination; return the summary rows (vanilla first)."""
+@dataclasses.dataclass
+class Task:
+    """One dataset of the sweep: its samples, scoring, generation settings and where its files go."""
+
+    name: str
+    dataset: Any
+    samples: list
+    scoring: Any  # research.data.benchmark.Scoring
+    max_new_tokens: int
+    until: tuple[str, ...]
+    subdir: str  # "" for a sweep over one dataset given by name; else the dataset's name (results/<subdir>/...)
+    data_key: dict  # the data settings its results depend on (part of the fingerprint)
+
+
+def open_dataset(cfg: RunConfig, name: str, split: str | None, size: int | None) -> Any:
+    """Dataset ``name`` at ``split`` (None: its own), first ``size`` samples; a benchmark read from a snapshot
+    gets ``data.paths.<name>`` / ``data.root`` and ``data.options.<name>``. Bad data is one ConfigError line."""
     from research.data import DATASETS
-    from research.data.shapes import accuracy
+    from research.data.benchmark import SnapshotBenchmark
+
+    factory = DATASETS.get(name)
+    options = dict(cfg.data.options.get(name) or {})
+    try:
+        if isinstance(factory, type) and issubclass(factory, SnapshotBenchmark):
+            return factory(path=cfg.data.paths.get(name), root=cfg.data.root, split=split, size=size, **options)
+        return factory(split=split or "test", size=size, **options)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"data {name!r}: {str(error).splitlines()[0]}") from None
+
+
+def open_tasks(cfg: RunConfig) -> list[Task]:
+    """Every dataset of ``data.name``, opened and checked (text fields read, no image decoded)."""
+    from research.config import dataset_names
+    from research.data.benchmark import DEFAULT_MAX_NEW_TOKENS, scoring_of
+
+    names = dataset_names(cfg)
+    several = not isinstance(cfg.data.name, str)
+    tasks = []
+    for name in names:
+        dataset = open_dataset(cfg, name, cfg.data.split, cfg.data.limit)
+        samples = list(dataset)
+        if not samples:
+            raise ConfigError(f"dataset {name!r} split {getattr(dataset, 'split', cfg.data.split)!r} has no samples "
+                              f"to evaluate (data.limit={cfg.data.limit})")
+        key: dict[str, Any] = {"name": name, "split": getattr(dataset, "split", cfg.data.split or "test"),
+                               "limit": cfg.data.limit, "calibration_split": cfg.data.calibration_split}
+        if hasattr(dataset, "directory"):
+            key["path"] = str(Path(dataset.directory).resolve())
+        if cfg.data.options.get(name):
+            key["options"] = dict(cfg.data.options[name])
+        tokens = cfg.eval.max_new_tokens or getattr(dataset, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        tasks.append(Task(name, dataset, samples, scoring_of(dataset), tokens, tuple(getattr(dataset, "until", ())),
+                          name if several else "", key))
+    if needs_calibration(cfg):
+        open_dataset(cfg, names[0], calibration_split(cfg), 1)  # a bad calibration split fails before the model
+    return tasks
+
+
+def run(cfg: RunConfig) -> list[dict]:
+    """Run (or resume) every combination on every dataset; return the summary rows (vanilla first)."""
     directory = model_directory(cfg)
     adapter_class = model_family(cfg, directory)
     num_layers, num_vision = model_shape(directory, adapter_class)
     out = Path(cfg.output_dir) / cfg.experiment
     histograms = cached_histograms(cfg, directory)
     plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
-    try:
-        dataset = DATASETS.get(cfg.data.name)(split=cfg.data.split, size=cfg.data.limit)
-    except (ValueError, KeyError) as error:
-        raise ConfigError(f"data {cfg.data.name!r}: {str(error).splitlines()[0]}") from None
-    samples = list(dataset)
-    if not samples:
-        raise ConfigError(f"dataset {cfg.data.name!r} split {cfg.data.split!r} has no samples to evaluate "
-                          f"(data.limit={cfg.data.limit})")
-    metric = getattr(dataset, "metric", accuracy)
+    tasks = open_tasks(cfg)
     with OutputLock(out):
-        rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, samples, metric, adapter_class)
-        if cfg.analysis is None:
-            _log_summary_figures(out, rows, len(samples), chance_accuracy(dataset, samples))
+        rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, tasks, adapter_class)
+        if cfg.analysis is None and not tasks[0].subdir:
+            task = tasks[0]
+            _log_summary_figures(out, rows, len(task.samples), chance_accuracy(task.dataset, task.samples))
         return rows
 
 
 def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_vision: int,
-           histograms: dict[int, list[int]], samples: list, metric: Any, adapter_class: Any) -> list[dict]:
-    """The sweep proper, inside the output directory's lock."""
+           histograms: dict[int, list[int]], tasks: list[Task], adapter_class: Any) -> list[dict]:
+    """The sweep proper, inside the output directory's lock: combinations in order, each on every dataset."""
     write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     weights = weights_digest(directory)
 
@@ -140,7 +206,7 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
     if cfg.analysis is not None:
         from research.analysis.collect import run_analysis
 
-        result = run_analysis(cfg.analysis, adapter, processor, samples, out, cfg.eval.batch_size)
+        result = run_analysis(cfg.analysis, adapter, processor, tasks[0].samples, out, cfg.eval.batch_size)
         if "changepoint_layers" in result:
             print(f"changepoint schedule derived from {result['samples']} samples: layers "
                   f"{result['changepoint_layers']} (histogram {result['histogram']})")
@@ -148,36 +214,44 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
     histograms.update(calibrate(cfg, directory, adapter, processor, histograms, out))
     combos = plan_sweep(cfg, num_layers, num_vision, histograms)
 
-    keys = {combo.name: fingerprint(cfg, combo, weights) for combo in combos}
-    previous = {combo.name: read_json(out / "results" / f"{combo.name}.json", "result") for combo in combos}
-    stale = {c.name: stale_reason(previous[c.name], keys[c.name]) for c in combos if not c.error}
+    keys = {(t.name, c.name): fingerprint(cfg, c, weights, t) for t in tasks for c in combos}
+    files = {(t.name, c.name): out / "results" / t.subdir / f"{c.name}.json" for t in tasks for c in combos}
+    previous = {pair: read_json(path, "result") for pair, path in files.items()}
+    stale = {f"{c.name}{f' on {t.name}' if t.subdir else ''}": stale_reason(previous[t.name, c.name],
+             keys[t.name, c.name]) for c in combos for t in tasks if not c.error}
     print(resume_line(stale))
 
-    results: dict[str, dict] = {}
-    vanilla_accuracy = vanilla_flops = None
+    results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
+    vanilla: dict[str, tuple[float | None, float | None]] = {t.name: (None, None) for t in tasks}
     try:
         for index, combo in enumerate(combos, 1):
-            key = keys[combo.name]
-            if combo.error:
-                logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
-                log_failure(out, combo, num_vision, combo.error)
-                results[combo.name] = {"combination": combo.__dict__, "fingerprint": key, "status": "failed",
-                                       "error": combo.error}
-            elif stale[combo.name] is None:
-                results[combo.name] = previous[combo.name]
-            else:
-                results[combo.name] = _run_combination(
-                    cfg, combo, adapter, processor, samples, metric, (vanilla_accuracy, vanilla_flops), num_vision,
-                    out, key, f"[{index}/{len(combos)}] {combination_title(combo)}",
-                )
-                write_json(out / "results" / f"{combo.name}.json", results[combo.name])
-            if combo.is_vanilla and results[combo.name]["status"] == "ok":
-                vanilla_accuracy, vanilla_flops = results[combo.name]["accuracy"], results[combo.name]["flops"]
+            for task in tasks:
+                pair = (task.name, combo.name)
+                if combo.error:
+                    logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
+                    log_failure(out, combo, num_vision, combo.error, task.subdir)
+                    result = {"combination": combo.__dict__, "fingerprint": keys[pair], "status": "failed",
+                              "error": combo.error}
+                elif stale[f"{combo.name}{f' on {task.name}' if task.subdir else ''}"] is None:
+                    result = previous[pair]
+                else:
+                    title = combination_title(combo) + (f" on {task.name}" if task.subdir else "")
+                    result = _run_combination(cfg, combo, adapter, processor, task, vanilla[task.name], num_vision,
+                                              out, keys[pair], f"[{index}/{len(combos)}] {title}")
+                    write_json(files[pair], result)
+                results[task.name][combo.name] = result
+                if combo.is_vanilla and result["status"] == "ok":
+                    vanilla[task.name] = (result["accuracy"], result["flops"])
     except StopSweep as error:
-        kept = sum(r["status"] == "ok" for name, r in results.items() if name != combo.name)  # combo: unwritten
+        kept = sum(r["status"] == "ok" for t in tasks for name, r in results[t.name].items()
+                   if (t.name, name) != pair)  # pair: unwritten
         raise StopSweep(f"{error}; kept {kept} finished combination(s) in {out / 'results'}") from error
 
-    rows = summarise(combos, results)
+    if tasks[0].subdir:
+        rows = summarise_benchmarks(combos, results, tasks)
+        write_benchmark_summary(out, rows, benchmark_columns(tasks))
+        return rows
+    rows = summarise(combos, results[tasks[0].name])
     write_summary(out, rows)
     return rows
 
@@ -188,8 +262,8 @@ def cached_histograms(cfg: RunConfig, directory: Path) -> dict[int, list[int]]:
 
     found = {}
     for index, samples in needs_calibration(cfg):
-        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, cfg.data.name, calibration_split(cfg),
-                                samples)
+        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, dataset_names(cfg)[0],
+                                calibration_split(cfg), samples)
         cached = read_json(path, "calibration cache")
         if cached is not None and isinstance(cached.get("histogram"), list):
             found[index] = cached["histogram"]
@@ -202,18 +276,17 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
     from torch.utils.tensorboard import SummaryWriter
 
     from research.analysis.collect import attention_shift_histogram, log_shift_histogram, shift_cache_file
-    from research.data import DATASETS
     from schedules.changepoint import changepoint_layers
 
     derived = {}
     split = calibration_split(cfg)
     for index, samples in needs_calibration(cfg):
-        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, cfg.data.name, split, samples)
+        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, dataset_names(cfg)[0], split, samples)
         if index in known:
             histogram = known[index]
             print(f"changepoint schedule: reusing the calibration cached in {path}")
         else:
-            calibration = list(DATASETS.get(cfg.data.name)(split=split, size=samples))
+            calibration = list(open_dataset(cfg, dataset_names(cfg)[0], split, samples))
             histogram = attention_shift_histogram(adapter, processor, calibration, cfg.eval.batch_size).tolist()
             write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
                               "data": [cfg.data.name, split]})
@@ -227,15 +300,15 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
 
 
 def _run_combination(
-    cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
+    cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, task: Task,
     vanilla: tuple[float | None, float | None], num_vision: int, out: Path, key: dict[str, str], label: str = "",
 ) -> dict:
     """One combination in its own Lightning predict loop; any error is recorded, not raised (except a
     failed write, which stops the sweep). Its predictions replace the old file only once it finished."""
     record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
     try:
-        with partial_file(out / "predictions" / f"{combo.name}.jsonl") as predictions:
-            metrics = _predict(cfg, combo, adapter, processor, samples, metric, vanilla, num_vision, out,
+        with partial_file(out / "predictions" / task.subdir / f"{combo.name}.jsonl") as predictions:
+            metrics = _predict(cfg, combo, adapter, processor, task, vanilla, num_vision, out,
                                predictions, label or combination_title(combo))
         return {**record, **metrics, "status": "ok", "error": ""}
     except StopSweep:
@@ -243,23 +316,24 @@ def _run_combination(
     except Exception as error:  # one combination failing must not stop the sweep
         logging.getLogger(__name__).error("combination %s failed:\n%s", combo.name, traceback.format_exc())
         message = f"{type(error).__name__}: {error}".splitlines()[0]
-        log_failure(out, combo, num_vision, message)
+        log_failure(out, combo, num_vision, message, task.subdir)
         return {**record, "status": "failed", "error": message}
 
 
-def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
+def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, task: Task,
              vanilla: tuple[float | None, float | None], num_vision: int, out: Path, predictions: Path,
              label: str) -> dict:
     """The Lightning predict loop of one combination, writing ``predictions``; returns its metrics."""
     from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport, labelled_progress_bar
 
-    module = SweepModule(adapter, processor, combo, combo.positions, cfg.eval.max_new_tokens, num_vision)
+    samples = task.samples
+    module = SweepModule(adapter, processor, combo, combo.positions, task.max_new_tokens, num_vision, task.until)
     report = TensorBoardReport(
-        metric, vanilla[0], samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
+        task.scoring, vanilla[0], samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
         cfg.eval.decode_tokens, vanilla_flops=vanilla[1],
     )
-    writer = JsonlPredictionWriter(predictions, metric)
-    logger = run_logger(out, combo)
+    writer = JsonlPredictionWriter(predictions, task.scoring)
+    logger = run_logger(out, combo, task.subdir)
     trainer = L.Trainer(
         accelerator="auto", devices=1, logger=logger, callbacks=[writer, report, labelled_progress_bar(label)],
         enable_checkpointing=False, enable_model_summary=False,
@@ -292,23 +366,39 @@ def run_name(combo: Combination) -> str:
     return "/".join([slug(combo.scorer_label), slug(combo.schedule), slug(budget)])
 
 
-def run_logger(out: Path, combo: Combination) -> TensorBoardLogger:
-    """The TensorBoard logger of one combination: its run directory ``<out>/tensorboard/<run_name(combo)>``."""
-    return TensorBoardLogger(save_dir=out, name="tensorboard", version=run_name(combo), default_hp_metric=False)
+def run_logger(out: Path, combo: Combination, subdir: str = "") -> TensorBoardLogger:
+    """The TensorBoard logger of one combination: its run directory ``<out>/tensorboard/<run_name(combo)>``
+    (``<out>/tensorboard/<benchmark>/<run_name(combo)>`` in a sweep over several benchmarks)."""
+    version = f"{subdir}/{run_name(combo)}" if subdir else run_name(combo)
+    return TensorBoardLogger(save_dir=out, name="tensorboard", version=version, default_hp_metric=False)
 
 
-def log_failure(out: Path, combo: Combination, num_vision: int, error: str) -> None:
+def log_failure(out: Path, combo: Combination, num_vision: int, error: str, subdir: str = "") -> None:
     """A failed combination's trace in its TensorBoard run: the text ``status`` with the error, the scalar
     ``metrics/failed`` = 1 and its HParams entry (so the failure shows in the HParams table too)."""
     from research.evaluation import log_hparams
 
     try:
-        logger = run_logger(out, combo)
+        logger = run_logger(out, combo, subdir)
         logger.experiment.add_text("status", f"failed: {error}", 0)
         log_hparams(logger, combo, num_vision, {"failed": 1})
         logger.finalize("failed")
     except OSError as failure:  # the trace is a courtesy: the result file and summary still record the failure
         logging.getLogger(__name__).warning("cannot log the failure of %s to TensorBoard: %s", combo.name, failure)
+
+
+def combination_columns(combo: Combination) -> dict[str, Any]:
+    """The summary columns that describe a combination (scorer, schedule, layers, budget, keep, positions and
+    the reported and computed average tokens)."""
+    return {
+        "scorer": combo.scorer_label, "schedule": combo.schedule,
+        "layers": " ".join(map(str, combo.locations)) or "-",
+        "budget": combo.budget if combo.budget is not None else "all",
+        "keep": " ".join(map(str, combo.keep)) or "-",
+        "positions": "-" if combo.is_vanilla else combo.positions,
+        "avg_tokens": "" if combo.error else round(combo.reported_avg, 2),
+        "computed_avg_tokens": "" if combo.error else round(combo.computed_avg, 2),
+    }
 
 
 def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]:
@@ -317,16 +407,7 @@ def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]
     for combo in combos:
         r = results[combo.name]
         ok = r["status"] == "ok"
-        row = {
-            "scorer": combo.scorer_label, "schedule": combo.schedule,
-            "layers": " ".join(map(str, combo.locations)) or "-",
-            "budget": combo.budget if combo.budget is not None else "all",
-            "keep": " ".join(map(str, combo.keep)) or "-",
-            "positions": "-" if combo.is_vanilla else combo.positions,
-            "avg_tokens": "" if combo.error else round(combo.reported_avg, 2),
-            "computed_avg_tokens": "" if combo.error else round(combo.computed_avg, 2),
-            "status": r["status"], "error": r.get("error", ""),
-        }
+        row = {**combination_columns(combo), "status": r["status"], "error": r.get("error", "")}
         for column in ("accuracy", "prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms",
                        "peak_memory_mb", "gflops"):
             row[column] = round(r[column], 4) if ok else ""
@@ -349,15 +430,82 @@ def resume_line(stale: dict[str, str | None]) -> str:
 
 
 def write_summary(out: Path, rows: list[dict]) -> None:
+    shown = [c for c in SUMMARY_COLUMNS if c not in ("prefill_p90_ms", "peak_memory_mb")]
+    write_tables(out, rows, SUMMARY_COLUMNS, shown)
+
+
+def write_tables(out: Path, rows: list[dict], columns: list[str], shown: list[str]) -> None:
+    """``summary.csv`` with ``columns`` and ``summary.md`` with the ``shown`` ones."""
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "summary.csv", table.getvalue())
-    shown = [c for c in SUMMARY_COLUMNS if c not in ("prefill_p90_ms", "peak_memory_mb")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(row[c]) for c in shown) + " |" for row in rows]
     write_atomic(out / "summary.md", "\n".join(lines) + "\n")
+
+
+IDENTITY_COLUMNS = ["scorer", "schedule", "layers", "budget", "keep", "positions"]
+PER_BENCHMARK_MEASURES = ("prefill_ms", "gflops")  # summary.csv only (AdaptInfer Table 3's columns)
+
+
+def benchmark_columns(tasks: list[Task]) -> list[str]:
+    """The Table-1 layout (AdaptInfer Table 1): per benchmark its headline metric and its ratio to vanilla, then
+    the average accuracy ratio, FLOPs ratio and prefill time (means over the benchmarks), then per benchmark the
+    skipped images (and any count it reports, e.g. MMBench's unparsed answers)."""
+    columns = list(IDENTITY_COLUMNS)
+    for task in tasks:
+        columns += [task.name, f"{task.name}_ratio"]
+    columns += ["avg_ratio", "flops_ratio", "prefill_ms", "avg_tokens", "computed_avg_tokens"]
+    for task in tasks:
+        columns += [f"{task.name}_{extra}" for extra in getattr(task.dataset, "summary_counts", ())]
+        columns.append(f"{task.name}_skipped")
+    columns += [f"{task.name}_{measure}" for task in tasks for measure in PER_BENCHMARK_MEASURES]
+    return columns + ["status", "error"]
+
+
+def summarise_benchmarks(combos: list[Combination], results: dict[str, dict[str, dict]],
+                         tasks: list[Task]) -> list[dict]:
+    """One row per combination over every benchmark (see :func:`benchmark_columns`); a combination is ``ok``
+    only when it ran on every benchmark, its ``avg_ratio`` only then; failures name their benchmark."""
+    rows = []
+    for combo in combos:
+        row = combination_columns(combo)
+        ratios, flops, prefill, errors = [], [], [], []
+        for task in tasks:
+            r, base = results[task.name][combo.name], results[task.name].get("vanilla", {})
+            ok, both = r["status"] == "ok", r["status"] == "ok" and base.get("status") == "ok"
+            row[task.name] = round(r["accuracy"], 4) if ok else ""
+            ratio = r["accuracy"] / base["accuracy"] if both and base["accuracy"] else None
+            row[f"{task.name}_ratio"] = round(ratio, 4) if ratio is not None else ""
+            for extra in getattr(task.dataset, "summary_counts", ()):
+                row[f"{task.name}_{extra}"] = round(r[extra]) if ok and extra in r else ""
+            row[f"{task.name}_skipped"] = r.get("skipped_images", "") if ok else ""
+            for measure in PER_BENCHMARK_MEASURES:
+                row[f"{task.name}_{measure}"] = round(r[measure], 4) if ok else ""
+            if ratio is not None:
+                ratios.append(ratio)
+            if both:
+                flops.append(r["flops"] / base["flops"])
+            if ok:
+                prefill.append(r["prefill_ms"])
+            else:
+                errors.append(f"{task.name}: {r.get('error', '')}")
+        complete = len(ratios) == len(tasks)
+        row["avg_ratio"] = round(sum(ratios) / len(ratios), 4) if complete else ""
+        row["flops_ratio"] = round(sum(flops) / len(flops), 4) if len(flops) == len(tasks) else ""
+        row["prefill_ms"] = round(sum(prefill) / len(prefill), 4) if len(prefill) == len(tasks) else ""
+        row["status"] = "failed" if errors else "ok"
+        row["error"] = "; ".join(errors)
+        rows.append(row)
+    return rows
+
+
+def write_benchmark_summary(out: Path, rows: list[dict], columns: list[str]) -> None:
+    """``summary.csv`` (every column) and ``summary.md`` in the Table-1 layout."""
+    write_tables(out, rows, columns, [c for c in columns if c not in ("layers", "keep", "positions",
+                 "computed_avg_tokens") and not c.endswith(tuple(f"_{m}" for m in PER_BENCHMARK_MEASURES))])
 
 
 def chance_accuracy(dataset: Any, samples: list) -> float | None:
@@ -385,14 +533,25 @@ COMPACT_COLUMNS = {"scorer": "scorer", "schedule": "schedule", "budget": "budget
                    "accuracy_ratio": "ratio", "flops_ratio": "flops_ratio", "status": "status"}
 
 
+def compact_columns(rows: list[dict]) -> dict[str, str]:
+    """The compact table's columns: :data:`COMPACT_COLUMNS`, or for a Table-1 summary each benchmark's
+    headline and the average ratio."""
+    if not rows or "accuracy" in rows[0]:
+        return COMPACT_COLUMNS
+    benchmarks = [c[: -len("_ratio")] for c in rows[0] if c.endswith("_ratio") and c[: -len("_ratio")] in rows[0]]
+    return {"scorer": "scorer", "schedule": "schedule", "budget": "budget", **{b: b for b in benchmarks},
+            "avg_ratio": "avg_ratio", "status": "status"}
+
+
 def compact_table(rows: list[dict], width: int = 120) -> str:
     """The key columns of the summary as an aligned table no wider than ``width`` (long scorer and schedule
     labels are shortened with "~"), then one line per failed combination with its (shortened) error."""
     def cell(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    table = [[cell(row[c]) for c in COMPACT_COLUMNS] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(COMPACT_COLUMNS.values())]
+    columns = compact_columns(rows)
+    table = [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(columns.values())]
     excess = sum(widths) + 2 * (len(widths) - 1) - width
     while excess > 0 and max(widths[:2]) > 12:  # shorten the wider of scorer and schedule, a character at a time
         widths[int(widths[1] > widths[0])] -= 1
@@ -401,7 +560,7 @@ def compact_table(rows: list[dict], width: int = 120) -> str:
     def fit(text: str, size: int) -> str:
         return text if len(text) <= size else text[: size - 1] + "~"
 
-    lines = ["  ".join(fit(h, w).ljust(w) for h, w in zip(COMPACT_COLUMNS.values(), widths)).rstrip()]
+    lines = ["  ".join(fit(h, w).ljust(w) for h, w in zip(columns.values(), widths)).rstrip()]
     lines += ["  ".join(fit(v, w).ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
     for row in rows:
         if row["status"] != "ok":

@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from research.data import (
+from research.data import DATASETS
+from research.data.shapes import (
     ANSWERS,
     COLOUR_RGB,
     COLOURS,
-    DATASETS,
     NUM_PATCHES,
     NUMBERS,
     POSITIONS,

@@ -1,76 +1,15 @@
-"""Datasets: ``from research.data import DATASETS``; one module per dataset, registered by decorator."""
+"""Datasets: ``from research.data import DATASETS``; one module per dataset, registered by decorator.
+
+``shapes`` (synthetic, offline) and the benchmarks read from local lmms-lab snapshots: ``mme``, ``gqa``,
+``mmbench``, ``scienceqa_img``, ``textvqa``, ``pope``, ``vqav2``, plus ``vqa_jsonl`` (your own data).
+A module's own names are imported from it (``from research.data.shapes import ShapesVQA``).
+"""
 
 from research.registry import Registry
 
 DATASETS: Registry[type] = Registry("dataset")
 
 # Importing the modules registers their entries (they import DATASETS from here, so it comes first).
-from research.data import shapes  # noqa: E402,F401
-from research.data.shapes import (  # noqa: E402
-    ANSWER_CHOICES,
-    ANSWERS,
-    BACKGROUND_RGB,
-    COLOUR_RGB,
-    COLOURS,
-    GRID,
-    IMAGE_SIZE,
-    NUM_PATCHES,
-    NUMBERS,
-    PATCH_SIZE,
-    POSITIONS,
-    QTYPES,
-    SHAPES,
-    SPLITS,
-    TEMPLATES,
-    WORDS,
-    Question,
-    Sample,
-    Scene,
-    SceneObject,
-    ShapesVQA,
-    accuracy,
-    ask,
-    cell_patches,
-    make_sample,
-    make_scene,
-    normalize_answer,
-    oracle_keep,
-    random_keep,
-    tokenize,
-    training_scene,
-)
+from research.data import gqa, mmbench, mme, pope, scienceqa_img, shapes, textvqa, vqa_jsonl, vqav2  # noqa: E402,F401
 
-__all__ = [
-    "ANSWERS",
-    "ANSWER_CHOICES",
-    "BACKGROUND_RGB",
-    "COLOURS",
-    "COLOUR_RGB",
-    "DATASETS",
-    "GRID",
-    "IMAGE_SIZE",
-    "NUMBERS",
-    "NUM_PATCHES",
-    "PATCH_SIZE",
-    "POSITIONS",
-    "QTYPES",
-    "SHAPES",
-    "SPLITS",
-    "TEMPLATES",
-    "WORDS",
-    "Question",
-    "Sample",
-    "Scene",
-    "SceneObject",
-    "ShapesVQA",
-    "accuracy",
-    "ask",
-    "cell_patches",
-    "make_sample",
-    "make_scene",
-    "normalize_answer",
-    "oracle_keep",
-    "random_keep",
-    "tokenize",
-    "training_scene",
-]
+__all__ = ["DATASETS"]
