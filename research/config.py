@@ -131,6 +131,8 @@ def load_config(argv: list[str]) -> RunConfig:
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise ConfigError(f"arguments must be key=value, got {bad}; e.g. experiment=ablation_locations budgets=[16]")
+    # ``model=NAME`` is shorthand for ``model.name=NAME`` (whatever order ``model.path=...`` comes in)
+    argv = [f"model.name={a.split('=', 1)[1]}" if a.split("=", 1)[0] == "model" else a for a in argv]
     cli = OmegaConf.from_dotlist(argv)
     name = cli.get("experiment", RunConfig.experiment)
     schema = OmegaConf.structured(RunConfig)

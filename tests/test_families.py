@@ -409,3 +409,12 @@ def test_model_name_must_match_the_checkpoint_family_or_be_auto(tmp_path):
     cfg = RunConfig(scorers=["text_prior"], positions="compact", model=ModelConfig(name="auto", path=str(tmp_path)))
     with pytest.raises(ConfigError, match="positions=compact renumbers 1-D positions; qwen2_vl's multimodal"):
         model_family(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("order", ["name-first", "path-first"])
+def test_model_name_shorthand_survives_a_model_path_in_either_order(order):
+    from research.config import load_config
+
+    args = ["model=qwen2_vl", "model.path=/data/qwen2-vl"]
+    cfg = load_config(["experiment=main_table", *(args if order == "name-first" else args[::-1])])
+    assert (cfg.model.name, cfg.model.path) == ("qwen2_vl", "/data/qwen2-vl")
