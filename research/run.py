@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -29,10 +30,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from research.config import ConfigError, RunConfig, load_config, model_directory, model_shape, slug
+from research.distributed import is_rank_zero, say
 from research.storage import (
     OutputLock,
     StopSweep,
-    partial_file,
     read_json,
     source_digest,
     weights_digest,
@@ -44,9 +45,11 @@ from research.sweep import Combination, calibration_split, needs_calibration, pl
 SUMMARY_COLUMNS = [
     "scorer", "schedule", "layers", "budget", "keep", "positions", "accuracy", "accuracy_ratio", "prefill_ms",
     "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "gflops", "flops_ratio", "avg_tokens",
-    "computed_avg_tokens", "skipped_images", "status", "error",
+    "computed_avg_tokens", "skipped_images", "adjacent_miou", "shift_layers", "relevant_recall", "eval_s", "analysis_s",
+    "status", "error",
 ]
-TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb"}
+TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "eval_s",
+                  "analysis_s"}
 
 
 def fingerprint(cfg: RunConfig, combo: Combination, weights: str) -> dict[str, str]:
@@ -118,9 +121,10 @@ def run(cfg: RunConfig) -> list[dict]:
         raise ConfigError(f"dataset {cfg.data.name!r} split {cfg.data.split!r} has no samples to evaluate "
                           f"(data.limit={cfg.data.limit})")
     metric = getattr(dataset, "metric", accuracy)
-    with OutputLock(out):
+    # With trainer.devices > 1 the other ranks run this same sweep (research.distributed): only rank 0 writes.
+    with OutputLock(out) if is_rank_zero() else contextlib.nullcontext():
         rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, samples, metric, LlavaAdapter)
-        if cfg.analysis is None:
+        if cfg.analysis is None and is_rank_zero():
             _log_summary_figures(out, rows, len(samples), chance_accuracy(dataset, samples))
         return rows
 
@@ -128,15 +132,21 @@ def run(cfg: RunConfig) -> list[dict]:
 def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_vision: int,
            histograms: dict[int, list[int]], samples: list, metric: Any, adapter_class: Any) -> list[dict]:
     """The sweep proper, inside the output directory's lock."""
-    write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if is_rank_zero():
+        write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     weights = weights_digest(directory)
 
     L.seed_everything(cfg.seed, verbose=False)
     dtype = getattr(torch, cfg.model.dtype)
-    adapter, processor = adapter_class.from_pretrained(
-        directory, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-    )
+    if cfg.model.device_map is not None:
+        from research.distributed import load_sharded
+
+        adapter, processor = load_sharded(directory, dtype, cfg.model.attn_implementation, cfg.model.device_map)
+    else:
+        adapter, processor = adapter_class.from_pretrained(
+            directory, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
     if cfg.analysis is not None:
         from research.analysis.collect import run_analysis
 
@@ -151,26 +161,30 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
     keys = {combo.name: fingerprint(cfg, combo, weights) for combo in combos}
     previous = {combo.name: read_json(out / "results" / f"{combo.name}.json", "result") for combo in combos}
     stale = {c.name: stale_reason(previous[c.name], keys[c.name]) for c in combos if not c.error}
-    print(resume_line(stale))
+    say(resume_line(stale))
 
     results: dict[str, dict] = {}
     vanilla_accuracy = vanilla_flops = None
     try:
         for index, combo in enumerate(combos, 1):
             key = keys[combo.name]
+            label = f"[{index}/{len(combos)}] {combination_title(combo)}"
             if combo.error:
-                logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
-                log_failure(out, combo, num_vision, combo.error)
+                if is_rank_zero():
+                    logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
+                    log_failure(out, combo, num_vision, combo.error)
                 results[combo.name] = {"combination": combo.__dict__, "fingerprint": key, "status": "failed",
                                        "error": combo.error}
             elif stale[combo.name] is None:
+                say(f"{label}: reused (finished earlier, unchanged)")
                 results[combo.name] = previous[combo.name]
             else:
                 results[combo.name] = _run_combination(
                     cfg, combo, adapter, processor, samples, metric, (vanilla_accuracy, vanilla_flops), num_vision,
-                    out, key, f"[{index}/{len(combos)}] {combination_title(combo)}",
+                    out, key, label,
                 )
-                write_json(out / "results" / f"{combo.name}.json", results[combo.name])
+                if is_rank_zero():
+                    write_json(out / "results" / f"{combo.name}.json", results[combo.name])
             if combo.is_vanilla and results[combo.name]["status"] == "ok":
                 vanilla_accuracy, vanilla_flops = results[combo.name]["accuracy"], results[combo.name]["flops"]
     except StopSweep as error:
@@ -178,7 +192,8 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
         raise StopSweep(f"{error}; kept {kept} finished combination(s) in {out / 'results'}") from error
 
     rows = summarise(combos, results)
-    write_summary(out, rows)
+    if is_rank_zero():
+        write_summary(out, rows)
     return rows
 
 
@@ -211,14 +226,17 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
         path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, cfg.data.name, split, samples)
         if index in known:
             histogram = known[index]
-            print(f"changepoint schedule: reusing the calibration cached in {path}")
+            say(f"changepoint schedule: reusing the calibration cached in {path}")
         else:
             calibration = list(DATASETS.get(cfg.data.name)(split=split, size=samples))
             histogram = attention_shift_histogram(adapter, processor, calibration, cfg.eval.batch_size).tolist()
-            write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
-                              "data": [cfg.data.name, split]})
+            if is_rank_zero():
+                write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
+                                  "data": [cfg.data.name, split]})
         derived[index] = histogram
         layers = changepoint_layers(histogram)
+        if not is_rank_zero():
+            continue
         print(f"changepoint schedule derived from {samples} samples of the {split!r} split: prune after layers "
               f"{layers}")
         with SummaryWriter(out / "tensorboard" / "calibration") as writer:
@@ -234,37 +252,45 @@ def _run_combination(
     failed write, which stops the sweep). Its predictions replace the old file only once it finished."""
     record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
     try:
-        with partial_file(out / "predictions" / f"{combo.name}.jsonl") as predictions:
-            metrics = _predict(cfg, combo, adapter, processor, samples, metric, vanilla, num_vision, out,
-                               predictions, label or combination_title(combo))
+        metrics = _predict(cfg, combo, adapter, processor, samples, metric, vanilla, num_vision, out,
+                           out / "predictions" / f"{combo.name}.jsonl", label or combination_title(combo))
         return {**record, **metrics, "status": "ok", "error": ""}
     except StopSweep:
         raise
     except Exception as error:  # one combination failing must not stop the sweep
         logging.getLogger(__name__).error("combination %s failed:\n%s", combo.name, traceback.format_exc())
         message = f"{type(error).__name__}: {error}".splitlines()[0]
-        log_failure(out, combo, num_vision, message)
+        if is_rank_zero():
+            log_failure(out, combo, num_vision, message)
         return {**record, "status": "failed", "error": message}
 
 
 def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, samples: list, metric: Any,
              vanilla: tuple[float | None, float | None], num_vision: int, out: Path, predictions: Path,
              label: str) -> dict:
-    """The Lightning predict loop of one combination, writing ``predictions``; returns its metrics."""
+    """The Lightning predict loop of one combination (on ``cfg.trainer.devices`` processes), writing
+    ``predictions``; returns its metrics."""
+    from research.analysis.per_combination import AttentionDynamicsReport
+    from research.distributed import RankZeroReport, batches, keep_batch, trainer_options
     from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport, labelled_progress_bar
 
     module = SweepModule(adapter, processor, combo, combo.positions, cfg.eval.max_new_tokens, num_vision)
-    report = TensorBoardReport(
+    reports: list[L.Callback] = []
+    if cfg.eval.analysis_samples:
+        reports.append(AttentionDynamicsReport(samples[: cfg.eval.analysis_samples], cfg.eval.batch_size,
+                                               combination_title(combo)))
+    reports.append(TensorBoardReport(
         metric, vanilla[0], samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
         cfg.eval.decode_tokens, vanilla_flops=vanilla[1],
-    )
-    writer = JsonlPredictionWriter(predictions, metric)
-    logger = run_logger(out, combo)
+    ))
+    reports.append(JsonlPredictionWriter(predictions, metric))  # last: only a finished combination replaces it
     trainer = L.Trainer(
-        accelerator="auto", devices=1, logger=logger, callbacks=[writer, report, labelled_progress_bar(label)],
-        enable_checkpointing=False, enable_model_summary=False,
+        **trainer_options(cfg.trainer.devices, cfg.trainer.accelerator), logger=run_logger(out, combo),
+        callbacks=[RankZeroReport(reports), labelled_progress_bar(label)], enable_checkpointing=False,
+        enable_model_summary=False,
     )
-    loader = DataLoader(samples, batch_size=cfg.eval.batch_size, collate_fn=list)
+    # The batches a single process runs; with several devices Lightning's sampler deals them out to the ranks.
+    loader = DataLoader(batches(samples, cfg.eval.batch_size), batch_size=None, collate_fn=keep_batch)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.predict(module, loader, return_predictions=False)
@@ -331,11 +357,28 @@ def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]
                        "peak_memory_mb", "gflops"):
             row[column] = round(r[column], 4) if ok else ""
         row["skipped_images"] = r.get("skipped_images", "") if ok else ""
+        row.update(dynamics_columns(r) if ok else dict.fromkeys(DYNAMICS_COLUMNS, ""))
         both = ok and vanilla.get("status") == "ok"
         row["accuracy_ratio"] = round(r["accuracy"] / vanilla["accuracy"], 4) if both and vanilla["accuracy"] else ""
         row["flops_ratio"] = round(r["flops"] / vanilla["flops"], 4) if both else ""
         rows.append(row)
     return rows
+
+
+DYNAMICS_COLUMNS = ("adjacent_miou", "shift_layers", "relevant_recall", "eval_s", "analysis_s")
+
+
+def dynamics_columns(result: dict) -> dict[str, Any]:
+    """The summary's attention-dynamics columns of a finished result ("" where not measured): mean adjacent-layer
+    mIoU, shift layers, relevant-patch recall after the last stage, and the seconds of evaluation and observer."""
+    def rounded(key: str, digits: int = 4) -> Any:
+        value = result.get(key)
+        return round(value, digits) if isinstance(value, (int, float)) else ""
+
+    layers = result.get("shift_layers")
+    return {"adjacent_miou": rounded("adjacent_miou"), "relevant_recall": rounded("relevant_recall"),
+            "shift_layers": " ".join(map(str, layers)) if isinstance(layers, list) else "",
+            "eval_s": rounded("eval_seconds", 2), "analysis_s": rounded("analysis_seconds", 2)}
 
 
 def resume_line(stale: dict[str, str | None]) -> str:
@@ -437,12 +480,19 @@ def _log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: 
         writer.add_figure("accuracy_ratio", accuracy_ratio_bars(ratios, chance_ratio, n), 0)
 
 
-def quiet_lightning() -> None:
-    """Keep the terminal for the progress bar: no device banners, tips or known deprecation noise."""
+def quiet_lightning(verbose: bool = False) -> None:
+    """Keep the terminal for the progress bars: no device banners, tips, known deprecation noise or the weights-
+    loading bar, unless ``verbose`` (``verbose=true``)."""
+    if verbose:
+        return
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", ".*litlogger.*")
+    warnings.filterwarnings("ignore", ".*predict returned None.*")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" of every model load
 
 
 def usage() -> str:
@@ -464,21 +514,28 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``key=value`` arguments and run; a bad value exits 2 with one line, before any model loads."""
-    quiet_lightning()
+    """Parse ``key=value`` arguments and run; a bad value exits 2 with one line, before any model loads.
+
+    With ``trainer.devices`` > 1 the copies Lightning starts (ranks 1..N-1) print nothing and exit 0 once the
+    sweep is done (rank 0 reports; a rank exiting non-zero makes Lightning kill the others)."""
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help", "help"} & set(argv):
         print(usage())
         return 0
     try:
         cfg = load_config(argv)
+        quiet_lightning(cfg.verbose)
         rows = run(cfg)  # validates everything before any model loads
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except StopSweep as error:
+        if not is_rank_zero():
+            return 0
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if not is_rank_zero():
+        return 0
     out = Path(cfg.output_dir) / cfg.experiment
     if cfg.analysis is not None:
         print(f"results in {out}/ (tensorboard --logdir {out / 'tensorboard'})")

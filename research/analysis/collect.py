@@ -19,8 +19,6 @@ from research.analysis.dynamics import TextDynamics
 from research.analysis.shifts import AttentionShifts
 from research.pruning import PruningEngine, PruningPlan
 
-ANALYSES = ("text_dynamics", "attention_shifts")
-
 
 class ObserverModule(L.LightningModule):
     """predict_step: one prefill per batch with the engine in observer mode (nothing is pruned)."""
@@ -30,7 +28,7 @@ class ObserverModule(L.LightningModule):
         self.adapter, self.processor, self.observe = adapter, processor, observe
         self.model = adapter.model
 
-    def predict_step(self, batch: list, batch_idx: int) -> None:
+    def predict_step(self, batch: list, batch_idx: int) -> list:
         from research.evaluation import sample_image
 
         images, questions = [sample_image(s) for s in batch], [s.question for s in batch]
@@ -38,6 +36,7 @@ class ObserverModule(L.LightningModule):
         with torch.no_grad(), PruningEngine(self.model, None, PruningPlan.of([], []), adapter=self.adapter,
                                             observe=self.observe):
             self.model(**inputs, logits_to_keep=1)
+        return []  # nothing to predict: the observers hold the result (None would make Lightning warn)
 
 
 def observe_dataset(adapter: Any, processor: Any, samples: Sequence[Any], observers: list[Callable],
@@ -70,9 +69,7 @@ def attention_shift_histogram(adapter: Any, processor: Any, samples: Sequence[An
 def log_shift_histogram(writer: Any, histogram: np.ndarray, layers: list[int] | None, tag: str) -> None:
     from research.report.figures import histogram_bars
 
-    values = np.repeat(np.arange(len(histogram)), histogram)
-    if len(values):
-        writer.add_histogram(f"{tag}/shift_layers", values, 0, bins=np.arange(len(histogram) + 1) - 0.5)
+    # One bar per layer (TensorBoard's own histograms would rebin these integer counts).
     title = "attention-shift layers" + (f" -> prune after {layers}" if layers is not None else "")
     writer.add_figure(f"{tag}/shift_histogram", histogram_bars(np.asarray(histogram), title, "layer"), 0)
     if layers is not None:

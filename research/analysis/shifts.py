@@ -35,14 +35,20 @@ def shift_layer(curve: np.ndarray) -> int:
 class AttentionShifts:
     """Observer: histogram over layers of the shift layers of each sample's key vision tokens."""
 
-    def __init__(self, num_layers: int, fraction: float = 0.1) -> None:
-        self.num_layers, self.fraction = num_layers, fraction
+    def __init__(self, num_layers: int, fraction: float = 0.1, num_vision: int | None = None) -> None:
+        """``num_vision``: the image's token count, when the observed model prunes (curves are then over every
+        patch, a pruned token's attention being 0 in the layers after it is gone); None: an unpruned model."""
+        self.num_layers, self.fraction, self.num_vision = num_layers, fraction, num_vision
         self.histogram = np.zeros(num_layers, dtype=np.int64)
         self.samples = 0
         self._layers: dict[int, Tensor] = {}  # this forward's per-layer [B, V] attention received
 
     def __call__(self, signals: Signals) -> None:
-        self._layers[signals.layer_idx] = signals.t2v.sum(1).float().cpu()  # [B, V] from all question tokens
+        received = signals.t2v.sum(1).float()  # [B, V_l] attention each remaining vision token gets from the question
+        if self.num_vision is not None:  # back to patch order; a pruned token receives nothing after it is gone
+            zeros = received.new_zeros(received.shape[0], self.num_vision)
+            received = zeros.scatter_(1, signals.layout.vision_rank, received)  # [B, V]
+        self._layers[signals.layer_idx] = received.cpu()
         if len(self._layers) == self.num_layers:
             curves = torch.stack([self._layers[i] for i in range(self.num_layers)], -1)  # [B, V, L]  Eq. 8
             self._layers.clear()
