@@ -40,13 +40,17 @@ class ObserverModule(L.LightningModule):
 
 
 def observe_dataset(adapter: Any, processor: Any, samples: Sequence[Any], observers: list[Callable],
-                    batch_size: int, logger: TensorBoardLogger | bool = False) -> None:
+                    batch_size: int, logger: TensorBoardLogger | bool = False, label: str = "observing") -> None:
+    """One observed prefill per batch of ``samples`` in a Lightning predict loop, its progress bar labelled."""
+    from research.evaluation import labelled_progress_bar
+
     def observe(signals: Any) -> None:
         for observer in observers:
             observer(signals)
 
+    bar = labelled_progress_bar(f"{label} ({len(samples)} samples)")
     trainer = L.Trainer(accelerator="auto", devices=1, logger=logger, enable_checkpointing=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, callbacks=[bar])
     trainer.predict(ObserverModule(adapter, processor, observe), DataLoader(list(samples), batch_size=batch_size,
                                                                            collate_fn=list), return_predictions=False)
 
@@ -62,7 +66,7 @@ def shift_cache_file(cache_dir: Path, model_dir: Path, data: str, split: str, sa
 def attention_shift_histogram(adapter: Any, processor: Any, samples: Sequence[Any], batch_size: int,
                               logger: TensorBoardLogger | bool = False) -> np.ndarray:
     shifts = AttentionShifts(adapter.num_layers)
-    observe_dataset(adapter, processor, samples, [shifts], batch_size, logger)
+    observe_dataset(adapter, processor, samples, [shifts], batch_size, logger, "calibration: attention shifts")
     return shifts.histogram
 
 
@@ -88,7 +92,7 @@ def run_analysis(name: str, adapter: Any, processor: Any, samples: Sequence[Any]
     num_layers = adapter.num_layers
     if name == "text_dynamics":
         dynamics = TextDynamics(num_layers)
-        observe_dataset(adapter, processor, samples, [dynamics], batch_size, logger)
+        observe_dataset(adapter, processor, samples, [dynamics], batch_size, logger, "text dynamics")
         matrix = dynamics.matrix()
         np.savetxt(out / "text_dynamics.csv", matrix, delimiter=",", fmt="%.4f",
                    header=",".join(f"layer{i}" for i in range(num_layers)))
@@ -99,7 +103,7 @@ def run_analysis(name: str, adapter: Any, processor: Any, samples: Sequence[Any]
         return {"samples": dynamics.samples, "off_diagonal_miou": dynamics.off_diagonal_mean(),
                 "matrix": matrix.tolist()}
     shifts = AttentionShifts(num_layers)
-    observe_dataset(adapter, processor, samples, [shifts], batch_size, logger)
+    observe_dataset(adapter, processor, samples, [shifts], batch_size, logger, "attention shifts")
     layers = changepoint_layers(shifts.histogram)
     with (out / "attention_shifts.csv").open("w", newline="") as f:
         csv.writer(f).writerows([("layer", "shifts"), *enumerate(shifts.histogram.tolist())])
