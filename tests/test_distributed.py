@@ -74,3 +74,19 @@ def test_batches_are_the_single_process_batches_with_sample_indices():
 def test_bad_device_settings_are_one_line(extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(["experiment=main_table", *extra])
+
+
+def test_device_map_needs_accelerate_and_one_copy_of_the_model(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def accelerate_found(found: object | None):
+        return lambda name, *args: found if name == "accelerate" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", accelerate_found(None))
+    with pytest.raises(ConfigError, match=r"needs accelerate: pip install -e '\.\[sharding\]'"):
+        load_config(["experiment=main_table", "model.device_map=auto"])
+    monkeypatch.setattr(importlib.util, "find_spec", accelerate_found(object()))
+    with pytest.raises(ConfigError, match="does not combine with trainer.devices=2"):
+        load_config(["experiment=main_table", "model.device_map=auto", "trainer.devices=2"])
