@@ -9,6 +9,7 @@ from tiny import IMAGE_TOKEN_ID, NUM_IMAGE_TOKENS, tiny_inputs, tiny_llava
 
 from research.analysis import AttentionShifts, TextDynamics
 from research.analysis.per_combination import RelevantRecall, relevant_masks
+from research.analysis.shifts import received_in_patch_order
 from research.pruning import PruningEngine, PruningPlan
 from scorers import SCORERS
 
@@ -29,7 +30,7 @@ def _observe(model, inputs, observers, plan=PLAN):
 def test_a_pruned_token_receives_no_attention_after_it_is_gone():
     model, inputs = tiny_llava(), tiny_inputs([5, 8])
     curves = []
-    shifts = AttentionShifts(6, num_vision=NUM_IMAGE_TOKENS)
+    shifts = AttentionShifts(6)
     shifts.add = lambda c: curves.append(c)  # the per-layer attention curves [B, V, L], before the histogram
     kept = _observe(model, inputs, [shifts])
     attention = curves[0]
@@ -42,11 +43,12 @@ def test_a_pruned_token_receives_no_attention_after_it_is_gone():
         assert (attention[b, gone_at_4, 4:] == 0).all() and (attention[b, kept[1][b], 4:] > 0).all()
 
 
-def test_patch_order_observation_of_an_unpruned_model_is_the_plain_one():
+def test_patch_order_attention_of_an_unpruned_model_is_the_plain_one():
     model, inputs = tiny_llava(), tiny_inputs([5, 8])
-    plain, in_patch_order = AttentionShifts(6), AttentionShifts(6, num_vision=NUM_IMAGE_TOKENS)
-    _observe(model, inputs, [plain, in_patch_order], plan=PruningPlan.of([], []))
-    assert plain.histogram.sum() > 0 and np.array_equal(plain.histogram, in_patch_order.histogram)
+    pairs = []
+    _observe(model, inputs, [lambda s: pairs.append((received_in_patch_order(s), s.t2v.sum(1)))],
+             plan=PruningPlan.of([], []))
+    assert len(pairs) == 6 and all(torch.equal(ordered, plain.float()) for ordered, plain in pairs)
 
 
 def test_relevant_recall_per_layer_is_the_share_of_relevant_patches_kept():

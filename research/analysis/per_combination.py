@@ -57,7 +57,9 @@ class RelevantRecall:
             return
         ranks = signals.layout.vision_rank  # [B, V_l] patch index of each token the layer ran on
         relevant = self.relevant.to(ranks.device)
-        kept = relevant.gather(1, ranks).sum(1)  # [B]
+        kept = relevant.gather(1, ranks)  # [B, V_l]
+        valid = getattr(signals.layout, "vision_valid", None)  # rows with fewer image tokens than the batch's largest
+        kept = (kept if valid is None else kept & valid).sum(1)  # [B]
         self.sums[signals.layer_idx] += (kept / relevant.sum(1)).sum().item()
         if signals.layer_idx == self.num_layers - 1:
             self.samples += relevant.shape[0]
@@ -87,7 +89,7 @@ def observe_combination(module: Any, samples: Sequence[Any], batch_size: int) ->
     start = time.perf_counter()
     num_layers = module.adapter.num_layers
     text = TextDynamics(num_layers)
-    shifts = AttentionShifts(num_layers, num_vision=module.num_vision)
+    shifts = AttentionShifts(num_layers)
     recall = RelevantRecall(num_layers)
     with_recall = relevant_masks(samples, module.num_vision) is not None
 

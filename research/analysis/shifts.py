@@ -6,6 +6,10 @@ over all layers in prefill. For each, the per-layer attention curve ``a`` (Eq. 8
 (Eq. 9) and one change point is found by binary segmentation with an l2 cost (Eq. 10,
 ``ruptures.Binseg(model="l2", jump=1)``). The histogram of change points over layers is the figure;
 it is accumulated as samples arrive (memory independent of their number).
+
+Observed on a pruned model (``research.analysis.per_combination``), the curves stay over every image token: a
+token pruned at a layer receives no attention in the layers after it (it is no longer in the sequence), so its
+attention is 0 there and its cumulative curve flat.
 """
 
 from __future__ import annotations
@@ -32,23 +36,30 @@ def shift_layer(curve: np.ndarray) -> int:
     return int(breakpoint_) - 1
 
 
+def received_in_patch_order(signals: Signals) -> Tensor:
+    """[B, V] attention each of the image's tokens receives from the question at this layer, in patch order over
+    the image's tokens before any pruning (``V``: the batch's count then). A token already pruned receives
+    nothing: 0. Unpruned, this is ``signals.t2v.sum(1)``."""
+    layout = signals.layout
+    received = signals.t2v.sum(1).float()  # [B, V_l] over the tokens this layer runs on
+    valid = getattr(layout, "vision_valid", None)  # rows with fewer image tokens than the batch's largest
+    if valid is not None:
+        received = received * valid
+    width = signals.interface.layout.vision.shape[1] if signals.interface is not None else received.shape[1]
+    return received.new_zeros(received.shape[0], width).scatter_add_(1, layout.vision_rank, received)
+
+
 class AttentionShifts:
     """Observer: histogram over layers of the shift layers of each sample's key vision tokens."""
 
-    def __init__(self, num_layers: int, fraction: float = 0.1, num_vision: int | None = None) -> None:
-        """``num_vision``: the image's token count, when the observed model prunes (curves are then over every
-        patch, a pruned token's attention being 0 in the layers after it is gone); None: an unpruned model."""
-        self.num_layers, self.fraction, self.num_vision = num_layers, fraction, num_vision
+    def __init__(self, num_layers: int, fraction: float = 0.1) -> None:
+        self.num_layers, self.fraction = num_layers, fraction
         self.histogram = np.zeros(num_layers, dtype=np.int64)
         self.samples = 0
-        self._layers: dict[int, Tensor] = {}  # this forward's per-layer [B, V] attention received
+        self._layers: dict[int, Tensor] = {}  # this forward's per-layer [B, V] attention received, in patch order
 
     def __call__(self, signals: Signals) -> None:
-        received = signals.t2v.sum(1).float()  # [B, V_l] attention each remaining vision token gets from the question
-        if self.num_vision is not None:  # back to patch order; a pruned token receives nothing after it is gone
-            zeros = received.new_zeros(received.shape[0], self.num_vision)
-            received = zeros.scatter_(1, signals.layout.vision_rank, received)  # [B, V]
-        self._layers[signals.layer_idx] = received.cpu()
+        self._layers[signals.layer_idx] = received_in_patch_order(signals).cpu()
         if len(self._layers) == self.num_layers:
             curves = torch.stack([self._layers[i] for i in range(self.num_layers)], -1)  # [B, V, L]  Eq. 8
             self._layers.clear()
