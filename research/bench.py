@@ -1,13 +1,14 @@
-"""Prefill latency benchmark: ``python -m research.bench [--json PATH]``.
+"""Prefill latency benchmark: ``python -m research.bench [--family F] [--json PATH]``.
 
-A mid-size LLaVA-architecture model with random weights (text hidden 1024, 16 layers, 576 image
-tokens, ~40 question tokens) is timed on CPU prefill:
+A mid-size random-weight model of the family (default ``llava15``; text hidden 1024, 16 layers, about
+576 image tokens, ~40 question tokens; built by the family adapter's ``random_model("mid")``) is timed
+on CPU prefill:
 
 * vanilla;
 * the engine installed at full budget (hooks only: their overhead);
-* every registered LLM scorer at average budgets 192 and 64, pruning after layers [2, 8];
-* the ceiling: the same model, no hooks, run layer by layer on physically shorter inputs with
-  the same per-layer token counts as ``text_prior`` at each budget.
+* every registered LLM scorer at average budgets 192 and 64, pruning after layers [1, 8];
+* the ceiling: the same model, no pruning hooks, its decoder layers run one by one on physically
+  shorter inputs with the same per-layer token counts as ``text_prior`` at each budget.
 
 Variants are interleaved in every repetition and summarised by medians, as ratios to vanilla
 (absolute times on a shared machine are noise; ratios within one run are not).
@@ -23,59 +24,71 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from torch import nn
 
+from research.models import FAMILIES, VLMAdapter, adapter_for
 from research.pruning import PruningEngine, PruningPlan
 from schedules import solve_budget
 from scorers import SCORERS
 
-IMAGE_TOKEN_ID = 32000
 LOCATIONS = [1, 8]  # [2, 8] cannot reach an average of 64 in 16 layers (layers 0-1 count 576)
 BUDGETS = [192, 64]
+# image size (pixels) giving about 576 image tokens, for the families whose image sets the count
+IMAGE_SIZES = {"qwen2_vl": (672, 672), "qwen2_5_vl": (672, 672), "llava_next": (112, 112),
+               "llava_onevision": (112, 112)}
 
 
-def bench_model(num_layers: int = 16, hidden: int = 1024) -> LlavaForConditionalGeneration:
-    """Random-weight LLaVA: 336px / patch 14 -> 576 image tokens, a small vision tower."""
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-        image_size=336, patch_size=14,
-    )
-    text = LlamaConfig(
-        vocab_size=32064, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=num_layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=2048,
-    )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID)
-    return LlavaForConditionalGeneration(config).eval()
+def bench_model(family: str = "llava15") -> nn.Module:
+    """The family's mid-size random-weight model (16 layers, hidden 1024)."""
+    return FAMILIES.get(family).random_model(size="mid", seed=0)
 
 
-def bench_inputs(question_tokens: int = 40) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(10, 32000, (5,), generator=g)
-    question = torch.randint(10, 32000, (question_tokens,), generator=g)
-    ids = torch.cat([prefix, torch.full((576,), IMAGE_TOKEN_ID), question])[None]
-    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 336, 336, generator=g)}
+def bench_inputs(model: nn.Module, family: str = "llava15", question_tokens: int = 40) -> dict[str, torch.Tensor]:
+    size = IMAGE_SIZES.get(family)
+    return FAMILIES.get(family).random_inputs(model, [question_tokens], image_sizes=[size] if size else None)
+
+
+class _Stop(Exception):
+    """Carries the ceiling's logits out of the language model's pre-hook."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
 
 
 @torch.no_grad()
-def ceiling_forward(model: LlavaForConditionalGeneration, inputs: dict, tokens_per_layer: list[int]) -> torch.Tensor:
-    """The model's own modules, no hooks, with each layer run on a physically shorter sequence."""
-    llava, lm = model.model, model.model.language_model
-    ids = inputs["input_ids"]
-    embeds = llava.get_input_embeddings()(ids.clamp(max=lm.config.vocab_size - 1))
-    image = llava.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output
-    embeds = embeds.masked_scatter((ids == IMAGE_TOKEN_ID)[..., None], torch.cat(list(image)))
-    num_vision, hidden = int((ids == IMAGE_TOKEN_ID).sum()), embeds
-    rotary: dict[int, tuple] = {}
-    for layer, vision_tokens in zip(lm.layers, tokens_per_layer):
-        length = ids.shape[1] - (num_vision - vision_tokens)
-        hidden = hidden[:, -length:]  # drop vision tokens from the front: same length, no gather
-        if length not in rotary:
-            positions = torch.arange(length)[None]
-            rotary[length] = (positions, lm.rotary_emb(hidden, positions))
-        positions, cos_sin = rotary[length]
-        hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, position_ids=positions)
-    return model.lm_head(lm.norm(hidden[:, -1:]))
+def ceiling_forward(adapter: VLMAdapter, inputs: dict, tokens_per_layer: list[int]) -> torch.Tensor:
+    """The model's own modules with each decoder layer run on a physically shorter sequence.
+
+    The model runs as usual up to its language model (vision tower, projector, the image features put
+    in place); there a pre-hook runs the decoder layers itself, each on the sequence less the vision
+    tokens pruned before it (dropped from the front: the same lengths without a gather), and stops.
+    """
+    model, lm = adapter.model, adapter.language_model
+    num_vision = int((inputs["input_ids"] == adapter.image_token_id).sum())
+
+    def run_layers(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs["inputs_embeds"]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(hidden.shape[1])[None]
+        if positions.dim() == 3 and positions.shape[0] == 4:  # multimodal rotary with a text row in front
+            positions = positions[1:]
+        cos, sin = adapter.rotary_emb(hidden, positions)
+        for layer, vision_tokens in zip(adapter.decoder_layers, tokens_per_layer):
+            length = inputs["input_ids"].shape[1] - (num_vision - vision_tokens)
+            hidden = hidden[:, -length:]
+            hidden = layer(hidden, attention_mask=None, position_embeddings=(cos[:, -length:], sin[:, -length:]))
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        raise _Stop(model.lm_head(lm.norm(hidden[:, -1:])))
+
+    handle = lm.register_forward_pre_hook(run_layers, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    except _Stop as stop:
+        return stop.logits
+    finally:
+        handle.remove()
+    raise RuntimeError("the language model never ran")
 
 
 def time_once(fn: Callable[[], object]) -> float:
@@ -84,11 +97,14 @@ def time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def run(repetitions: int = 7, threads: int = 1) -> dict:
+def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict:
     """Time every variant ``repetitions`` times, interleaved; return medians and ratios."""
     torch.set_num_threads(threads)
-    model, inputs = bench_model(), bench_inputs()
-    num_layers = model.config.text_config.num_hidden_layers
+    model = bench_model(family)
+    inputs = bench_inputs(model, family)
+    adapter = adapter_for(model)
+    num_layers = adapter.num_layers
+    num_vision = int((inputs["input_ids"] == adapter.image_token_id).sum())
     llm_scorers = [n for n in SCORERS.names() if not SCORERS.get(n).pre_llm]
 
     scoring: dict[str, list[float]] = {}
@@ -106,20 +122,20 @@ def run(repetitions: int = 7, threads: int = 1) -> dict:
 
         return call
 
-    full = PruningPlan.of(LOCATIONS, [576] * len(LOCATIONS))
+    full = PruningPlan.of(LOCATIONS, [num_vision] * len(LOCATIONS))
     variants: dict[str, Callable[[], object]] = {
         "vanilla": forward("vanilla"),
         "hooks_full_budget": forward("hooks_full_budget", {"scorer": SCORERS.get("text_prior")(), "plan": full}),
     }
     budgets = {}
     for budget in BUDGETS:
-        budgets[budget] = solved = solve_budget(LOCATIONS, num_layers, 576, budget)
+        budgets[budget] = solved = solve_budget(LOCATIONS, num_layers, num_vision, budget)
         plan = solved.plan()
         for scorer in llm_scorers:
             name = f"{scorer}@{budget}"
             variants[name] = forward(name, {"scorer": SCORERS.get(scorer)(), "plan": plan})
         variants[f"ceiling@{budget}"] = (
-            lambda p=plan: ceiling_forward(model, inputs, p.tokens_per_layer(num_layers, 576))
+            lambda p=plan: ceiling_forward(adapter, inputs, p.tokens_per_layer(num_layers, num_vision))
         )
 
     for fn in variants.values():  # warm-up
@@ -155,6 +171,7 @@ def run(repetitions: int = 7, threads: int = 1) -> dict:
     }
     return {
         "setup": {
+            "family": family, "model_class": type(model).__name__, "image_tokens": num_vision,
             "threads": threads, "repetitions": repetitions, "locations": LOCATIONS,
             "keep": {b: list(s.keep) for b, s in budgets.items()},
             "sequence_length": int(inputs["input_ids"].shape[1]), "num_layers": num_layers,
@@ -184,11 +201,12 @@ def format_report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="llava15", choices=FAMILIES.names(), help="model family to measure")
     parser.add_argument("--repetitions", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = least noisy)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    result = run(args.repetitions, args.threads)
+    result = run(args.repetitions, args.threads, args.family)
     print(format_report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -325,23 +325,59 @@ def model_directory(cfg: RunConfig) -> Path:
     return path
 
 
-def model_shape(path: Path) -> tuple[int, int]:
-    """(decoder layers, image tokens) of a LLaVA checkpoint, read through ``transformers.AutoConfig``
-    (which fills the defaults a config.json may leave out), without loading weights."""
+def model_family(cfg: RunConfig, path: Path) -> Any:
+    """The adapter class of the checkpoint in ``path`` (from its config.json; no weights), after checking
+    that it can run every scorer and the positions of ``cfg``: one line naming what the family lacks."""
+    from research.models import UnsupportedModel
+    from research.models.registry import checkpoint_family
+    from scorers import SCORERS
+
+    try:
+        adapter = checkpoint_family(path, cfg.model.name)
+    except UnsupportedModel as error:
+        raise ConfigError(str(error)) from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        first = " ".join(str(error).split())[:300]
+        raise ConfigError(f"{path / 'config.json'} is not a usable model config ({type(error).__name__}: {first})"
+                          ) from None
+    for spec in cfg.scorers:
+        name, _, protocol = scorer_entry(spec)
+        if SCORERS.get(name).needs_cls_saliency and not adapter.has_cls_saliency:
+            raise ConfigError(
+                f"scorer {name!r} ranks by the vision tower's CLS attention, which {adapter.family} "
+                f"({adapter.model_class}) does not map onto its image tokens; drop it or use a model of family "
+                f"{[f for f in _families() if _families()[f].has_cls_saliency]}"
+            )
+        positions = protocol.get("positions", cfg.positions)
+        if positions == "compact" and adapter.position_axes > 1:
+            raise ConfigError(f"positions=compact renumbers 1-D positions; {adapter.family}'s multimodal rotary "
+                              f"positions have {adapter.position_axes} axes: use positions=original")
+    return adapter
+
+
+def _families() -> dict[str, Any]:
+    from research.models import FAMILIES
+
+    return {name: FAMILIES.get(name) for name in FAMILIES.names()}
+
+
+def model_shape(path: Path, adapter: Any | None = None) -> tuple[int, int]:
+    """(decoder layers, image tokens a budget is planned against) of a checkpoint, read through
+    ``transformers.AutoConfig`` (which fills the defaults a config.json may leave out), without loading
+    weights. Families whose image sets its token count give their nominal count (``VisionLayout``)."""
     from transformers import AutoConfig
+
+    from research.models.registry import checkpoint_family
 
     try:
         raw = json.loads((path / "config.json").read_text())
         missing = [key for key in ("text_config", "vision_config") if key not in raw]
-        if missing:  # AutoConfig would silently fill in a 7B LLaMA and a default CLIP
+        if missing:  # AutoConfig would silently fill in a 7B LLaMA and a default vision tower
             raise KeyError(f"no {' or '.join(missing)}")
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        layers = config.text_config.num_hidden_layers
-        vision = config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
+        adapter = adapter or checkpoint_family(path)
+        layout = adapter.vision_layout(AutoConfig.from_pretrained(path, local_files_only=True))
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
         first = " ".join(str(error).split())[:300]
-        raise ConfigError(f"{path / 'config.json'} is not a usable LLaVA config ({type(error).__name__}: {first})"
+        raise ConfigError(f"{path / 'config.json'} is not a usable model config ({type(error).__name__}: {first})"
                           ) from None
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    return layers, patches if strategy == "default" else patches + 1
+    return layout.num_layers, layout.nominal_tokens

@@ -122,16 +122,16 @@ class RankZeroReport(Callback):
         module.metrics = outcome[1]
 
 
-def load_sharded(directory: Path, dtype: torch.dtype, attn_implementation: str, device_map: str) -> tuple[Any, Any]:
-    """(adapter, processor) of a checkpoint loaded with accelerate's ``device_map`` (shards over the visible
-    devices); the same left-padding processor as ``LlavaAdapter.from_pretrained``."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def load_sharded(adapter_class: Any, directory: Path, dtype: torch.dtype, attn_implementation: str,
+                 device_map: str) -> tuple[Any, Any]:
+    """(adapter, processor) of a checkpoint of ``adapter_class``'s family loaded with accelerate's ``device_map``
+    (shards over the visible devices); the same left-padding processor as ``adapter_class.from_pretrained``."""
+    from transformers import AutoProcessor
 
-    from research.models import LlavaAdapter
-
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = adapter_class.model_type().from_pretrained(
         directory, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map,
+        trust_remote_code=False,
     ).eval()
-    processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     processor.tokenizer.padding_side = "left"
-    return LlavaAdapter(model), processor
+    return adapter_class(model), processor

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from research.config import ConfigError, RunConfig, load_config, model_directory, model_shape, slug
+from research.config import ConfigError, RunConfig, load_config, model_directory, model_family, model_shape, slug
 from research.distributed import is_rank_zero, say
 from research.storage import (
     OutputLock,
@@ -106,9 +106,9 @@ def run(cfg: RunConfig) -> list[dict]:
     """Run (or resume) every combination; return the summary rows (vanilla first)."""
     from research.data import DATASETS
     from research.data.shapes import accuracy
-    from research.models import LlavaAdapter
     directory = model_directory(cfg)
-    num_layers, num_vision = model_shape(directory)
+    adapter_class = model_family(cfg, directory)
+    num_layers, num_vision = model_shape(directory, adapter_class)
     out = Path(cfg.output_dir) / cfg.experiment
     histograms = cached_histograms(cfg, directory)
     plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
@@ -123,7 +123,7 @@ def run(cfg: RunConfig) -> list[dict]:
     metric = getattr(dataset, "metric", accuracy)
     # With trainer.devices > 1 the other ranks run this same sweep (research.distributed): only rank 0 writes.
     with OutputLock(out) if is_rank_zero() else contextlib.nullcontext():
-        rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, samples, metric, LlavaAdapter)
+        rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, samples, metric, adapter_class)
         if cfg.analysis is None and is_rank_zero():
             _log_summary_figures(out, rows, len(samples), chance_accuracy(dataset, samples))
         return rows
@@ -141,7 +141,8 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
     if cfg.model.device_map is not None:
         from research.distributed import load_sharded
 
-        adapter, processor = load_sharded(directory, dtype, cfg.model.attn_implementation, cfg.model.device_map)
+        adapter, processor = load_sharded(adapter_class, directory, dtype, cfg.model.attn_implementation,
+                                          cfg.model.device_map)
     else:
         adapter, processor = adapter_class.from_pretrained(
             directory, dtype=dtype, attn_implementation=cfg.model.attn_implementation,

@@ -16,9 +16,9 @@ INTERFACE_SCHEDULE = "interface"  # pre-LLM scorers prune once, before the LLM, 
 class Combination:
     scorer: str
     schedule: str  # label, e.g. layers[1-10-20]
-    budget: float | None  # average retained vision tokens; None = vanilla
+    budget: float | None  # average retained vision tokens (a fraction of them if < 1); None = vanilla
     locations: list[int] = field(default_factory=list)
-    keep: list[int] = field(default_factory=list)
+    keep: list[float] = field(default_factory=list)  # per stage: tokens, or fractions of a row's (relative)
     reported_avg: float = 0.0  # under the configured counting convention
     computed_avg: float = 0.0  # what actually ran
     scorer_params: dict = field(default_factory=dict)
@@ -27,6 +27,7 @@ class Combination:
     positions: str = "original"  # the plan's positions: the experiment's, or the scorer entry's own
     own_positions: bool = False  # positions came from the scorer entry (and are part of the name)
     schedule_name: str = ""  # registry name of the schedule ("" for vanilla and interface scorers)
+    relative: bool = False  # keep holds fractions of each row's image tokens (a budget < 1)
 
     @property
     def is_vanilla(self) -> bool:
@@ -50,10 +51,19 @@ class Combination:
 
     def plan(self, positions: str | None = None) -> PruningPlan:
         """The engine's plan; ``positions`` defaults to the combination's own."""
-        return PruningPlan.of(self.locations, self.keep, positions or self.positions)
+        return PruningPlan.of(self.locations, self.keep, positions or self.positions, relative=self.relative)
 
     def make_scorer(self):
         return SCORERS.get(self.scorer)(**self.scorer_params)
+
+
+def is_fraction(budget: float) -> bool:
+    """A budget in (0, 1) is a fraction of each row's image tokens; one >= 1 is a number of tokens.
+
+    Fractions carry an experiment across models (0.22 is LLaVA-1.5's 128 of 576 and 32 of the default's
+    144); the schedule is solved on the model's nominal image-token count, and each row then keeps the
+    stages' fractions of its own tokens."""
+    return 0 < budget < 1
 
 
 def calibration_split(cfg: RunConfig) -> str:
@@ -119,11 +129,13 @@ def plan_sweep(
                 schedules.append((label(name, params) + calibrated_on, params, schedule, index in histograms, name))
         for schedule_label, schedule_params, schedule, calibrated, schedule_name in schedules:
             for budget in cfg.budgets:
+                relative = is_fraction(budget)
+                tokens = budget * num_vision if relative else budget
                 try:
                     if schedule is None:
-                        solved = solve_budget([-1], num_layers, num_vision, budget, counting=cfg.counting)
+                        solved = solve_budget([-1], num_layers, num_vision, tokens, counting=cfg.counting)
                     else:
-                        solved = schedule.solve(num_layers, num_vision, budget, counting=cfg.counting)
+                        solved = schedule.solve(num_layers, num_vision, tokens, counting=cfg.counting)
                 except ValueError as error:
                     message = f"{scorer} x {schedule_label} at budget {budget:g}: {error}"
                     if not calibrated:
@@ -137,10 +149,11 @@ def plan_sweep(
                         f"scorer {scorer!r} cannot prune at location -1 (before the LLM) in {schedule_label}: it "
                         f"reads attention inside the LLM; use locations >= 0 or one of {able}"
                     )
+                keep = [k / num_vision for k in solved.keep] if relative else list(solved.keep)
                 combos.append(Combination(
-                    scorer, schedule_label, float(budget), list(solved.locations), list(solved.keep),
+                    scorer, schedule_label, float(budget), list(solved.locations), keep,
                     solved.reported_avg, solved.computed_avg, schedule_params=schedule_params,
-                    schedule_name=schedule_name, **own,
+                    schedule_name=schedule_name, relative=relative, **own,
                 ))
     names = [c.name for c in combos]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -9,7 +9,7 @@ where ``a_cls`` is the vision tower's CLS-to-patch attention (head mean, at the 
 ``h_v`` the tower's last hidden state of patch ``v``, ``W_v`` / ``W_t`` the CLIP projections and
 ``norm`` a per-sample min-max rescaling to [0, 1]; the top-K tokens enter the LLM.
 
-The CLIP text tower comes from ``clip_path`` (a local ``CLIPModel`` directory matching the vision
+The CLIP text tower comes from ``clip_path`` (a local CLIP checkpoint directory matching the vision
 tower, e.g. ``openai/clip-vit-large-patch14-336`` for LLaVA-1.5), or from the ``clip/`` folder
 shipped beside the model (the offline ``shapes`` model has one).
 """
@@ -45,9 +45,9 @@ class ClipText:
     GENERATION_SUFFIX = "ASSISTANT:"  # LLaVA-1.5's prompt ends "... {question} ASSISTANT:"
 
     def __init__(self, clip_path: Path, llm_path: Path | None) -> None:
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoModel, AutoTokenizer
 
-        self.model = CLIPModel.from_pretrained(clip_path, local_files_only=True).eval()
+        self.model = AutoModel.from_pretrained(clip_path, local_files_only=True).eval()  # a CLIP model
         self.tokenizer = AutoTokenizer.from_pretrained(clip_path, local_files_only=True)
         self.llm_tokenizer = AutoTokenizer.from_pretrained(llm_path or clip_path, local_files_only=True)
 
@@ -87,10 +87,11 @@ class ATP(Scorer):
     """Hybrid of the vision tower's CLS attention and CLIP patch-question similarity, before the LLM."""
 
     pre_llm = True
+    needs_cls_saliency = True  # visual saliency: the CLS attention of the vision tower
     needs_llm_attention = False
 
     alpha: float = 0.5  # weight of CLS attention (1 - alpha: CLIP similarity)
-    clip_path: str | None = None  # local CLIPModel directory; default: <model dir>/clip
+    clip_path: str | None = None  # local CLIP checkpoint directory; default: <model dir>/clip
     _clip: Any = field(default=None, init=False, repr=False)
 
     def bind(self, adapter: Any) -> None:
@@ -102,7 +103,7 @@ class ATP(Scorer):
         if candidate is None or not (candidate / "config.json").is_file():
             raise ValueError(
                 f"atp needs a CLIP text model matching the vision tower: set the scorer's clip_path to a local "
-                f"CLIPModel directory (tried {str(candidate) if candidate else 'none: the model has no local path'})"
+                f"CLIP checkpoint directory (tried {str(candidate) if candidate else 'none: the model has no local path'})"
             )
         self._clip = ClipText(candidate, model_dir)
 

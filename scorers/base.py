@@ -25,6 +25,7 @@ class Scorer:
     registry_name: ClassVar[str]
     pre_llm: ClassVar[bool] = False
     needs_llm_attention: ClassVar[bool] = True  # False: can also score at location -1, before the LLM
+    needs_cls_saliency: ClassVar[bool] = False  # reads the vision tower's CLS attention (``signals.cls_attention``)
 
     def score(self, signals: Signals) -> Tensor:
         raise NotImplementedError

@@ -1,8 +1,8 @@
 """FastV baseline (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024).
 
 Reference followed: the authors' code, ``src/FastV/llava-hf/transformers/src/transformers/models/llama/
-modeling_llama.py`` (``LlamaModel.fastv_forward``) and the lmms-eval path ``src/FastV/lmms-eval-with-kvcache/
-fastv_kvcache.py``. Before layer K it takes the attention weights layer K-1 returned
+modeling_llama.py`` (``fastv_forward`` of its patched LLaMA model) and the lmms-eval path
+``src/FastV/lmms-eval-with-kvcache/fastv_kvcache.py``. Before layer K it takes the attention weights layer K-1 returned
 (``output_attentions`` at ``layer_idx == K-1``), averages them over heads, keeps the LAST token's row
 and the top ``round(V * (1 - R))`` image columns:
 

@@ -54,6 +54,7 @@ class Mixture(Scorer):
     """Saliency + text-image similarity (+ t2v attention in the LLM), mixed by per-sample peakedness."""
 
     pre_llm = True
+    needs_cls_saliency = True  # visual saliency: the CLS attention of the vision tower
     needs_llm_attention = False
 
     tau: float = 0.05  # temperature turning cosine similarities into a distribution

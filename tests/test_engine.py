@@ -222,9 +222,7 @@ def cache_keywords() -> list[str]:
     """The keyword(s) the installed transformers accepts for the KV cache at a model's call."""
     import inspect
 
-    from transformers import LlavaModel
-
-    accepted = inspect.signature(LlavaModel.forward).parameters
+    accepted = inspect.signature(type(tiny_llava().model).forward).parameters
     names = [name for name in ("past_key_values", "cache") if name in accepted]
     return names + ["past_key_values"] * (not names)  # 5.24+: "cache", with "past_key_values" still translated
 

@@ -12,11 +12,9 @@ from PIL import Image
 from tiny import IMAGE_SIZE, NUM_IMAGE_TOKENS, PATCH_SIZE
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
     CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -57,24 +55,24 @@ def tiny_processor() -> LlavaProcessor:
     )
 
 
-def tiny_llava_for(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A tiny LLaVA (as ``tiny.tiny_llava``) whose vocabulary and image token match ``tokenizer``."""
+def tiny_llava_for(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> torch.nn.Module:
+    """A tiny LLaVA-1.5 (as ``tiny.tiny_llava``) whose vocabulary and image token match ``tokenizer``."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
+    vision = dict(
+        model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text = dict(
+        model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    config = AutoConfig.for_model(
+        "llava", vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )
-    return LlavaForConditionalGeneration(config).eval()
+    return AutoModelForImageTextToText.from_config(config).eval()
 
 
 @pytest.fixture
@@ -91,7 +89,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def checkpoint(tmp_path: Path) -> tuple[Path, LlavaForConditionalGeneration]:
+def checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     """A tiny model and its processor saved (safetensors) to ``tmp_path``."""
     processor = tiny_processor()
     model = tiny_llava_for(processor.tokenizer)

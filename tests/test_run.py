@@ -288,7 +288,7 @@ def test_bad_files_exit_with_one_line_before_loading(micro_model, experiment, tm
             for weights in model.glob("*.safetensors"):
                 weights.unlink()
     expected = {"yaml-syntax": "is not valid YAML", "yaml-list": "must hold a mapping of config keys",
-                "config-not-json": "is not a usable LLaVA config", "config-no-text": "is not a usable LLaVA config",
+                "config-not-json": "is not a usable model config", "config-no-text": "is not a usable model config",
                 "no-weights": "holds no *.safetensors weights"}[case]
     code = main(args(experiment, model, tmp_path / "runs"))
     error = capsys.readouterr().err.strip()

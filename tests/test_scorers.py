@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import NUM_IMAGE_TOKENS, tiny_inputs, tiny_llava
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+from transformers import AutoConfig, AutoModel
 
 from research.models import adapter_for
 from research.pruning import PruningEngine, PruningPlan
@@ -52,15 +52,16 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    """A tiny CLIPModel (vision width = the tiny LLaVA's tower) and a word tokenizer, saved to disk."""
+    """A tiny CLIP (vision width = the tiny LLaVA's tower) and a word tokenizer, saved to disk."""
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    text = CLIPTextConfig(
+    text = dict(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=tokenizer.eos_token_id,
     )
     vision = tiny_llava().config.vision_config
-    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    clip = AutoModel.from_config(AutoConfig.for_model("clip", text_config=text, vision_config=vision.to_dict(),
+                                                      projection_dim=16))
     path = tmp_path_factory.mktemp("clip")
     clip.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from torch import nn
+
+from research.models import FAMILIES
 
 IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
@@ -19,28 +21,11 @@ def tiny_llava(
     num_layers: int = 6,
     num_kv_heads: int = 4,
     seed: int = 0,
-) -> LlavaForConditionalGeneration:
-    """A 6-layer LLaVA with 64 image tokens; ``num_kv_heads < 4`` gives grouped-query attention."""
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
+) -> nn.Module:
+    """A 6-layer LLaVA-1.5 with 64 image tokens; ``num_kv_heads < 4`` gives grouped-query attention."""
+    return FAMILIES.get("llava15").random_model(
+        num_layers=num_layers, num_kv_heads=num_kv_heads, attn_implementation=attn_implementation, seed=seed
     )
-    text = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=512,
-        pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID, eos_token_id=2,
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    config._attn_implementation = attn_implementation
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = PAD_TOKEN_ID
-    model.generation_config.eos_token_id = None  # never stop early: generated lengths stay comparable
-    return model
 
 
 def tiny_inputs(question_lengths: list[int], seed: int = 0, prefix_length: int = 3) -> dict[str, torch.Tensor]:

@@ -45,24 +45,64 @@ from research.pruning.compat import (
     required,
 )
 from research.pruning.plan import INTERFACE, PruningPlan
-from research.pruning.signals import InterfaceSignals, Signals, TokenLayout, gather_seq, read_layout
+from research.pruning.signals import (
+    InterfaceSignals,
+    Signals,
+    TokenLayout,
+    gather_positions,
+    gather_seq,
+    read_layout,
+)
+
+FILLER = torch.iinfo(torch.long).max  # key column of a filler slot: beyond any mask, so always masked out
 
 
 @dataclass
 class ForwardRecord:
     """What one prefill did."""
 
-    tokens_per_layer: list[int]  # vision tokens each decoder layer ran on
-    kept: list[Tensor] = field(default_factory=list)  # per stage: [B, k] input_ids indices of kept vision tokens
+    tokens_per_layer: list[float]  # vision tokens each decoder layer ran on (mean over rows)
+    # per stage: [B, k] input_ids indices of kept vision tokens; -1 pads rows that kept fewer
+    kept: list[Tensor] = field(default_factory=list)
     locations: list[int] = field(default_factory=list)  # the stage of each entry of ``kept``
     scoring_seconds: float = 0.0  # time spent computing signals, scores and top-k
     hook_seconds: float = 0.0  # host time inside the engine's hooks during prefill (scoring included)
 
 
 @dataclass
+class _Cut:
+    """A pruned sequence, in the coordinates of an earlier one (the model's input, or decoder layer 0's).
+
+    Rows that keep fewer tokens than the longest are padded on the left with filler slots: a filler
+    repeats the row's first slot as a query and is masked out as a key (its column is ``FILLER``).
+    """
+
+    kept: Tensor  # [B, S'] indices of the kept slots (fillers: the row's first kept slot)
+    filler: Tensor  # [B, S'] bool
+    shift: Tensor  # [B, S'] dropped tokens before each kept slot (compact positions subtract it)
+    dropped: Tensor  # [B, 1] dropped tokens of each row
+
+    def then(self, local: _Cut) -> _Cut:
+        """This cut followed by ``local`` (a cut of this cut's sequence)."""
+        return _Cut(
+            kept=self.kept.gather(1, local.kept),
+            filler=local.filler | self.filler.gather(1, local.kept),
+            shift=self.shift.gather(1, local.kept) + local.shift,
+            dropped=self.dropped + local.dropped,
+        )
+
+    def columns(self, base_len: int, width: int) -> Tensor:
+        """[B, width]: each key slot's original column (fillers: ``FILLER``), then the tokens appended
+        after the prompt (decode)."""
+        tail = torch.arange(base_len, base_len + width - self.kept.shape[1], device=self.kept.device)
+        kept = self.kept.masked_fill(self.filler, FILLER)
+        return torch.cat([kept, tail.expand(kept.shape[0], -1)], dim=1)
+
+
+@dataclass
 class _Stage:
     location: int
-    kept: Tensor  # [B, S_s] indices, in the coordinates of decoder layer 0's input, of the kept tokens
+    cut: _Cut  # of decoder layer 0's input
     call_kwargs: dict | None = None  # sliced layer kwargs for the current call
 
 
@@ -107,7 +147,8 @@ class _ForwardState:
         self.static_cache = False  # the KV cache has a fixed length (masks span it)
         self.interface: InterfaceSignals | None = None
         self.input_ids: Tensor | None = None
-        self.interface_kept: Tensor | None = None  # [B, S1] input_ids indices kept at location -1
+        self.interface_cut: _Cut | None = None  # of the model's input, at location -1
+        self.num_vision: Tensor | None = None  # [B] each row's image tokens in the input
         self.base_len = layout.seq_len
         self.stages: list[_Stage] = []
         self.base_kwargs: dict | None = None
@@ -148,8 +189,22 @@ def _key_width(mask_width: int, pruned: int, static_cache: bool) -> int:
     return mask_width if static_cache else mask_width - pruned
 
 
-def checked_scores(scorer: Any, scores: Any, shape: torch.Size) -> Tensor:
-    """``scores`` if they are a finite floating tensor of ``shape`` [B, V]; else one line naming the scorer."""
+def _cut(dropped: Tensor) -> _Cut:
+    """The cut that removes the slots ``dropped`` [B, S]; shorter rows get filler slots on the left."""
+    batch, seq_len = dropped.shape
+    counts = seq_len - dropped.sum(1, keepdim=True)  # [B, 1] slots each row keeps
+    new_len = int(counts.max())
+    order = torch.argsort(dropped.to(torch.uint8), dim=1, stable=True)[:, :new_len]  # kept slots first, ascending
+    position = torch.arange(new_len, device=dropped.device).expand(batch, new_len)
+    fillers = new_len - counts  # [B, 1]
+    kept = order.gather(1, (position - fillers).clamp(min=0))
+    shift = dropped.long().cumsum(1).gather(1, kept)  # dropped slots before each kept one
+    return _Cut(kept=kept, filler=position < fillers, shift=shift, dropped=seq_len - counts)
+
+
+def checked_scores(scorer: Any, scores: Any, shape: torch.Size, valid: Tensor | None = None) -> Tensor:
+    """``scores`` if they are a floating tensor of ``shape`` [B, V], finite on the ``valid`` [B, V]
+    entries (all if None); else one line naming the scorer."""
     name = getattr(scorer, "registry_name", None) or type(scorer).__name__
     if not isinstance(scores, Tensor):
         raise ValueError(f"scorer {name} returned {type(scores).__name__}, expected a float tensor {list(shape)}")
@@ -158,16 +213,11 @@ def checked_scores(scorer: Any, scores: Any, shape: torch.Size) -> Tensor:
                          "(batch, remaining vision tokens)")
     if not scores.is_floating_point():
         raise ValueError(f"scorer {name} returned {scores.dtype} scores, expected a floating dtype")
-    if not bool(torch.isfinite(scores).all()):
-        bad = int((~torch.isfinite(scores)).sum())
+    finite = torch.isfinite(scores) if valid is None else torch.isfinite(scores) | ~valid
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
         raise ValueError(f"scorer {name} returned {bad} non-finite score(s) (NaN or inf) of {scores.numel()}")
     return scores
-
-
-def _column_map(kept: Tensor, base_len: int, width: int) -> Tensor:
-    """[B, width]: kept tokens' original columns, then the tokens appended after the prompt."""
-    tail = torch.arange(base_len, base_len + width - kept.shape[1], device=kept.device)
-    return torch.cat([kept, tail.expand(kept.shape[0], -1)], dim=1)
 
 
 class PruningEngine:
@@ -206,6 +256,12 @@ class PruningEngine:
         self.scorer = scorer
         self.plan = plan
         plan.check(self.adapter.num_layers)
+        if plan.positions == "compact" and self.adapter.position_axes > 1:
+            raise ValueError(
+                f"positions=compact renumbers 1-D positions; {self.adapter.family}'s {self.adapter.position_axes}-axis "
+                "multimodal rotary positions have no such renumbering: use positions=original"
+            )
+        self._fixed_vision = self.adapter.vision_layout(self.adapter.model.config).image_tokens
         if replay is not None and len(replay) != len(plan.locations):
             raise ValueError(f"replay has {len(replay)} stages but the plan has {len(plan.locations)}")
         self.replay = list(replay) if replay is not None else None
@@ -226,8 +282,11 @@ class PruningEngine:
         a = self.adapter
         self._hook_pre(a.multimodal_model, self._on_multimodal_input)
         self._hook_pre(a.language_model, self._on_llm_input)
-        vision_q, vision_k, _, _ = a.vision_attention()
-        for module, name in ((vision_q, "vision_q"), (vision_k, "vision_k"), (a.vision_tower, "vision_states")):
+        captures = [(a.vision_tower, "vision_states")]
+        if a.vision_attention() is not None:
+            vision_q, vision_k, _, _ = a.vision_attention()
+            captures += [(vision_q, "vision_q"), (vision_k, "vision_k")]
+        for module, name in captures:
             self._handles.append(module.register_forward_hook(self._timed(self._make_capture(name))))
         if self._layer_locations:  # layer 0 keeps the call's kwargs; layers after the first stage slice them
             for idx in [0, *range(self._layer_locations[0] + 1, a.num_layers)]:
@@ -246,7 +305,7 @@ class PruningEngine:
             handle.remove()
         self._handles.clear()
         self._finish_prefill()
-        pruned = self._state is not None and (bool(self._state.stages) or self._state.interface_kept is not None)
+        pruned = self._state is not None and (bool(self._state.stages) or self._state.interface_cut is not None)
         self._state = None
         if exc is not None and pruned and failed_inside_transformers(tb):
             raise describe_failure(exc, self.scorer, failing_layer(tb, self.adapter.decoder_layers)) from exc
@@ -297,9 +356,9 @@ class PruningEngine:
             layout = read_layout(input_ids, self.adapter.image_token_id, kwargs.get("attention_mask"))
             self._state = _ForwardState(layout)
             self._state.input_ids = input_ids
-            num_vision = layout.vision.shape[1]
-            self.plan.check(self.adapter.num_layers, num_vision)
-            self._state.record.tokens_per_layer = self.plan.tokens_per_layer(self.adapter.num_layers, num_vision)
+            self._state.num_vision = layout.vision_counts
+            self.plan.check(self.adapter.num_layers, self._fixed_vision)
+            self._state.record.tokens_per_layer = self._tokens_per_layer(layout.vision_counts.tolist())
         else:
             self._state = None  # text-only forward: nothing to prune
 
@@ -311,7 +370,7 @@ class PruningEngine:
         st.past_len, st.static_cache = cached_length(cache), is_static(cache)
         inputs_embeds = required(kwargs, "inputs_embeds", "the language model")
         if st.is_prefill:
-            _, _, vision_heads, vision_scaling = self.adapter.vision_attention()
+            _, _, vision_heads, vision_scaling = self.adapter.vision_attention() or (None, None, 0, 1.0)
             st.interface = InterfaceSignals(
                 inputs_embeds, st.layout, input_ids=st.input_ids,
                 vision_q=self._vision.pop("vision_q", None), vision_k=self._vision.pop("vision_k", None),
@@ -322,53 +381,52 @@ class PruningEngine:
             return None
         if st.is_prefill:
             self._prune_at_interface(st, kwargs)
-        kept = st.interface_kept
-        if kept is None:
+        cut = st.interface_cut
+        if cut is None:
             return None
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
-        pruned = st.input_len - kept.shape[1]
+        pruned = st.input_len - cut.kept.shape[1]
         if st.is_prefill:
-            kwargs["inputs_embeds"] = gather_seq(inputs_embeds, kept)
+            kwargs["inputs_embeds"] = gather_seq(inputs_embeds, cut.kept)
         if mask is not None:
             if mask.dim() == 2:
-                columns = _column_map(kept, st.input_len, mask.shape[1] - pruned)
-                kwargs["attention_mask"] = mask.gather(1, columns)
+                columns = cut.columns(st.input_len, mask.shape[1] - pruned)
+                overflow = columns >= mask.shape[1]  # fillers: padding
+                kwargs["attention_mask"] = mask.gather(1, columns.clamp(max=mask.shape[1] - 1)).masked_fill(overflow, 0)
             elif st.is_prefill:
                 width = _key_width(mask.shape[-1], pruned, st.static_cache)
-                kwargs["attention_mask"] = slice_mask(mask, kept, _column_map(kept, st.input_len, width))
+                kwargs["attention_mask"] = slice_mask(mask, cut.kept, cut.columns(st.input_len, width))
             # A 4D mask in decode was built by generate() from the (already pruned) cache of layer 0:
             # it is in cache coordinates and needs no remapping.
-        kwargs["position_ids"] = self._positions_at_interface(st, kwargs, kept)
+        kwargs["position_ids"] = self._positions_at_interface(st, kwargs, cut)
         return args, kwargs
 
     def _prune_at_interface(self, st: _ForwardState, kwargs: dict) -> None:
-        k = self.plan.keep[0]
-        if self.replay is None and k >= st.layout.vision.shape[1]:
+        if self._is_no_op(st, stage=0):
             self._record_no_op(st, stage=0)
             return
         timer = st.timer.start(kwargs["inputs_embeds"].device)
         signals = Signals(layout=st.layout, interface=st.interface, layer_idx=INTERFACE, stage=0, memo=st.memo)
-        kept, selected = self._select(st, signals, stage=0)
+        cut, selected, selected_valid = self._select(st, signals, stage=0)
         st.timer.stop(timer)
-        st.layout = st.layout.keep(kept, selected)
-        st.interface_kept = kept
-        st.base_len = kept.shape[1]  # decoder layer 0 sees the pruned sequence
+        st.layout = st.layout.keep(cut.kept, cut.filler, selected, selected_valid)
+        st.interface_cut = cut
+        st.base_len = cut.kept.shape[1]  # decoder layer 0 sees the pruned sequence
 
-    def _positions_at_interface(self, st: _ForwardState, kwargs: dict, kept: Tensor) -> Tensor:
+    def _positions_at_interface(self, st: _ForwardState, kwargs: dict, cut: _Cut) -> Tensor:
+        """Position ids [..., B, S'] of the kept tokens: their original ones, or renumbered (compact)."""
         pos = kwargs.get("position_ids")
-        pruned = st.input_len - kept.shape[1]
+        pruned = st.input_len - cut.kept.shape[1]
         if st.is_prefill:
             if pos is None:
-                pos = torch.arange(st.input_len, device=kept.device)[None]
-            pos = gather_seq(pos, kept)
-            if self.plan.positions == "compact":
-                pos = pos - (kept - torch.arange(kept.shape[1], device=kept.device))
-            return pos
+                pos = torch.arange(st.input_len, device=cut.kept.device)[None]
+            pos = gather_positions(pos, cut.kept)
+            return pos - cut.shift if self.plan.positions == "compact" else pos
         if pos is None:
             query_len = kwargs["inputs_embeds"].shape[1]
-            pos = (torch.arange(query_len, device=kept.device) + st.past_len + pruned)[None]
-        return pos - pruned if self.plan.positions == "compact" else pos
+            pos = (torch.arange(query_len, device=cut.kept.device) + st.past_len + pruned)[None]
+        return pos - cut.dropped if self.plan.positions == "compact" else pos
 
     def _make_capture(self, name: str) -> Any:
         def capture(module: nn.Module, args: tuple, output: Any) -> None:
@@ -397,16 +455,15 @@ class PruningEngine:
                 self.observe(signals)
             if stage_idx is None:
                 return None
-            if self.replay is None and self.plan.keep[stage_idx] >= st.layout.vision.shape[1]:
+            if self._is_no_op(st, stage_idx):
                 self._record_no_op(st, stage_idx)
                 return None  # nothing to prune: the stage is a no-op
             timer = st.timer.start(hidden.device)
-            kept, selected = self._select(st, signals, stage_idx)
+            cut, selected, selected_valid = self._select(st, signals, stage_idx)
             st.timer.stop(timer)
-            st.layout = st.layout.keep(kept, selected)
-            previous = st.stages[-1].kept if st.stages else None
-            st.stages.append(_Stage(layer_idx, kept if previous is None else previous.gather(1, kept)))
-            hidden = gather_seq(hidden, kept)
+            st.layout = st.layout.keep(cut.kept, cut.filler, selected, selected_valid)
+            st.stages.append(_Stage(layer_idx, st.stages[-1].cut.then(cut) if st.stages else cut))
+            hidden = gather_seq(hidden, cut.kept)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return after_layer
@@ -453,29 +510,44 @@ class PruningEngine:
 
     def _record_no_op(self, st: _ForwardState, stage: int) -> None:
         """A stage that keeps every remaining token is recorded too, so ``kept`` replays as the plan."""
-        st.record.kept.append(st.layout.vision_orig)
+        st.record.kept.append(st.layout.vision_orig.masked_fill(~st.layout.vision_valid, -1))
         st.record.locations.append(self.plan.locations[stage])
 
-    def _select(self, st: _ForwardState, signals: Signals, stage: int) -> tuple[Tensor, Tensor]:
-        """Kept sequence slots [B, S'] and the kept vision tokens' vision indices [B, k]."""
+    def _is_no_op(self, st: _ForwardState, stage: int) -> bool:
+        """True if every row keeps all its remaining vision tokens at ``stage`` (and nothing is replayed)."""
+        if self.replay is not None:
+            return False
+        return bool((self.plan.stage_keep(stage, st.num_vision) >= st.layout.vision_counts).all())
+
+    def _tokens_per_layer(self, counts: list[int]) -> list[float]:
+        """Vision tokens each decoder layer runs on, the mean over rows of ``counts`` image tokens."""
+        per_row = [self.plan.tokens_per_layer(self.adapter.num_layers, n) for n in counts]
+        means = [sum(layer) / len(layer) for layer in zip(*per_row)]
+        return [int(m) if m == int(m) else m for m in means]
+
+    def _select(self, st: _ForwardState, signals: Signals, stage: int) -> tuple[_Cut, Tensor, Tensor]:
+        """The cut of the current sequence, the kept vision entries' indices [B, k] (ascending) and
+        their validity [B, k] (rows that keep fewer than the batch's most are padded)."""
         layout = st.layout
+        valid = layout.vision_valid  # [B, V]
         if self.replay is not None:
             wanted = self.replay[stage].to(layout.vision_orig.device)
-            is_kept = (layout.vision_orig[:, :, None] == wanted[:, None, :]).any(-1)  # [B, V]
-            k = wanted.shape[1]
+            is_kept = (layout.vision_orig[:, :, None] == wanted[:, None, :]).any(-1) & valid  # [B, V]
         else:
-            k = self.plan.keep[stage]
-            scores = checked_scores(self.scorer, self.scorer.score(signals), layout.vision.shape)  # [B, V]
-            is_kept = torch.zeros_like(layout.vision, dtype=torch.bool)
-            is_kept.scatter_(1, scores.topk(k, dim=1).indices, True)
+            keep = torch.minimum(self.plan.stage_keep(stage, st.num_vision), layout.vision_counts)  # [B]
+            scores = checked_scores(self.scorer, self.scorer.score(signals), layout.vision.shape, valid)  # [B, V]
+            top = scores.masked_fill(~valid, float("-inf")).topk(int(keep.max()), dim=1).indices
+            rank = torch.arange(top.shape[1], device=top.device)
+            is_kept = torch.zeros_like(valid).scatter_(1, top, rank[None, :] < keep[:, None])
+        counts = is_kept.sum(1)  # [B]
+        k = int(counts.max())
         selected = torch.argsort((~is_kept).to(torch.uint8), dim=1, stable=True)[:, :k]  # ascending
-        keep = torch.ones_like(layout.valid)
-        keep.scatter_(1, layout.vision, False).scatter_(1, layout.vision.gather(1, selected), True)
-        new_len = layout.seq_len - (layout.vision.shape[1] - k)
-        kept = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :new_len]
-        st.record.kept.append(layout.vision_orig.gather(1, selected))
+        selected_valid = torch.arange(k, device=selected.device)[None, :] < counts[:, None]
+        dropped = torch.zeros(layout.valid.shape[0], layout.seq_len + 1, dtype=torch.bool, device=valid.device)
+        dropped = dropped.scatter_(1, layout.vision_scatter_index(), valid & ~is_kept)[:, : layout.seq_len]  # [B, S]
+        st.record.kept.append(layout.vision_orig.gather(1, selected).masked_fill(~selected_valid, -1))
         st.record.locations.append(self.plan.locations[stage])
-        return kept, selected
+        return _cut(dropped), selected, selected_valid
 
     def _make_layer_input_hook(self, layer_idx: int) -> Any:
         """Before decoder layer ``layer_idx``: layer 0 keeps the call's kwargs that every layer receives;
@@ -505,24 +577,20 @@ class PruningEngine:
     def _stage_kwargs(self, st: _ForwardState, stage: _Stage) -> dict:
         """Layer kwargs of this call sliced to the stage's kept tokens."""
         base = st.base_kwargs
-        kept = stage.kept
+        cut = stage.cut
         cos, sin = required(base, "position_embeddings", "decoder layer 0")
         pos = base.get("position_ids")
         mask = base.get("attention_mask")
         out: dict[str, Any] = {}
         if st.is_prefill:
-            cos, sin = gather_seq(cos, kept), gather_seq(sin, kept)
+            cos, sin = gather_seq(cos, cut.kept), gather_seq(sin, cut.kept)
             if pos is not None:
-                pos = gather_seq(pos, kept)
+                pos = gather_positions(pos, cut.kept)
         if mask is not None:
-            width = _key_width(mask.shape[-1], st.base_len - kept.shape[1], st.static_cache)
-            columns = _column_map(kept, st.base_len, width)
-            out["attention_mask"] = slice_mask(mask, kept if st.is_prefill else None, columns)
+            width = _key_width(mask.shape[-1], st.base_len - cut.kept.shape[1], st.static_cache)
+            out["attention_mask"] = slice_mask(mask, cut.kept if st.is_prefill else None, cut.columns(st.base_len, width))
         if self.plan.positions == "compact" and pos is not None:
-            if st.is_prefill:
-                pos = pos - (kept - torch.arange(kept.shape[1], device=kept.device))
-            else:
-                pos = pos - (st.base_len - kept.shape[1])
+            pos = pos - (cut.shift if st.is_prefill else cut.dropped)
             cos, sin = self.adapter.rotary_emb(cos, position_ids=pos)
         out["position_embeddings"] = (cos, sin)
         if pos is not None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 POSITION_MODES = ("original", "compact")
 INTERFACE = -1  # location of pruning at the vision-language interface, before decoder layer 0
 
@@ -19,15 +22,22 @@ class PruningPlan:
 
     ``positions="original"`` keeps each kept token's rotary position; ``"compact"`` renumbers the
     kept tokens consecutively (an ablation).
+
+    Rows may hold different numbers of image tokens ``n``. With ``relative=False`` a row keeps
+    ``min(keep[i], tokens it has left)`` (the papers' absolute counts); with ``relative=True`` each
+    ``keep[i]`` is a fraction and a row keeps ``round(keep[i] * n)`` of its own tokens.
     """
 
     locations: tuple[int, ...]
-    keep: tuple[int, ...]
+    keep: tuple[float, ...]
     positions: str = "original"
+    relative: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "locations", tuple(int(x) for x in self.locations))
-        object.__setattr__(self, "keep", tuple(int(x) for x in self.keep))
+        object.__setattr__(self, "keep", tuple(float(x) if self.relative else int(x) for x in self.keep))
+        if self.relative and any(not 0 <= k <= 1 for k in self.keep):
+            raise ValueError(f"relative keep fractions must lie in [0, 1], got {list(self.keep)}")
         if len(self.locations) != len(self.keep):
             raise ValueError(f"{len(self.locations)} locations but {len(self.keep)} keep counts")
         if list(self.locations) != sorted(set(self.locations)):
@@ -40,23 +50,30 @@ class PruningPlan:
             raise ValueError(f"unknown positions {self.positions!r}; choose one of {list(POSITION_MODES)}")
 
     @classmethod
-    def of(cls, locations: Sequence[int], keep: Sequence[int], positions: str = "original") -> PruningPlan:
-        return cls(tuple(locations), tuple(keep), positions)
+    def of(cls, locations: Sequence[int], keep: Sequence[float], positions: str = "original",
+           relative: bool = False) -> PruningPlan:
+        return cls(tuple(locations), tuple(keep), positions, relative)
 
     def check(self, num_layers: int, num_vision: int | None = None) -> None:
-        """Raise a one-line error if the plan does not fit a model."""
+        """Raise a one-line error if the plan does not fit a model (``num_vision``: its fixed image-token count)."""
         bad = [x for x in self.locations if x >= num_layers]
         if bad:
             raise ValueError(
                 f"pruning location(s) {bad} out of range for a {num_layers}-layer LLM; valid: -1 .. {num_layers - 1}"
             )
-        if num_vision is not None and self.keep and self.keep[0] > num_vision:
+        if num_vision is not None and not self.relative and self.keep and self.keep[0] > num_vision:
             raise ValueError(f"keep count {self.keep[0]} exceeds the {num_vision} vision tokens")
 
+    def stage_keep(self, stage: int, num_vision: Tensor) -> Tensor:
+        """[B] tokens each row keeps after ``stage``, from its original image-token count ``num_vision`` [B]."""
+        if self.relative:
+            return torch.round(self.keep[stage] * num_vision.double()).long()
+        return num_vision.clamp(max=int(self.keep[stage]))
+
     def tokens_per_layer(self, num_layers: int, num_vision: int) -> list[int]:
-        """Vision tokens each decoder layer actually runs on (what the engine computes)."""
+        """Vision tokens each decoder layer runs on, for a row of ``num_vision`` image tokens."""
         counts = []
         for layer in range(num_layers):
-            kept = [k for loc, k in zip(self.locations, self.keep) if loc < layer]
-            counts.append(min([num_vision, *kept]))
+            stages = [i for i, loc in enumerate(self.locations) if loc < layer]
+            counts.append(int(self.stage_keep(stages[-1], torch.tensor([num_vision]))[0]) if stages else num_vision)
         return counts

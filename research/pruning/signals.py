@@ -27,54 +27,76 @@ class TokenLayout:
 
     ``text`` are the question tokens: the non-padding tokens after the last image token, read from
     ``input_ids`` per sample. Rows have different numbers of them; ``text_valid`` marks real ones.
+    Rows may also hold different numbers of image tokens (an image's size may set them): ``V`` is the
+    batch's largest count and ``vision_valid`` marks each row's real entries; the others point at slot 0
+    (a valid index to gather from; the engine never keeps, drops or scores them).
     """
 
-    vision: Tensor  # [B, V] slots of the remaining vision tokens (ascending)
+    vision: Tensor  # [B, V] slots of the remaining vision tokens (ascending over valid entries)
     vision_orig: Tensor  # [B, V] their indices in the model's input_ids
     vision_rank: Tensor  # [B, V] their indices among the image's tokens (= patch index for LLaVA)
     text: Tensor  # [B, T] slots of question tokens (the last T slots)
     text_valid: Tensor  # [B, T] bool
-    valid: Tensor  # [B, S] bool, False on left padding
+    valid: Tensor  # [B, S] bool, False on left padding (and on filler slots of shorter pruned rows)
+    vision_valid: Tensor | None = None  # [B, V] bool, False past a row's own image tokens (None: all real)
+
+    def __post_init__(self) -> None:
+        if self.vision_valid is None:
+            self.vision_valid = torch.ones_like(self.vision, dtype=torch.bool)
 
     @property
     def seq_len(self) -> int:
         return self.valid.shape[1]
 
-    def keep(self, kept: Tensor, selected: Tensor) -> TokenLayout:
-        """Layout after keeping sequence slots ``kept`` [B, S'] (ascending), among them the vision
-        tokens ``selected`` [B, k] (ascending indices into this layout's vision dimension)."""
-        keep = torch.zeros_like(self.valid).scatter_(1, kept, True)
-        new_slot = keep.cumsum(1) - 1  # [B, S] new index of each kept slot
+    @property
+    def vision_counts(self) -> Tensor:
+        """[B] each row's number of remaining vision tokens."""
+        return self.vision_valid.sum(1)
+
+    def vision_scatter_index(self) -> Tensor:
+        """[B, V] ``vision`` with invalid entries sent to column S (scatter into S + 1 columns, drop the last)."""
+        return torch.where(self.vision_valid, self.vision, self.seq_len)
+
+    def keep(self, kept: Tensor, filler: Tensor, selected: Tensor, selected_valid: Tensor) -> TokenLayout:
+        """Layout after keeping sequence slots ``kept`` [B, S'] (ascending after the row's ``filler``
+        slots [B, S'], which pad shorter rows on the left), among them the vision tokens ``selected``
+        [B, k] (indices into this layout's vision dimension; ``selected_valid`` [B, k] marks real ones)."""
+        batch, new_len = kept.shape
+        position = torch.arange(new_len, device=kept.device).expand(batch, new_len)
+        new_slot = torch.zeros(batch, self.seq_len + 1, dtype=kept.dtype, device=kept.device)
+        new_slot = new_slot.scatter_(1, torch.where(filler, self.seq_len, kept), position)[:, : self.seq_len]
+        vision = new_slot.gather(1, self.vision.gather(1, selected))
         return TokenLayout(
-            vision=new_slot.gather(1, self.vision.gather(1, selected)),
+            vision=torch.where(selected_valid, vision, 0),
             vision_orig=self.vision_orig.gather(1, selected),
             vision_rank=self.vision_rank.gather(1, selected),
             text=new_slot.gather(1, self.text),
             text_valid=self.text_valid,
-            valid=self.valid.gather(1, kept),
+            valid=self.valid.gather(1, kept) & ~filler,
+            vision_valid=selected_valid,
         )
 
 
 def read_layout(input_ids: Tensor, image_token_id: int, attention_mask: Tensor | None) -> TokenLayout:
     """Image and question positions of each row of ``input_ids`` [B, S] (left padding allowed).
 
-    One host sync (the number of image tokens); every row must hold the same number of them.
+    One host sync (the largest number of image tokens in a row); rows may hold different numbers.
     """
     is_image = input_ids == image_token_id  # [B, S]
-    counts = is_image.sum(1).tolist()
-    if len(set(counts)) != 1:
-        raise ValueError(f"every row must hold the same number of image tokens, got {counts}")
-    num_vision = counts[0]
+    counts = is_image.sum(1)  # [B]
+    num_vision = int(counts.max())
     batch, seq_len = input_ids.shape
     # Stable argsort puts image slots first, in ascending order, without a data-dependent shape.
     vision = torch.argsort((~is_image).to(torch.uint8), dim=1, stable=True)[:, :num_vision]  # [B, V]
+    rank = torch.arange(num_vision, device=input_ids.device).expand(batch, num_vision)
+    vision_valid = rank < counts[:, None]
+    vision = torch.where(vision_valid, vision, 0)
     valid = padding_from_mask(attention_mask, seq_len) if attention_mask is not None else torch.ones_like(is_image)
-    last_image = vision[:, -1:]  # [B, 1]
+    last_image = vision.gather(1, (counts[:, None] - 1).clamp(min=0))  # [B, 1]
     num_text = int((seq_len - 1 - last_image).max()) if num_vision else seq_len
     text = torch.arange(seq_len - num_text, seq_len, device=input_ids.device).expand(batch, num_text)
     text_valid = (text > last_image) & valid.gather(1, text)
-    rank = torch.arange(num_vision, device=input_ids.device).expand(batch, num_vision)
-    return TokenLayout(vision, vision.clone(), rank, text, text_valid, valid)
+    return TokenLayout(vision, vision.clone(), rank, text, text_valid, valid, vision_valid)
 
 
 def padding_from_mask(mask: Tensor, seq_len: int) -> Tensor:
@@ -97,6 +119,14 @@ def gather_seq(x: Tensor, index: Tensor) -> Tensor:
     x = x.expand(batch, *x.shape[1:])
     view = index.view(*index.shape, *([1] * (x.dim() - 2)))
     return x.gather(1, view.expand(*index.shape, *x.shape[2:]))
+
+
+def gather_positions(positions: Tensor, index: Tensor) -> Tensor:
+    """Position ids ``[..., B or 1, S]`` (sequence on the last axis: ``[B, S]``, or multimodal rotary
+    ``[3, B, S]`` / ``[4, B, S]``) gathered at ``index`` [B, S'] -> ``[..., B, S']``."""
+    lead = positions.shape[:-2]
+    positions = positions.expand(*lead, index.shape[0], positions.shape[-1])
+    return positions.gather(-1, index.expand(*lead, *index.shape))
 
 
 def query_attention(
@@ -330,6 +360,11 @@ class Signals:
     @property
     def num_vision(self) -> int:
         return self.layout.vision.shape[1]
+
+    @property
+    def vision_valid(self) -> Tensor:
+        """[B, V] bool: real vision entries (rows may hold fewer image tokens than the batch's largest)."""
+        return self.layout.vision_valid
 
     def remaining(self, per_image_token: Tensor) -> Tensor:
         """Select, from a [B, V0, ...] tensor over the image's original tokens, the remaining ones."""

@@ -1,0 +1,255 @@
+"""What the pruning engine asks of a model family, and the registry of families.
+
+A family is one transformers ``*ForConditionalGeneration`` class. Its adapter (one module per
+family in ``research/models/``) says where the engine finds:
+
+* the module whose forward receives ``input_ids`` (``multimodal_model``), the decoder stack
+  (``language_model``), its ``decoder_layers`` and ``rotary_emb``;
+* per decoder layer, the attention projections (``q_proj`` / ``k_proj``), the input norm and the
+  attention scaling;
+* the vision tower and, if the family has one that maps onto its image tokens, the CLS-attention
+  source of visual saliency (``vision_attention``; ``None`` otherwise);
+* the image token id, and the vision layout read from ``config.json`` alone
+  (:meth:`VLMAdapter.vision_layout`: the image-token count, or ``None`` when the image decides it).
+
+What every family shares needs no spec: position ids are ``[..., B, S]`` with the sequence on the
+last axis (LLaMA-style ``[B, S]``; Qwen2-VL's multimodal ``[3, B, S]`` or ``[4, B, S]``), every
+decoder layer receives the same mask and rotary ``position_embeddings`` (families whose layers
+differ, e.g. sliding-window layers beside global ones, are refused: :meth:`VLMAdapter.check_config`).
+
+The engine and the rest of the project name no model class: they ask :func:`adapter_for` (a loaded
+model) or :func:`family_of_config` (a ``config.json``) which adapter applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from research.registry import Registry
+
+FAMILIES: Registry[type] = Registry("model family")
+
+
+class UnsupportedModel(ValueError):
+    """A model class no adapter covers, or a configuration the engine cannot prune correctly; one line."""
+
+
+@dataclass(frozen=True)
+class VisionLayout:
+    """What ``config.json`` alone says about a family's image tokens."""
+
+    num_layers: int  # decoder layers of the LLM
+    image_tokens: int | None  # image tokens per image, or None when the image's size sets them
+    rule: str  # how the count arises (shown in errors and the README)
+    nominal_tokens: int  # the count an absolute budget is planned against (the fixed count, or a typical one)
+
+
+class VLMAdapter:
+    """Locates the parts of a VLM the pruning engine hooks into; one subclass per family.
+
+    The defaults fit transformers' common layout (``model.model.language_model.layers[i].self_attn``);
+    a family overrides only what differs.
+    """
+
+    family: ClassVar[str]  # registry name, e.g. "llava15"
+    model_class: ClassVar[str]  # the transformers class it adapts, e.g. "LlavaForConditionalGeneration"
+    has_cls_saliency: ClassVar[bool] = False  # vision_attention() gives CLS attention over the image tokens
+    position_axes: ClassVar[int] = 1  # rows of position_ids ([B, S]: 1; multimodal rotary [3, B, S]: 3)
+
+    def __init__(self, model: nn.Module) -> None:
+        if type(model).__name__ != self.model_class:
+            raise TypeError(f"{type(self).__name__} needs a {self.model_class}, got {type(model).__name__}")
+        self.model = model
+        self.check_config(model.config)
+        text_config = model.config.text_config
+        self.num_layers: int = text_config.num_hidden_layers
+        self.num_heads: int = text_config.num_attention_heads
+        self.num_kv_heads: int = text_config.num_key_value_heads
+        self.hidden_size: int = text_config.hidden_size
+        self.intermediate_size: int = text_config.intermediate_size
+        self.head_dim: int = getattr(text_config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.image_token_id: int = model.config.image_token_id
+
+    # ---- what config.json says (no weights) -------------------------------------------------------
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Refuse, in one line, a configuration the engine cannot prune correctly."""
+        kinds = sorted(set(getattr(config.text_config, "layer_types", None) or []))
+        if len(kinds) > 1:
+            raise UnsupportedModel(
+                f"{cls.model_class} with mixed decoder layer types {kinds} is not supported: the engine gives every "
+                "layer after a stage the same sliced mask and rotary embedding"
+            )
+
+    @classmethod
+    def vision_layout(cls, config: Any) -> VisionLayout:
+        raise NotImplementedError
+
+    # ---- modules the engine hooks ----------------------------------------------------------------
+    @property
+    def multimodal_model(self) -> nn.Module:
+        """The module whose forward receives ``input_ids`` (image positions are read there)."""
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack; its forward pre-hook is the vision-language interface."""
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        return self.language_model.rotary_emb
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def attention_projections(self, layer_idx: int) -> tuple[nn.Module, nn.Module]:
+        """(q_proj, k_proj) of decoder layer ``layer_idx``: their outputs are the layer's own Q and K."""
+        attn = self.decoder_layers[layer_idx].self_attn
+        return attn.q_proj, attn.k_proj
+
+    def input_norm(self, layer_idx: int) -> nn.Module:
+        """The norm decoder layer ``layer_idx`` applies to its input before attention (``input_layernorm``)."""
+        return self.decoder_layers[layer_idx].input_layernorm
+
+    def attention_scaling(self, layer_idx: int) -> float:
+        return float(self.decoder_layers[layer_idx].self_attn.scaling)
+
+    def vision_attention(self) -> tuple[nn.Module, nn.Module, int, float] | None:
+        """(q_proj, k_proj, num_heads, scale) of the vision layer whose CLS attention ranks the image
+        tokens one to one; ``None`` for a family without such a source (no CLS, merged or cropped patches)."""
+        return None
+
+    @property
+    def path(self) -> Path | None:
+        """The local directory the model was loaded from, if any."""
+        name = self.model.config.name_or_path
+        return Path(name) if name and Path(name).is_dir() else None
+
+    # ---- loading and inputs --------------------------------------------------------------------
+    @classmethod
+    def model_type(cls) -> type:
+        import transformers
+
+        return getattr(transformers, cls.model_class)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+        device: str | torch.device = "cpu",
+    ) -> tuple[VLMAdapter, Any]:
+        """Load a local checkpoint directory (safetensors, never remote code) and its processor.
+
+        Returns ``(adapter, processor)``; the processor's tokenizer pads on the left.
+        Raises FileNotFoundError if ``path`` holds no ``config.json``.
+        """
+        from transformers import AutoProcessor
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: expected a local Hugging Face checkpoint directory (config.json + *.safetensors)"
+            )
+        model = cls.model_type().from_pretrained(
+            path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False
+        )
+        model = model.eval().to(device)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        processor.tokenizer.padding_side = "left"
+        return cls(model), processor
+
+    def build_inputs(self, processor: Any, images: Sequence[Any], questions: Sequence[str]) -> dict:
+        """Batched, left-padded model inputs for (image, question) pairs in the model's chat format.
+
+        Each prompt comes from the processor's chat template when it has one, otherwise from
+        :meth:`fallback_prompt`; the processor expands the image placeholder to the image's tokens.
+        Returns a ``BatchFeature`` on the model's device, floating tensors in the model's dtype.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+        if getattr(processor, "chat_template", None):
+            prompts = [
+                processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                    add_generation_prompt=True,
+                )
+                for q in questions
+            ]
+        else:
+            prompts = [self.fallback_prompt(q) for q in questions]
+        inputs = processor(
+            images=list(images), text=prompts, return_tensors="pt", padding=True, padding_side="left"
+        )
+        inputs = inputs.to(self.model.device)
+        for key, value in inputs.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                inputs[key] = value.to(self.model.dtype)
+        return inputs
+
+    def fallback_prompt(self, question: str) -> str:
+        """The prompt for a processor without a chat template (LLaVA-1.5's format)."""
+        return f"USER: <image>\n{question} ASSISTANT:"
+
+    # ---- random-weight instances (tests, benchmarks) ---------------------------------------------
+    @classmethod
+    def random_model(cls, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
+                     attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
+        """A random-weight model of this family built from its config classes (``size``: tiny | mid)."""
+        raise NotImplementedError
+
+    @classmethod
+    def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,
+                      image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded inputs ``[BOS, prefix, <image tokens>, question]`` per row for a random model;
+        ``image_sizes`` (families whose images set their token count) gives each row's image size."""
+        raise NotImplementedError
+
+
+def register(cls: type[VLMAdapter]) -> type[VLMAdapter]:
+    """Class decorator: registers an adapter under its ``family``."""
+    return FAMILIES.register(cls.family)(cls)
+
+
+def supported() -> str:
+    return ", ".join(f"{name} ({FAMILIES.get(name).model_class})" for name in FAMILIES.names())
+
+
+def family_of_class(class_name: str) -> type[VLMAdapter]:
+    """The adapter registered for transformers class ``class_name``; one line naming the supported ones."""
+    for name in FAMILIES.names():
+        if FAMILIES.get(name).model_class == class_name:
+            return FAMILIES.get(name)
+    raise UnsupportedModel(f"model class {class_name} cannot be pruned; supported families: {supported()}")
+
+
+def adapter_for(model: nn.Module) -> VLMAdapter:
+    """The adapter of a loaded model's family; one line naming the supported families otherwise."""
+    return family_of_class(type(model).__name__)(model)
+
+
+def family_of_config(raw: dict) -> type[VLMAdapter]:
+    """The adapter for a checkpoint's parsed ``config.json`` (its ``architectures``, else ``model_type``)."""
+    architectures = raw.get("architectures") or []
+    if architectures:
+        return family_of_class(architectures[0])
+    model_type = raw.get("model_type")
+    for name in FAMILIES.names():
+        adapter = FAMILIES.get(name)
+        if adapter.model_type().config_class.model_type == model_type:
+            return adapter
+    raise UnsupportedModel(f"config.json of model_type {model_type!r} names no architecture this project can prune; "
+                           f"supported families: {supported()}")

@@ -1,0 +1,325 @@
+"""The engine's four correctness properties on every registered model family (tiny random weights).
+
+Parametrized over ``FAMILIES``, so a new family is covered by registering it. Families whose image
+size sets the number of image tokens (LLaVA-NeXT, OneVision, Qwen2-VL, Qwen2.5-VL) get rows of
+different image-token counts in one left-padded batch:
+
+* full budget -> logits bitwise equal to vanilla;
+* pruned forward == the unpruned model with the pruned keys masked out, at the kept positions;
+* greedy generate with a KV cache == the no-cache recompute of the same kept set;
+* each row of a left-padded batch keeps the same tokens and answers the same as that row alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import cache
+
+import pytest
+import torch
+
+from research.models import FAMILIES, UnsupportedModel, adapter_for, family_of_config
+from research.pruning import PruningEngine, PruningPlan
+from scorers import SCORERS
+
+FAMILY_NAMES = FAMILIES.names()
+QUESTIONS = [5, 9, 7]
+# image sizes per row (pixels) for the families whose image sets its token count: different counts per row
+IMAGE_SIZES = {
+    "llava_next": [(16, 32), (30, 30), (16, 16)],
+    "llava_onevision": [(16, 32), (30, 30), (16, 16)],
+    "qwen2_vl": [(16, 16), (16, 24), (24, 32)],
+    "qwen2_5_vl": [(16, 16), (16, 24), (24, 32)],
+}
+LAYER_PLAN = PruningPlan.of([1, 2], [0.5, 0.25], relative=True)
+ABSOLUTE_PLAN = PruningPlan.of([1, 2], [12, 5])  # rows with fewer tokens keep min(k, their own)
+INTERFACE_PLAN = PruningPlan.of([-1, 2], [0.6, 0.3], relative=True)
+PLANS = {"layers": LAYER_PLAN, "absolute": ABSOLUTE_PLAN, "interface": INTERFACE_PLAN}
+
+
+class EmbeddingNorm:
+    """A content-based interface scorer that ignores other rows (random draws depend on the batch)."""
+
+    def score(self, signals):
+        return signals.vision_embeds.norm(dim=-1)  # [B, V] the remaining vision tokens
+
+
+def scorer_for(plan: PruningPlan):
+    return EmbeddingNorm() if plan.locations[0] < 0 else SCORERS.get("text_prior")()
+
+
+@cache
+def model(family: str):
+    return FAMILIES.get(family).random_model(num_layers=4, num_kv_heads=2)
+
+
+def inputs(family: str, size: int = 3) -> dict[str, torch.Tensor]:
+    sizes = IMAGE_SIZES.get(family)
+    return FAMILIES.get(family).random_inputs(model(family), QUESTIONS[:size], image_sizes=sizes and sizes[:size])
+
+
+def row(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Row ``i`` alone, without its padding; Qwen-style flat ``pixel_values`` are cut by ``image_grid_thw``."""
+    keep = batch["attention_mask"][i].bool()
+    out = {}
+    for key, value in batch.items():
+        if key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            out[key] = value[i][keep][None]
+        elif key == "pixel_values" and "image_grid_thw" in batch:
+            ends = batch["image_grid_thw"].prod(1).cumsum(0).tolist()
+            out[key] = value[([0] + ends)[i] : ends[i]]
+        else:
+            out[key] = value[i : i + 1]
+    return out
+
+
+def grown(batch: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``batch`` with ``tokens`` [B, t] appended (text tokens)."""
+    out = dict(batch)
+    out["input_ids"] = torch.cat([batch["input_ids"], tokens], 1)
+    out["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tokens)], 1)
+    if "mm_token_type_ids" in batch:
+        out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tokens)], 1)
+    return out
+
+
+@torch.no_grad()
+def forward(family: str, batch: dict, **engine_args):
+    m = model(family)
+    if not engine_args:
+        return m(**batch).logits, None
+    with PruningEngine(m, **engine_args) as engine:
+        logits = m(**batch).logits
+    return logits, engine.last
+
+
+@contextlib.contextmanager
+def masked_reference(family: str, batch: dict, record):
+    """The unpruned model, but every layer after a stage cannot attend to the keys that stage pruned."""
+    adapter = adapter_for(model(family))
+    input_ids, valid = batch["input_ids"], batch["attention_mask"].bool()
+    b, s = input_ids.shape
+    base = torch.ones(s, s, dtype=torch.bool).tril()[None] & valid[:, None, :]
+    base |= torch.eye(s, dtype=torch.bool)[None]  # padding queries attend to themselves: no NaN rows
+    is_vision = input_ids == adapter.image_token_id
+    handles = []
+    for idx, layer in enumerate(adapter.decoder_layers):
+        allowed = base.clone()
+        for location, kept in zip(record.locations, record.kept):
+            if location < idx:
+                pruned = is_vision.clone()
+                for r in range(b):
+                    pruned[r, kept[r][kept[r] >= 0]] = False
+                allowed &= ~pruned[:, None, :]
+        mask = torch.zeros(b, 1, s, s).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        handles.append(layer.register_forward_pre_hook(
+            lambda module, args, kwargs, mask=mask: (args, {**kwargs, "attention_mask": mask}), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def kept_slots(batch: dict, record, image_token_id: int, r: int) -> torch.Tensor:
+    """Input slots of row ``r`` that the last stage kept: every non-image slot and the kept image ones."""
+    keep = batch["input_ids"][r] != image_token_id
+    kept = record.kept[-1][r]
+    keep[kept[kept >= 0]] = True
+    return keep.nonzero()[:, 0]
+
+
+def test_rows_of_the_variable_families_hold_different_numbers_of_image_tokens():
+    for family in IMAGE_SIZES:
+        image = model(family).config.image_token_id
+        counts = (inputs(family)["input_ids"] == image).sum(1).tolist()
+        assert len(set(counts)) == 3, (family, counts)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_full_budget_is_bitwise_vanilla(family):
+    batch = inputs(family)
+    vanilla, _ = forward(family, batch)
+    full = PruningPlan.of([-1, 1, 2], [1.0, 1.0, 1.0], relative=True)
+    pruned, _ = forward(family, batch, scorer=SCORERS.get("text_prior")(), plan=full)
+    assert torch.equal(pruned, vanilla)
+
+
+@pytest.mark.parametrize("kind", list(PLANS))
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_pruned_forward_equals_masked_reference(family, kind):
+    batch, plan = inputs(family), PLANS[kind]
+    pruned, record = forward(family, batch, scorer=scorer_for(plan), plan=plan)
+    counts = (batch["input_ids"] == model(family).config.image_token_id).sum(1)
+    expected = [plan.tokens_per_layer(4, int(n)) for n in counts]
+    assert record.tokens_per_layer == pytest.approx([sum(c) / len(c) for c in zip(*expected)])
+    with masked_reference(family, batch, record):
+        reference, _ = forward(family, batch)
+    image = model(family).config.image_token_id
+    for r in range(len(counts)):
+        slots = kept_slots(batch, record, image, r)
+        real = batch["attention_mask"][r, slots].bool()
+        mine = pruned[r, pruned.shape[1] - len(slots):]  # fillers pad shorter rows on the left
+        torch.testing.assert_close(mine[real], reference[r, slots][real], atol=1e-4, rtol=0)
+
+
+def greedy(family: str, batch: dict, plan: PruningPlan, steps: int = 4, **generate_kwargs):
+    m = model(family)
+    with torch.no_grad(), PruningEngine(m, scorer_for(plan), plan) as engine:
+        out = m.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, **generate_kwargs)
+    return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, 1), engine.last
+
+
+@pytest.mark.parametrize("kind", ["layers", "interface"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_cached_decode_equals_no_cache_recompute(family, kind):
+    batch, plan = inputs(family), PLANS[kind]
+    tokens, cached, record = greedy(family, batch, plan)
+    recomputed = []
+    for t in range(tokens.shape[1]):
+        with torch.no_grad(), PruningEngine(model(family), None, plan, replay=record.kept):
+            recomputed.append(model(family)(**grown(batch, tokens[:, :t]), use_cache=False).logits[:, -1])
+    recomputed = torch.stack(recomputed, 1)
+    torch.testing.assert_close(cached, recomputed, atol=1e-4, rtol=0)
+    assert torch.equal(recomputed.argmax(-1), tokens)
+
+
+@pytest.mark.parametrize("kind", ["layers", "absolute", "interface"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_padded_rows_equal_rows_alone(family, kind):
+    batch, plan = inputs(family), PLANS[kind]
+    tokens, _, record = greedy(family, batch, plan)
+    padding = (batch["attention_mask"] == 0).sum(1)
+    for i in range(3):
+        alone_tokens, _, alone = greedy(family, row(batch, i), plan)
+        for stage_kept, alone_kept in zip(record.kept, alone.kept):
+            mine = stage_kept[i][stage_kept[i] >= 0]
+            assert torch.equal(mine - padding[i], alone_kept[0])
+        assert torch.equal(tokens[i], alone_tokens[0])
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if FAMILIES.get(f).position_axes > 1])
+def test_decode_positions_after_pruning_equal_the_unpruned_models(family):
+    """Pruned tokens keep their original 3-D positions, so a decode step sees the positions (the prefill's
+    ``rope_deltas`` included) it sees without pruning; counting them from the shorter cache would not."""
+    m = model(family)
+    seen: dict[str, list[torch.Tensor]] = {"pruned": [], "vanilla": []}
+
+    def spy(key):
+        def hook(module, args, kwargs):
+            seen[key].append(kwargs["position_embeddings"][0][:, -1:].clone())  # cos of the newest token
+        return hook
+
+    batch = inputs(family)
+    for key, plan in (("vanilla", None), ("pruned", INTERFACE_PLAN)):
+        handle = adapter_for(m).decoder_layers[-1].register_forward_pre_hook(spy(key), with_kwargs=True)
+        try:
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                if plan is not None:
+                    stack.enter_context(PruningEngine(m, EmbeddingNorm(), plan))
+                m.generate(**batch, max_new_tokens=3, do_sample=False)
+        finally:
+            handle.remove()
+    assert len(seen["pruned"]) == len(seen["vanilla"]) == 3
+    for pruned, vanilla in zip(seen["pruned"][1:], seen["vanilla"][1:]):  # the decode steps
+        torch.testing.assert_close(pruned, vanilla, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if FAMILIES.get(f).position_axes > 1])
+def test_compact_positions_are_refused_on_multi_axis_positions(family):
+    with pytest.raises(ValueError, match="positions=compact renumbers 1-D positions"):
+        PruningEngine(model(family), EmbeddingNorm(), PruningPlan.of([-1], [0.5], "compact", relative=True))
+
+
+def test_an_unsupported_class_is_refused_in_one_line():
+    """Gemma3 (sliding-window layers beside global ones, normalised queries and keys) is refused, before
+    its weights load (from config.json) and when a loaded one is handed to the engine."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tiny = AutoConfig.for_model("gemma3", text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                                       "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                       "num_key_value_heads": 1, "head_dim": 16},
+                                vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "image_size": 16, "patch_size": 4})
+    gemma = AutoModelForImageTextToText.from_config(tiny)
+    name = type(gemma).__name__
+    saved = {**tiny.to_dict(), "architectures": [name]}  # what save_pretrained writes to config.json
+    with pytest.raises(UnsupportedModel, match=f"model class {name} cannot be pruned; supported families: .*qwen2_vl"
+                       ) as caught:
+        family_of_config(saved)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UnsupportedModel, match="model_type 'gemma3' names no architecture this project can prune"):
+        family_of_config(tiny.to_dict())
+    with pytest.raises(UnsupportedModel, match=f"{name} cannot be pruned"):
+        PruningEngine(gemma, EmbeddingNorm(), PruningPlan.of([1], [4]))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_is_detected_from_its_config_json(family):
+    config = model(family).config.to_dict()
+    assert family_of_config(config) is FAMILIES.get(family)
+    assert family_of_config({k: v for k, v in config.items() if k != "architectures"}) is FAMILIES.get(family)
+
+
+@cache
+def clip_dir_for(family: str):
+    """A tiny CLIP checkpoint whose vision tower matches the family's (for ``atp``'s text tower), on disk."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModel
+
+    from research.shapes_model.vocab import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = model(family).config.vision_config.to_dict()
+    clip = AutoModel.from_config(AutoConfig.for_model("clip", text_config=text, vision_config=vision, projection_dim=16))
+    path = tempfile.mkdtemp(prefix=f"clip-{family}-")
+    clip.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("scorer", SCORERS.names())
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, scorer, tmp_path):
+    from research.config import ConfigError, ModelConfig, RunConfig, model_family
+
+    adapter, scorer_class = FAMILIES.get(family), SCORERS.get(scorer)
+    model(family).config.save_pretrained(tmp_path)  # config.json alone: the check must not need weights
+    cfg = RunConfig(scorers=[scorer], model=ModelConfig(name=family, path=str(tmp_path)))
+    if scorer_class.needs_cls_saliency and not adapter.has_cls_saliency:
+        with pytest.raises(ConfigError, match=f"scorer '{scorer}' ranks by the vision tower's CLS attention, which "
+                                              f"{family} .* does not map onto its image tokens") as caught:
+            model_family(cfg, tmp_path)
+        assert "\n" not in str(caught.value)
+        return
+    assert model_family(cfg, tmp_path) is adapter
+    params = {"clip_path": clip_dir_for(family)} if scorer == "atp" else {}
+    plan = PruningPlan.of([-1], [0.5], relative=True) if scorer_class.pre_llm else LAYER_PLAN
+    batch = inputs(family)
+    counts = (batch["input_ids"] == model(family).config.image_token_id).sum(1)
+    _, record = forward(family, batch, scorer=scorer_class(**params), plan=plan)
+    for stage, fraction in zip(record.kept, plan.keep):
+        kept = (stage >= 0).sum(1)
+        assert torch.equal(kept, torch.round(fraction * counts.double()).long())
+        for r in range(len(counts)):  # real image tokens, each once
+            real = stage[r][stage[r] >= 0]
+            assert (batch["input_ids"][r, real] == model(family).config.image_token_id).all()
+            assert len(set(real.tolist())) == len(real)
+
+
+def test_budget_fractions_are_solved_on_the_nominal_count_and_kept_per_row():
+    from research.config import RunConfig
+    from research.sweep import plan_sweep
+
+    cfg = RunConfig(scorers=["text_prior"], schedules=[{"name": "layers", "layers": [1, 3]}], budgets=[0.25, 36])
+    fraction, tokens = plan_sweep(cfg, 6, 144)[1:]
+    assert fraction.relative and not tokens.relative
+    assert [k * 144 for k in fraction.keep] == pytest.approx(tokens.keep)
+    plan = fraction.plan()
+    assert plan.stage_keep(0, torch.tensor([144, 72])).tolist() == [round(plan.keep[0] * 144), round(plan.keep[0] * 72)]
