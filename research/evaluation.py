@@ -223,7 +223,7 @@ def measure_latency(module: SweepModule, samples: Sequence[Any], decode_tokens: 
 @torch.no_grad()
 def kept_patches(module: SweepModule, samples: Sequence[Any]) -> list[list[np.ndarray]]:
     """Per sample, per stage: the image-token indices (patch order) kept after that stage."""
-    if module.plan is None:
+    if module.plan is None or not samples:  # eval.overlays=0: no forward at all
         return [[] for _ in samples]
     inputs = module.inputs(samples)
     with module.engine() as engine:
