@@ -313,10 +313,15 @@ class TensorBoardReport(Callback):
         # metric dict as scalars itself and the HParams dashboard reads those same tags.
         log_hparams(trainer.logger, combo, num_vision, {**metrics, "failed": 0})
         predictions = {r["id"]: r["prediction"] for r in rows}
-        for sample, stages in zip(overlay_samples, kept_patches(module, overlay_samples)):
+        grid = module.adapter.token_grid(num_vision)
+        if grid is None and overlay_samples:
+            logging.getLogger(__name__).info(
+                "no kept-token overlays: %s's image tokens do not form one square patch grid",
+                     module.adapter.family)
+            overlay_samples = []
+        for sample, stages in zip(overlay_samples, kept_patches(module, overlay_samples) if overlay_samples else []):
             if not stages:
                 continue
-            grid = int(round(num_vision**0.5))
             titles = [f"{f'after layer {loc}' if loc >= 0 else 'before LLM'}: {len(kept)} kept"
                       for loc, kept in zip(combo.locations, stages)]
             figure = token_overlay(np.asarray(sample_image(sample)), grid, stages, titles,

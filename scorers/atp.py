@@ -103,7 +103,8 @@ class ATP(Scorer):
         if candidate is None or not (candidate / "config.json").is_file():
             raise ValueError(
                 f"atp needs a CLIP text model matching the vision tower: set the scorer's clip_path to a local "
-                f"CLIP checkpoint directory (tried {str(candidate) if candidate else 'none: the model has no local path'})"
+                "CLIP checkpoint directory (tried "
+                f"{str(candidate) if candidate else 'none: the model has no local path'})"
             )
         self._clip = ClipText(candidate, model_dir)
 

@@ -1,7 +1,7 @@
 """PyramidDrop baseline, training-free (Xing et al., "PyramidDrop", CVPR 2025).
 
-Reference followed: the authors' code, ``llava/model/modeling_llama_pdrop.py`` (``pdrop_forward`` of its patched LLaMA model
-and ``pdrop_rank_drop``). After the layer before each ``rank_layer`` in ``layer_list`` (8, 16, 24 of
+Reference followed: the authors' code, ``llava/model/modeling_llama_pdrop.py`` (``pdrop_forward`` and
+``pdrop_rank_drop`` of its patched LLaMA). After the layer before each ``rank_layer`` in ``layer_list`` (8, 16, 24 of
 LLaVA-1.5-7B's 32), it applies ``layers[rank_layer]``'s own ``input_layernorm``, ``q_proj`` and ``k_proj``
 to the output hidden states (the whole, unpruned sequence, current position ids), and ranks the image
 tokens by the attention of the LAST instruction token:

@@ -277,7 +277,8 @@ def clip_dir_for(family: str):
                 num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
                 eos_token_id=tokenizer.eos_token_id)
     vision = model(family).config.vision_config.to_dict()
-    clip = AutoModel.from_config(AutoConfig.for_model("clip", text_config=text, vision_config=vision, projection_dim=16))
+    config = AutoConfig.for_model("clip", text_config=text, vision_config=vision, projection_dim=16)
+    clip = AutoModel.from_config(config)
     path = tempfile.mkdtemp(prefix=f"clip-{family}-")
     clip.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -323,3 +324,88 @@ def test_budget_fractions_are_solved_on_the_nominal_count_and_kept_per_row():
     assert [k * 144 for k in fraction.keep] == pytest.approx(tokens.keep)
     plan = fraction.plan()
     assert plan.stage_keep(0, torch.tensor([144, 72])).tolist() == [round(plan.keep[0] * 144), round(plan.keep[0] * 72)]
+
+
+def save_llava_next_checkpoint(path):
+    """A tiny LLaVA-NeXT with the shapes word tokenizer and an anyres processor, saved as a local checkpoint."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from research.shapes_model.vocab import CHAT_TEMPLATE, IMAGE, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    adapter = FAMILIES.get("llava_next")
+    config = adapter.random_config("tiny", 4, 2)
+    config.text_config.vocab_size = len(tokenizer)
+    config.text_config.pad_token_id, config.text_config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    torch.manual_seed(0)
+    adapter.model_type()(config).save_pretrained(path)
+    view = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": view},
+                                                 crop_size={"height": view, "width": view},
+                                                 image_grid_pinpoints=config.image_grid_pinpoints)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+                       vision_feature_select_strategy="default", image_token=IMAGE, chat_template=CHAT_TEMPLATE,
+                       num_additional_image_tokens=1).save_pretrained(path)
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_on_a_local_llava_next_checkpoint(tmp_path, capsys):
+    """``model=llava_next model.path=...`` runs like the LLaVA path; a scorer the family cannot run stops first."""
+    import csv
+
+    from research.run import main
+
+    save_llava_next_checkpoint(tmp_path / "ckpt")
+    common = [f"model.path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}", "data.limit=6",
+              "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "budgets=[0.25]"]
+    assert main(["experiment=main_table", "model=llava_next", "scorers=[text_prior,atp]", *common]) == 2
+    assert not (tmp_path / "runs").exists()
+    assert "ranks by the vision tower's CLS attention, which llava_next" in capsys.readouterr().err
+    assert main(["experiment=main_table", "model=llava_next", "scorers=[text_prior,fastv,random]", *common]) == 0
+    with open(tmp_path / "runs" / "main_table" / "summary.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [r["scorer"] for r in rows] == ["vanilla", "text_prior", "fastv", "random"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert all(float(r["flops_ratio"]) < 1 for r in rows[1:])
+    for analysis in ("text_dynamics", "attention_shifts"):  # the attention analyses run on the family too
+        assert main([f"experiment={analysis}", "model=llava_next", *common]) == 0
+        assert (tmp_path / "runs" / analysis / "tensorboard").is_dir()
+
+
+def test_no_model_class_is_named_outside_the_adapters():
+    """Only ``research/models/`` names transformers model or config classes (the offline model's own
+    definition and training code excepted); the rest asks the family registry. Auto classes are fine."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    root = Path(__file__).resolve().parent.parent
+    names = {n for n in dir(transformers) if n.endswith(("ForConditionalGeneration", "Model", "Config"))
+             and not n.startswith(("Auto", "Pretrained", "PreTrained", "Generation", "Bits"))}
+    allowed = ("research/models/", "research/shapes_model/", "research/train_offline_model.py")
+    found = []
+    for path in sorted(root.glob("*/**/*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith(("build/", ".")) or relative.startswith(allowed):
+            continue
+        for word in set(re.findall(r"\b[A-Z][A-Za-z0-9_]+\b", path.read_text())) & names:
+            found.append(f"{relative}: {word}")
+    assert not found, found
+
+
+def test_model_name_must_match_the_checkpoint_family_or_be_auto(tmp_path):
+    from research.config import ConfigError, ModelConfig, RunConfig, model_family
+
+    model("qwen2_vl").config.save_pretrained(tmp_path)
+    for name in ("auto", "qwen2_vl"):
+        cfg = RunConfig(scorers=["text_prior"], model=ModelConfig(name=name, path=str(tmp_path)))
+        assert model_family(cfg, tmp_path) is FAMILIES.get("qwen2_vl")
+    cfg = RunConfig(scorers=["text_prior"], model=ModelConfig(name="llava15", path=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"model=llava15 but .* \(family qwen2_vl\); use model=qwen2_vl or model=a"):
+        model_family(cfg, tmp_path)
+    cfg = RunConfig(scorers=["text_prior"], positions="compact", model=ModelConfig(name="auto", path=str(tmp_path)))
+    with pytest.raises(ConfigError, match="positions=compact renumbers 1-D positions; qwen2_vl's multimodal"):
+        model_family(cfg, tmp_path)

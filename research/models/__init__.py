@@ -1,5 +1,7 @@
 """Model families: one adapter module each, registered by name in ``FAMILIES`` (see ``base``)."""
 
+# Importing the modules registers their families.
+from research.models import internvl, llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl  # noqa: E402,F401,I001
 from research.models.base import (
     FAMILIES,
     UnsupportedModel,
@@ -9,9 +11,6 @@ from research.models.base import (
     family_of_class,
     family_of_config,
 )
-
-# Importing the modules registers their families.
-from research.models import internvl, llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl  # noqa: E402,F401,I001
 from research.models.llava import LlavaAdapter  # noqa: E402
 from research.models.registry import MODELS, load_model  # noqa: E402
 

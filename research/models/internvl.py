@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from research.models.base import VisionLayout, VLMAdapter, register
-from research.models.llava import finish_random, left_padded
+from research.models.base import VisionLayout, VLMAdapter, random_text_sizes, register
+from research.models.llava import left_padded
 
 
 @register
@@ -38,23 +38,16 @@ class InternVLAdapter(VLMAdapter):
         return f"<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
     @classmethod
-    def random_model(cls, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
-                     attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
+    def random_config(cls, size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
         from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
-        torch.manual_seed(seed)
         tiny = size == "tiny"
-        hidden = 64 if tiny else 1024
         side = 16 if tiny else 224
         vision = InternVLVisionConfig(hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
                                       num_hidden_layers=2, num_attention_heads=4, image_size=[side, side],
                                       patch_size=[2, 2] if tiny else [14, 14])
-        text = Qwen2Config(vocab_size=64 if tiny else 1000, hidden_size=hidden, intermediate_size=2 * hidden if tiny else 2816,
-                           num_hidden_layers=num_layers or (6 if tiny else 16), num_attention_heads=4 if tiny else 16,
-                           num_key_value_heads=num_kv_heads or (4 if tiny else 16), max_position_embeddings=4096,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=3, downsample_ratio=0.5)
-        return finish_random(cls.model_type()(config), attn_implementation)
+        text = Qwen2Config(**random_text_sizes(size, num_layers, num_kv_heads))
+        return InternVLConfig(vision_config=vision, text_config=text, image_token_id=3, downsample_ratio=0.5)
 
     @classmethod
     def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,

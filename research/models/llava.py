@@ -9,9 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from research.models.base import VisionLayout, VLMAdapter, register
-
-BOS, PAD, EOS = 1, 0, 2  # special ids of the random-weight models below
+from research.models.base import VisionLayout, VLMAdapter, random_text_sizes, register
 
 
 @register
@@ -40,26 +38,17 @@ class LlavaAdapter(VLMAdapter):
         return VisionLayout(config.text_config.num_hidden_layers, count, "one token per CLIP patch", count)
 
     @classmethod
-    def random_model(cls, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
-                     attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
+    def random_config(cls, size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-        torch.manual_seed(seed)
         tiny = size == "tiny"
-        hidden = 64 if tiny else 1024
         vision = CLIPVisionConfig(
             hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512, num_hidden_layers=2,
             num_attention_heads=4, image_size=32 if tiny else 336, patch_size=4 if tiny else 14, projection_dim=32,
         )
-        text = LlamaConfig(
-            vocab_size=64 if tiny else 1000, hidden_size=hidden, intermediate_size=2 * hidden if tiny else 2816,
-            num_hidden_layers=num_layers or (6 if tiny else 16), num_attention_heads=4 if tiny else 16,
-            num_key_value_heads=num_kv_heads or (4 if tiny else 16), max_position_embeddings=2048,
-            pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-        )
-        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=3, vision_feature_layer=-2,
-                             vision_feature_select_strategy="default", projector_hidden_act="gelu")
-        return finish_random(cls.model_type()(config), attn_implementation)
+        text = LlamaConfig(**random_text_sizes(size, num_layers, num_kv_heads))
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_id=3, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", projector_hidden_act="gelu")
 
     @classmethod
     def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,
@@ -71,23 +60,14 @@ class LlavaAdapter(VLMAdapter):
         return left_padded(model, [count] * len(question_lengths), question_lengths, g) | {"pixel_values": pixels}
 
 
-def finish_random(model: nn.Module, attn_implementation: str) -> nn.Module:
-    """Random-weight model ready for tests: eval mode, the attention backend, greedy never stops early."""
-    model.config._attn_implementation = attn_implementation
-    model.set_attn_implementation(attn_implementation)
-    model.eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None  # generated lengths stay comparable
-    return model
-
-
 def left_padded(model: nn.Module, image_counts: Sequence[int], question_lengths: Sequence[int],
                 generator: torch.Generator, prefix_length: int = 3, before: Sequence[int] = (),
                 after: Sequence[int] = ()) -> dict[str, torch.Tensor]:
     """``input_ids`` / ``attention_mask`` of rows ``[BOS, prefix, before, image*n, after, question]``,
     left-padded; random text ids avoid every special id of the model's config."""
     config = model.config
-    special = {getattr(config, key, None) for key in dir(config) if key.endswith("token_id") or key.endswith("token_index")}
+    pad, bos = config.text_config.pad_token_id, config.text_config.bos_token_id
+    special = {getattr(config, key, None) for key in dir(config) if key.endswith(("token_id", "token_index"))}
     vocab = config.text_config.vocab_size
     allowed = torch.tensor([i for i in range(4, min(vocab, 64)) if i not in special])
     rows = []
@@ -95,10 +75,10 @@ def left_padded(model: nn.Module, image_counts: Sequence[int], question_lengths:
         prefix = allowed[torch.randint(len(allowed), (prefix_length,), generator=generator)]
         question = allowed[torch.randint(len(allowed), (n,), generator=generator)]
         image = torch.full((count,), config.image_token_id)
-        rows.append(torch.cat([torch.tensor([BOS]), prefix, torch.tensor(list(before), dtype=torch.long), image,
+        rows.append(torch.cat([torch.tensor([bos]), prefix, torch.tensor(list(before), dtype=torch.long), image,
                                torch.tensor(list(after), dtype=torch.long), question]))
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD)
+    input_ids = torch.full((len(rows), width), pad)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = r

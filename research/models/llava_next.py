@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from research.models.base import VisionLayout, VLMAdapter, register
-from research.models.llava import finish_random, left_padded
+from research.models.base import VisionLayout, VLMAdapter, random_text_sizes, register
+from research.models.llava import left_padded
 
 
 @register
@@ -41,23 +41,13 @@ class LlavaNextAdapter(VLMAdapter):
 
         tiny = size == "tiny"
         view = 16 if tiny else 112
-        hidden = 64 if tiny else 1024
         vision = CLIPVisionConfig(hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
-                                  num_hidden_layers=2, num_attention_heads=4, image_size=view, patch_size=4 if tiny else 7,
-                                  projection_dim=32)
-        text = LlamaConfig(vocab_size=64 if tiny else 1000, hidden_size=hidden, intermediate_size=2 * hidden if tiny else 2816,
-                           num_hidden_layers=num_layers or (6 if tiny else 16), num_attention_heads=4 if tiny else 16,
-                           num_key_value_heads=num_kv_heads or (4 if tiny else 16), max_position_embeddings=4096,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                                  num_hidden_layers=2, num_attention_heads=4, image_size=view,
+                                  patch_size=4 if tiny else 7, projection_dim=32)
+        text = LlamaConfig(**random_text_sizes(size, num_layers, num_kv_heads))
         pinpoints = [[view, 2 * view], [2 * view, view], [2 * view, 2 * view]]
         return LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
                                image_token_id=3, vision_feature_layer=-2)
-
-    @classmethod
-    def random_model(cls, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
-                     attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
-        torch.manual_seed(seed)
-        return finish_random(cls.model_type()(cls.random_config(size, num_layers, num_kv_heads)), attn_implementation)
 
     @classmethod
     def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from research.models.base import register
+from research.models.base import random_text_sizes, register
 from research.models.llava_next import LlavaNextAdapter
 
 
@@ -20,14 +20,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
         next_config = super().random_config(size, num_layers, num_kv_heads)
-        v, t = next_config.vision_config, next_config.text_config
+        v = next_config.vision_config
         vision = SiglipVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                                     num_hidden_layers=2, num_attention_heads=4, image_size=v.image_size,
                                     patch_size=v.patch_size)
-        text = Qwen2Config(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                           num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                           num_key_value_heads=t.num_key_value_heads, max_position_embeddings=4096,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        text = Qwen2Config(**random_text_sizes(size, num_layers, num_kv_heads))
         return LlavaOnevisionConfig(vision_config=vision, text_config=text,
                                     image_grid_pinpoints=next_config.image_grid_pinpoints, image_token_id=3,
                                     video_token_id=5, vision_feature_layer=-1)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from research.models.base import VisionLayout, VLMAdapter, register
-from research.models.llava import finish_random, left_padded
+from research.models.base import VisionLayout, VLMAdapter, random_text_sizes, register
+from research.models.llava import left_padded
 
 
 @register
@@ -46,25 +46,14 @@ class Qwen2VLAdapter(VLMAdapter):
         from transformers import Qwen2VLConfig
 
         tiny = size == "tiny"
-        hidden = 64 if tiny else 1024
-        heads = 4 if tiny else 16
-        half = hidden // heads // 2
-        text = dict(vocab_size=64 if tiny else 1000, hidden_size=hidden, intermediate_size=2 * hidden if tiny else 2816,
-                    num_hidden_layers=num_layers or (6 if tiny else 16), num_attention_heads=heads,
-                    num_key_value_heads=num_kv_heads or heads, max_position_embeddings=4096,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                     "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
-                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        vision = dict(depth=2, embed_dim=32 if tiny else 256, hidden_size=hidden, num_heads=4, patch_size=2 if tiny else 14,
-                      spatial_merge_size=2, temporal_patch_size=2)
+        text = random_text_sizes(size, num_layers, num_kv_heads)
+        half = text["hidden_size"] // text["num_attention_heads"] // 2  # rotary frequencies, split over t / h / w
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
+                                   "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
+        vision = dict(depth=2, embed_dim=32 if tiny else 256, hidden_size=text["hidden_size"], num_heads=4,
+                      patch_size=2 if tiny else 14, spatial_merge_size=2, temporal_patch_size=2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=3, video_token_id=4,
                              vision_start_token_id=5, vision_end_token_id=6)
-
-    @classmethod
-    def random_model(cls, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
-                     attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
-        torch.manual_seed(seed)
-        return finish_random(cls.model_type()(cls.random_config(size, num_layers, num_kv_heads)), attn_implementation)
 
     @classmethod
     def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,

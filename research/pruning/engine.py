@@ -19,7 +19,12 @@ No transformers code is copied or patched. The hooks, per forward of the multimo
   tokens. In decode the kept set is fixed; mask columns are remapped to ``kept ∪ new tokens``
   for each stage's KV cache (DynamicCache, StaticCache and no cache alike).
 
-Tokens keep their original rotary positions unless the plan says ``positions="compact"``.
+Tokens keep their original rotary positions unless the plan says ``positions="compact"``; position
+ids are sliced on their last axis, so multimodal ``[3, B, S]`` positions (Qwen2-VL) work alike. Rows
+may hold different numbers of image tokens and keep different numbers: a shorter pruned row is padded
+on the left with filler slots (a copy of its first slot as a query, masked out as a key), so every
+row of the batch runs exactly as it would alone. The model-specific parts (where the layers, rotary
+embedding and projections are) come from the family adapter (``research.models``).
 What the engine reads from transformers' calls, and the error when a release changes it, is in
 ``research.pruning.compat``.
 """
@@ -588,7 +593,8 @@ class PruningEngine:
                 pos = gather_positions(pos, cut.kept)
         if mask is not None:
             width = _key_width(mask.shape[-1], st.base_len - cut.kept.shape[1], st.static_cache)
-            out["attention_mask"] = slice_mask(mask, cut.kept if st.is_prefill else None, cut.columns(st.base_len, width))
+            columns = cut.columns(st.base_len, width)
+            out["attention_mask"] = slice_mask(mask, cut.kept if st.is_prefill else None, columns)
         if self.plan.positions == "compact" and pos is not None:
             pos = pos - (cut.shift if st.is_prefill else cut.dropped)
             cos, sin = self.adapter.rotary_emb(cos, position_ids=pos)
