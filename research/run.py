@@ -278,8 +278,7 @@ def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, s
     module = SweepModule(adapter, processor, combo, combo.positions, cfg.eval.max_new_tokens, num_vision)
     reports: list[L.Callback] = []
     if cfg.eval.analysis_samples:
-        reports.append(AttentionDynamicsReport(samples[: cfg.eval.analysis_samples], cfg.eval.batch_size,
-                                               combination_title(combo)))
+        reports.append(AttentionDynamicsReport(samples[: cfg.eval.analysis_samples], cfg.eval.batch_size))
     reports.append(TensorBoardReport(
         metric, vanilla[0], samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
         cfg.eval.decode_tokens, vanilla_flops=vanilla[1],

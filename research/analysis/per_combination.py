@@ -127,7 +127,7 @@ def observe_combination(module: Any, samples: Sequence[Any], batch_size: int) ->
     }
 
 
-def log_dynamics(writer: Any, result: dict[str, Any], title: str) -> None:
+def log_dynamics(writer: Any, result: dict[str, Any]) -> None:
     """The figures of :func:`observe_combination` in a combination's TensorBoard run: ``dynamics/text_miou``
     (heatmap), ``dynamics/shift_histogram`` (one bar per layer), ``dynamics/shift_layers`` (text) and
     ``dynamics/relevant_recall`` (x = layer); their headline values are the run's ``metrics/`` scalars."""
@@ -136,11 +136,11 @@ def log_dynamics(writer: Any, result: dict[str, Any], title: str) -> None:
     n = result["analysis_samples"]
     matrix = np.asarray(result["text_miou"])
     labels = [str(i) for i in range(len(matrix))]
+    # Short titles: TensorBoard names the run (the combination) on each image; a long label would be cut off.
     writer.add_figure("dynamics/text_miou", heatmap(
-        matrix, labels, f"{title}: mIoU of the top-20% question tokens (adjacent {result['adjacent_miou']:.3f}, "
-                        f"N={n})"), 0)
+        matrix, labels, f"question-token mIoU, adjacent {result['adjacent_miou']:.3f}, N={n}"), 0)
     writer.add_figure("dynamics/shift_histogram", histogram_bars(
-        np.asarray(result["shift_histogram"]), f"{title}: attention-shift layers -> {result['shift_layers']} (N={n})",
+        np.asarray(result["shift_histogram"]), f"attention shifts -> layers {result['shift_layers']} (N={n})",
         "layer"), 0)
     writer.add_text("dynamics/shift_layers", str(result["shift_layers"]), 0)
     for layer, value in enumerate(result["relevant_recall_per_layer"] or []):
@@ -152,9 +152,9 @@ class AttentionDynamicsReport(Callback):
     headline values in ``module.dynamics_metrics`` (scalars for the HParams entry) and the rest in
     ``module.dynamics`` (for the result file)."""
 
-    def __init__(self, samples: Sequence[Any], batch_size: int, title: str) -> None:
+    def __init__(self, samples: Sequence[Any], batch_size: int) -> None:
         super().__init__()
-        self.samples, self.batch_size, self.title = samples, batch_size, title
+        self.samples, self.batch_size = samples, batch_size
 
     def on_predict_end(self, trainer: Any, module: Any) -> None:
         from research.evaluation import decodable
@@ -163,7 +163,7 @@ class AttentionDynamicsReport(Callback):
         if not samples or not module.rows:
             return
         result = observe_combination(module, samples, self.batch_size)
-        log_dynamics(trainer.logger.experiment, result, self.title)
+        log_dynamics(trainer.logger.experiment, result)
         headline = {"adjacent_miou": result["adjacent_miou"], "analysis_seconds": result["analysis_seconds"],
                     "analysis_share": result["analysis_seconds"] / max(module.eval_seconds, 1e-9)}
         if result["relevant_recall"] is not None:
