@@ -9,6 +9,7 @@ bad value and the valid choices.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import re
 import tempfile
@@ -22,6 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 DTYPES = ("float32", "float16", "bfloat16")
 ATTENTION = ("sdpa", "eager")
+ANALYSES = ("text_dynamics", "attention_shifts")  # research.analysis.collect runs them
+DEVICE_MAPS = ("auto", "balanced", "sequential")  # model.device_map: accelerate's sharding (optional extra)
 
 
 class ConfigError(ValueError):
@@ -34,6 +37,7 @@ class ModelConfig:
     path: str | None = None  # local checkpoint directory
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    device_map: str | None = None  # auto: shard a checkpoint over the devices (accelerate, as transformers loads it)
 
 
 @dataclass
@@ -55,6 +59,13 @@ class EvalConfig:
     latency_samples: int = 12  # batch-1 prefills timed per combination, after warm-up
     decode_tokens: int = 8  # tokens generated to time decoding
     overlays: int = 3  # fixed images whose kept tokens are drawn per combination
+    analysis_samples: int = 64  # samples whose attention dynamics each combination logs (0: none)
+
+
+@dataclass
+class TrainerConfig:
+    devices: int = 1  # data-parallel processes (DDP; gloo on CPU): each combination's samples split across them
+    accelerator: str = "auto"  # Lightning's: auto | cpu | gpu
 
 
 @dataclass
@@ -73,7 +84,9 @@ class RunConfig:
     counting: str = "post"  # budget convention: post (papers': a pruning layer at its post-pruning size) | pre
     positions: str = "original"  # original | compact (renumber kept tokens)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
+    verbose: bool = False  # library output too (Lightning's notices, the weights-loading bar)
     output_dir: str = "runs"
     imports: list[str] = field(default_factory=list)  # user modules that register scorers / schedules
 
@@ -207,7 +220,8 @@ def validate(cfg: RunConfig) -> None:
 
     choices = {"counting": (cfg.counting, COUNTING), "positions": (cfg.positions, POSITION_MODES),
                "model.dtype": (cfg.model.dtype, DTYPES),
-               "model.attn_implementation": (cfg.model.attn_implementation, ATTENTION)}
+               "model.attn_implementation": (cfg.model.attn_implementation, ATTENTION),
+               "trainer.accelerator": (cfg.trainer.accelerator, ("auto", "cpu", "gpu", "cuda"))}
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"unknown {key} {value!r}; choose one of {list(valid)}")
@@ -225,8 +239,7 @@ def validate(cfg: RunConfig) -> None:
     unknown = sorted(set(cfg.data.paths) - set(dataset_names(cfg)))
     if unknown:
         raise ConfigError(f"data.paths names {unknown}, not among data.name {dataset_names(cfg)}")
-    from research.analysis.collect import ANALYSES
-
+    _check_devices(cfg)
     if cfg.analysis is not None and cfg.analysis not in ANALYSES:
         raise ConfigError(f"unknown analysis {cfg.analysis!r}; choose one of {list(ANALYSES)}")
     for key, items in (("budgets", cfg.budgets), ("scorers", cfg.scorers), ("schedules", cfg.schedules)):
@@ -235,7 +248,9 @@ def validate(cfg: RunConfig) -> None:
     lowest_values = (("eval.batch_size", cfg.eval.batch_size, 1), ("data.limit", cfg.data.limit, 1),
                      ("eval.max_new_tokens", cfg.eval.max_new_tokens, 1),
                      ("eval.latency_samples", cfg.eval.latency_samples, 0),
-                     ("eval.decode_tokens", cfg.eval.decode_tokens, 1), ("eval.overlays", cfg.eval.overlays, 0))
+                     ("eval.decode_tokens", cfg.eval.decode_tokens, 1), ("eval.overlays", cfg.eval.overlays, 0),
+                     ("eval.analysis_samples", cfg.eval.analysis_samples, 0),
+                     ("trainer.devices", cfg.trainer.devices, 1))
     for key, value, lowest in lowest_values:
         if value is not None and value < lowest:
             raise ConfigError(f"{key}={value} out of range; valid: an integer >= {lowest}"
@@ -252,6 +267,20 @@ def dataset_names(cfg: RunConfig) -> list[str]:
     if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise ConfigError(f"data.name must be a dataset name or a non-empty list of distinct names, got {names}")
     return names
+
+
+def _check_devices(cfg: RunConfig) -> None:
+    """``model.device_map`` (a name accelerate knows, accelerate installed) and ``trainer.devices`` together."""
+    device_map = cfg.model.device_map
+    if device_map is None:
+        return
+    if device_map not in DEVICE_MAPS:
+        raise ConfigError(f"unknown model.device_map {device_map!r}; choose one of {list(DEVICE_MAPS)} (or null)")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ConfigError(f"model.device_map={device_map} needs accelerate: pip install -e '.[sharding]'")
+    if cfg.trainer.devices > 1:
+        raise ConfigError(f"model.device_map={device_map} shards one model over the devices; it does not combine "
+                          f"with trainer.devices={cfg.trainer.devices} (data-parallel copies): choose one")
 
 
 DEFAULT_EXAMPLES = {"budgets": "[64]", "scorers": "[text_prior]", "schedules": "[{name: layers, layers: [1, 10, 20]}]"}

@@ -17,13 +17,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar, TQDMProgressBar
 
 from research.data.benchmark import Scoring, cut_at_stop
 from research.pruning import PruningEngine
 from research.report.figures import token_overlay
 from research.report.flops import flops_for_model
-from research.storage import StopSweep
+from research.storage import write_atomic
 from research.sweep import Combination
 
 
@@ -36,13 +36,19 @@ class SweepModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.adapter, self.processor, self.combo, self.num_vision = adapter, processor, combo, num_vision
-        self.model = adapter.model
+        if getattr(adapter.model, "hf_device_map", None):  # sharded by accelerate: not Lightning's to move
+            self.__dict__["model"] = adapter.model
+        else:
+            self.model = adapter.model
         self.plan = None if combo.is_vanilla else combo.plan(positions)
         self.scorer = None if combo.is_vanilla else combo.make_scorer()
         self.max_new_tokens, self.until = max_new_tokens, tuple(until)  # until: stop strings that cut an answer
         self.rows: list[dict] = []
         self.skipped: list[str] = []  # ids of samples whose image could not be decoded
         self.metrics: dict[str, Any] = {}
+        self.error: Exception | None = None  # the first error of a batch: later batches are skipped
+        self.error_message: str | None = None
+        self.eval_seconds = 0.0  # the predict loop's wall time (set by research.distributed.RankZeroReport)
 
     def engine(self) -> contextlib.AbstractContextManager:
         if self.plan is None:
@@ -53,11 +59,22 @@ class SweepModule(L.LightningModule):
         images = [sample_image(s) for s in samples]
         return self.adapter.build_inputs(self.processor, images, [s.question for s in samples])
 
-    def predict_step(self, batch: list, batch_idx: int) -> list[dict]:
-        batch, images = decodable(batch, self.skipped)
-        if not batch:
+    def predict_step(self, batch: list[tuple[int, Any]], batch_idx: int) -> list[dict]:
+        """Answers a batch of (index, sample); an error is kept (and raised after the loop, on every rank)."""
+        if self.error is not None:
             return []
-        inputs = self.adapter.build_inputs(self.processor, images, [s.question for s in batch])
+        try:
+            return self._answer(batch)
+        except Exception as error:  # its traceback stays on the exception, logged where the combination fails
+            self.error, self.error_message = error, f"{type(error).__name__}: {error}".splitlines()[0]
+            return []
+
+    def _answer(self, batch: list[tuple[int, Any]]) -> list[dict]:
+        index_of = {id(s): i for i, s in batch}
+        samples, images = decodable([s for _, s in batch], self.skipped)
+        if not samples:
+            return []
+        inputs = self.adapter.build_inputs(self.processor, images, [s.question for s in samples])
         prompt = inputs["input_ids"].shape[1]
         with torch.no_grad(), self.engine() as engine:
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
@@ -65,11 +82,11 @@ class SweepModule(L.LightningModule):
         kept = engine.last.tokens_per_layer if engine is not None else None
         rows = [
             {
-                "id": s.id, "qtype": getattr(s, "qtype", None), "question": s.question, "answer": s.answer,
-                "prediction": cut_at_stop(a, self.until), "tokens_per_layer": kept,
+                "index": index_of[id(s)], "id": s.id, "qtype": getattr(s, "qtype", None), "question": s.question,
+                "answer": s.answer, "prediction": cut_at_stop(a, self.until), "tokens_per_layer": kept,
                 **({"target": s.target} if getattr(s, "target", None) is not None else {}),
             }
-            for s, a in zip(batch, answers)
+            for s, a in zip(samples, answers)
         ]
         self.rows += rows
         return rows
@@ -146,29 +163,22 @@ def decodable(samples: Sequence[Any], skipped: list[str]) -> tuple[list[Any], li
     return kept, images
 
 
-class JsonlPredictionWriter(BasePredictionWriter):
-    """Per-sample predictions as JSONL: id, question, answer, prediction, correct, kept-token counts (and, for a
-    benchmark with targets, the target and the sample's ``score``, e.g. its VQA accuracy)."""
+class JsonlPredictionWriter(Callback):
+    """Per-sample predictions as JSONL, in sample order, once the loop has finished (``module.rows`` holds every
+    rank's): index, id, question, answer, prediction, correct, kept-token counts (and, for a benchmark with
+    targets, the target and the sample's ``score``, e.g. its VQA accuracy). Written atomically, so the old file
+    is replaced only by a finished combination's."""
 
     def __init__(self, path: Path, scoring: Scoring) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         self.path, self.scoring = path, scoring
-        self._write("w", [])
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+    def on_predict_end(self, trainer: L.Trainer, module: SweepModule) -> None:
         lines = []
-        for row in prediction:
+        for row in module.rows:
             score = self.scoring.sample_score(row)
             lines.append(json.dumps({**row, "correct": score == 1.0, **({"score": score} if "target" in row else {})}))
-        self._write("a", lines)
-
-    def _write(self, mode: str, lines: list[str]) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open(mode) as f:
-                f.writelines(line + "\n" for line in lines)
-        except OSError as error:  # disk full, permissions: stop the sweep, keep what is finished
-            raise StopSweep(f"cannot write {self.path}: {error.strerror or error}") from error
+        write_atomic(self.path, "".join(line + "\n" for line in lines))
 
 
 class _Clock:
@@ -230,7 +240,7 @@ def measure_latency(module: SweepModule, samples: Sequence[Any], decode_tokens: 
 @torch.no_grad()
 def kept_patches(module: SweepModule, samples: Sequence[Any]) -> list[list[np.ndarray]]:
     """Per sample, per stage: the image-token indices (patch order) kept after that stage."""
-    if module.plan is None:
+    if module.plan is None or not samples:  # eval.overlays=0: no forward at all
         return [[] for _ in samples]
     inputs = module.inputs(samples)
     with module.engine() as engine:
@@ -305,9 +315,12 @@ class TensorBoardReport(Callback):
             "avg_tokens": combo.reported_avg,
             "computed_avg_tokens": combo.computed_avg,
             "skipped_images": len(module.skipped),
+            "eval_seconds": module.eval_seconds,
+            **getattr(module, "dynamics_metrics", {}),  # research.analysis.per_combination, when it ran
         }
         metrics.update({name: value for name, value in scores.items() if name not in metrics})  # benchmark metrics
-        module.metrics = {**metrics, "accuracy_by_type": by_type, "tokens_per_layer": tokens_per_layer,
+        module.metrics = {**metrics, **getattr(module, "dynamics", {}), "accuracy_by_type": by_type,
+                          "tokens_per_layer": tokens_per_layer,
                           "flops": flops.total_prefill, "decode_flops_per_token": flops.decode_per_token}
         writer = trainer.logger.experiment
         for qtype, value in by_type.items():

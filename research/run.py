@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -38,10 +39,10 @@ from research.config import (
     model_shape,
     slug,
 )
+from research.distributed import is_rank_zero, say
 from research.storage import (
     OutputLock,
     StopSweep,
-    partial_file,
     read_json,
     source_digest,
     weights_digest,
@@ -53,9 +54,11 @@ from research.sweep import Combination, calibration_split, needs_calibration, pl
 SUMMARY_COLUMNS = [
     "scorer", "schedule", "layers", "budget", "keep", "positions", "accuracy", "accuracy_ratio", "prefill_ms",
     "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "gflops", "flops_ratio", "avg_tokens",
-    "computed_avg_tokens", "skipped_images", "status", "error",
+    "computed_avg_tokens", "skipped_images", "adjacent_miou", "shift_layers", "relevant_recall", "eval_s", "analysis_s",
+    "status", "error",
 ]
-TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb"}
+TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "eval_s",
+                  "analysis_s"}
 
 
 def fingerprint(cfg: RunConfig, combo: Combination, weights: str, task: Task | None = None) -> dict[str, str]:
@@ -183,9 +186,10 @@ def run(cfg: RunConfig) -> list[dict]:
     histograms = cached_histograms(cfg, directory)
     plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
     tasks = open_tasks(cfg)
-    with OutputLock(out):
+    # With trainer.devices > 1 the other ranks run this same sweep (research.distributed): only rank 0 writes.
+    with OutputLock(out) if is_rank_zero() else contextlib.nullcontext():
         rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, tasks, adapter_class)
-        if cfg.analysis is None and not tasks[0].subdir:
+        if cfg.analysis is None and not tasks[0].subdir and is_rank_zero():
             task = tasks[0]
             _log_summary_figures(out, rows, len(task.samples), chance_accuracy(task.dataset, task.samples))
         return rows
@@ -194,15 +198,22 @@ def run(cfg: RunConfig) -> list[dict]:
 def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_vision: int,
            histograms: dict[int, list[int]], tasks: list[Task], adapter_class: Any) -> list[dict]:
     """The sweep proper, inside the output directory's lock: combinations in order, each on every dataset."""
-    write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if is_rank_zero():
+        write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     weights = weights_digest(directory)
 
     L.seed_everything(cfg.seed, verbose=False)
     dtype = getattr(torch, cfg.model.dtype)
-    adapter, processor = adapter_class.from_pretrained(
-        directory, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-    )
+    if cfg.model.device_map is not None:
+        from research.distributed import load_sharded
+
+        adapter, processor = load_sharded(adapter_class, directory, dtype, cfg.model.attn_implementation,
+                                          cfg.model.device_map)
+    else:
+        adapter, processor = adapter_class.from_pretrained(
+            directory, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
     if cfg.analysis is not None:
         from research.analysis.collect import run_analysis
 
@@ -219,7 +230,7 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
     previous = {pair: read_json(path, "result") for pair, path in files.items()}
     stale = {f"{c.name}{f' on {t.name}' if t.subdir else ''}": stale_reason(previous[t.name, c.name],
              keys[t.name, c.name]) for c in combos for t in tasks if not c.error}
-    print(resume_line(stale))
+    say(resume_line(stale))
 
     results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
     vanilla: dict[str, tuple[float | None, float | None]] = {t.name: (None, None) for t in tasks}
@@ -227,18 +238,22 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
         for index, combo in enumerate(combos, 1):
             for task in tasks:
                 pair = (task.name, combo.name)
+                title = combination_title(combo) + (f" on {task.name}" if task.subdir else "")
+                label = f"[{index}/{len(combos)}] {title}"
                 if combo.error:
-                    logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
-                    log_failure(out, combo, num_vision, combo.error, task.subdir)
+                    if is_rank_zero():
+                        logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
+                        log_failure(out, combo, num_vision, combo.error, task.subdir)
                     result = {"combination": combo.__dict__, "fingerprint": keys[pair], "status": "failed",
                               "error": combo.error}
                 elif stale[f"{combo.name}{f' on {task.name}' if task.subdir else ''}"] is None:
+                    say(f"{label}: reused (finished earlier, unchanged)")
                     result = previous[pair]
                 else:
-                    title = combination_title(combo) + (f" on {task.name}" if task.subdir else "")
                     result = _run_combination(cfg, combo, adapter, processor, task, vanilla[task.name], num_vision,
-                                              out, keys[pair], f"[{index}/{len(combos)}] {title}")
-                    write_json(files[pair], result)
+                                              out, keys[pair], label)
+                    if is_rank_zero():
+                        write_json(files[pair], result)
                 results[task.name][combo.name] = result
                 if combo.is_vanilla and result["status"] == "ok":
                     vanilla[task.name] = (result["accuracy"], result["flops"])
@@ -249,10 +264,12 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
 
     if tasks[0].subdir:
         rows = summarise_benchmarks(combos, results, tasks)
-        write_benchmark_summary(out, rows, benchmark_columns(tasks))
+        if is_rank_zero():
+            write_benchmark_summary(out, rows, benchmark_columns(tasks))
         return rows
     rows = summarise(combos, results[tasks[0].name])
-    write_summary(out, rows)
+    if is_rank_zero():
+        write_summary(out, rows)
     return rows
 
 
@@ -284,14 +301,17 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
         path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, dataset_names(cfg)[0], split, samples)
         if index in known:
             histogram = known[index]
-            print(f"changepoint schedule: reusing the calibration cached in {path}")
+            say(f"changepoint schedule: reusing the calibration cached in {path}")
         else:
             calibration = list(open_dataset(cfg, dataset_names(cfg)[0], split, samples))
             histogram = attention_shift_histogram(adapter, processor, calibration, cfg.eval.batch_size).tolist()
-            write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
-                              "data": [cfg.data.name, split]})
+            if is_rank_zero():
+                write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
+                                  "data": [cfg.data.name, split]})
         derived[index] = histogram
         layers = changepoint_layers(histogram)
+        if not is_rank_zero():
+            continue
         print(f"changepoint schedule derived from {samples} samples of the {split!r} split: prune after layers "
               f"{layers}")
         with SummaryWriter(out / "tensorboard" / "calibration") as writer:
@@ -307,38 +327,45 @@ def _run_combination(
     failed write, which stops the sweep). Its predictions replace the old file only once it finished."""
     record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
     try:
-        with partial_file(out / "predictions" / task.subdir / f"{combo.name}.jsonl") as predictions:
-            metrics = _predict(cfg, combo, adapter, processor, task, vanilla, num_vision, out,
-                               predictions, label or combination_title(combo))
+        metrics = _predict(cfg, combo, adapter, processor, task, vanilla, num_vision, out,
+                           out / "predictions" / task.subdir / f"{combo.name}.jsonl", label or combination_title(combo))
         return {**record, **metrics, "status": "ok", "error": ""}
     except StopSweep:
         raise
     except Exception as error:  # one combination failing must not stop the sweep
         logging.getLogger(__name__).error("combination %s failed:\n%s", combo.name, traceback.format_exc())
         message = f"{type(error).__name__}: {error}".splitlines()[0]
-        log_failure(out, combo, num_vision, message, task.subdir)
+        if is_rank_zero():
+            log_failure(out, combo, num_vision, message, task.subdir)
         return {**record, "status": "failed", "error": message}
 
 
 def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, task: Task,
              vanilla: tuple[float | None, float | None], num_vision: int, out: Path, predictions: Path,
              label: str) -> dict:
-    """The Lightning predict loop of one combination, writing ``predictions``; returns its metrics."""
+    """The Lightning predict loop of one combination (on ``cfg.trainer.devices`` processes), writing
+    ``predictions``; returns its metrics."""
+    from research.analysis.per_combination import AttentionDynamicsReport
+    from research.distributed import RankZeroReport, batches, keep_batch, trainer_options
     from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport, labelled_progress_bar
 
     samples = task.samples
     module = SweepModule(adapter, processor, combo, combo.positions, task.max_new_tokens, num_vision, task.until)
-    report = TensorBoardReport(
+    reports: list[L.Callback] = []
+    if cfg.eval.analysis_samples:
+        reports.append(AttentionDynamicsReport(samples[: cfg.eval.analysis_samples], cfg.eval.batch_size))
+    reports.append(TensorBoardReport(
         task.scoring, vanilla[0], samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
         cfg.eval.decode_tokens, vanilla_flops=vanilla[1],
-    )
-    writer = JsonlPredictionWriter(predictions, task.scoring)
-    logger = run_logger(out, combo, task.subdir)
+    ))
+    reports.append(JsonlPredictionWriter(predictions, task.scoring))  # last: only a finished combination replaces it
     trainer = L.Trainer(
-        accelerator="auto", devices=1, logger=logger, callbacks=[writer, report, labelled_progress_bar(label)],
-        enable_checkpointing=False, enable_model_summary=False,
+        **trainer_options(cfg.trainer.devices, cfg.trainer.accelerator), logger=run_logger(out, combo, task.subdir),
+        callbacks=[RankZeroReport(reports), labelled_progress_bar(label)], enable_checkpointing=False,
+        enable_model_summary=False,
     )
-    loader = DataLoader(samples, batch_size=cfg.eval.batch_size, collate_fn=list)
+    # The batches a single process runs; with several devices Lightning's sampler deals them out to the ranks.
+    loader = DataLoader(batches(samples, cfg.eval.batch_size), batch_size=None, collate_fn=keep_batch)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.predict(module, loader, return_predictions=False)
@@ -412,11 +439,28 @@ def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]
                        "peak_memory_mb", "gflops"):
             row[column] = round(r[column], 4) if ok else ""
         row["skipped_images"] = r.get("skipped_images", "") if ok else ""
+        row.update(dynamics_columns(r) if ok else dict.fromkeys(DYNAMICS_COLUMNS, ""))
         both = ok and vanilla.get("status") == "ok"
         row["accuracy_ratio"] = round(r["accuracy"] / vanilla["accuracy"], 4) if both and vanilla["accuracy"] else ""
         row["flops_ratio"] = round(r["flops"] / vanilla["flops"], 4) if both else ""
         rows.append(row)
     return rows
+
+
+DYNAMICS_COLUMNS = ("adjacent_miou", "shift_layers", "relevant_recall", "eval_s", "analysis_s")
+
+
+def dynamics_columns(result: dict) -> dict[str, Any]:
+    """The summary's attention-dynamics columns of a finished result ("" where not measured): mean adjacent-layer
+    mIoU, shift layers, relevant-patch recall after the last stage, and the seconds of evaluation and observer."""
+    def rounded(key: str, digits: int = 4) -> Any:
+        value = result.get(key)
+        return round(value, digits) if isinstance(value, (int, float)) else ""
+
+    layers = result.get("shift_layers")
+    return {"adjacent_miou": rounded("adjacent_miou"), "relevant_recall": rounded("relevant_recall"),
+            "shift_layers": " ".join(map(str, layers)) if isinstance(layers, list) else "",
+            "eval_s": rounded("eval_seconds", 2), "analysis_s": rounded("analysis_seconds", 2)}
 
 
 def resume_line(stale: dict[str, str | None]) -> str:
@@ -596,12 +640,19 @@ def _log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: 
         writer.add_figure("accuracy_ratio", accuracy_ratio_bars(ratios, chance_ratio, n), 0)
 
 
-def quiet_lightning() -> None:
-    """Keep the terminal for the progress bar: no device banners, tips or known deprecation noise."""
+def quiet_lightning(verbose: bool = False) -> None:
+    """Keep the terminal for the progress bars: no device banners, tips, known deprecation noise or the weights-
+    loading bar, unless ``verbose`` (``verbose=true``)."""
+    if verbose:
+        return
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", ".*litlogger.*")
+    warnings.filterwarnings("ignore", ".*predict returned None.*")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" of every model load
 
 
 def usage() -> str:
@@ -623,21 +674,28 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``key=value`` arguments and run; a bad value exits 2 with one line, before any model loads."""
-    quiet_lightning()
+    """Parse ``key=value`` arguments and run; a bad value exits 2 with one line, before any model loads.
+
+    With ``trainer.devices`` > 1 the copies Lightning starts (ranks 1..N-1) print nothing and exit 0 once the
+    sweep is done (rank 0 reports; a rank exiting non-zero makes Lightning kill the others)."""
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help", "help"} & set(argv):
         print(usage())
         return 0
     try:
         cfg = load_config(argv)
+        quiet_lightning(cfg.verbose)
         rows = run(cfg)  # validates everything before any model loads
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except StopSweep as error:
+        if not is_rank_zero():
+            return 0
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if not is_rank_zero():
+        return 0
     out = Path(cfg.output_dir) / cfg.experiment
     if cfg.analysis is not None:
         print(f"results in {out}/ (tensorboard --logdir {out / 'tensorboard'})")

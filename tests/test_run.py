@@ -22,7 +22,8 @@ from research.config import ConfigError, load_config
 from research.run import TIMING_COLUMNS, main, run
 from research.sweep import plan_sweep
 
-FAST = ["data.limit=6", "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1"]
+FAST = ["data.limit=6", "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1",
+        "eval.analysis_samples=4"]
 
 
 @pytest.fixture
@@ -166,7 +167,8 @@ def test_analyses_and_a_cached_changepoint_schedule(micro_model, experiment, tmp
     events = EventAccumulator(str(out / "tiny_sweep" / "tensorboard" / "attention_shifts"),
                               size_guidance={"images": 0, "histograms": 0})
     events.Reload()
-    assert events.Tags()["histograms"] and events.Tags()["images"]
+    assert events.Tags()["images"] == ["attention_shifts/shift_histogram"]  # integer counts: one bar per layer
+    assert not events.Tags()["histograms"]  # not TensorBoard's rebinned histogram
 
     sweep = ["schedules=[{name: changepoint, samples: 4}]", "scorers=[text_prior]", "budgets=[100]"]
     rows = run(load_config(args(experiment, micro_model, out, *sweep)))
@@ -371,13 +373,13 @@ def test_a_failed_write_stops_the_sweep_with_one_line_and_keeps_what_finished(mi
 
     synced, real_fsync = [], os.fsync
 
-    def disk_full_after_two_files(fd):  # config.yaml and vanilla's result fit; then the disk is full
-        if len(synced) == 2:
+    def disk_full_after_three_files(fd):  # config.yaml, vanilla's predictions and result fit; then the disk is full
+        if len(synced) == 3:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         synced.append(fd)
         real_fsync(fd)
 
-    monkeypatch.setattr(storage.os, "fsync", disk_full_after_two_files)
+    monkeypatch.setattr(storage.os, "fsync", disk_full_after_three_files)
     out = tmp_path / "runs"
     code = main(args(experiment, micro_model, out))
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -385,7 +387,8 @@ def test_a_failed_write_stops_the_sweep_with_one_line_and_keeps_what_finished(mi
     assert "No space left on device" in errors[0] and "kept 1 finished combination(s)" in errors[0]
     results = sorted((out / "tiny_sweep" / "results").iterdir())
     assert [r.name for r in results] == ["vanilla.json"] and json.loads(results[0].read_text())["status"] == "ok"
-    assert not list((out / "tiny_sweep" / "predictions").glob("*.partial"))  # no half-written predictions
+    predictions = sorted(p.name for p in (out / "tiny_sweep" / "predictions").iterdir())
+    assert predictions == ["vanilla.jsonl"]  # no half-written predictions
 
 
 @pytest.mark.slow
@@ -545,7 +548,10 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
     scalars = set(events.Tags()["scalars"])
     assert not any(tag.startswith("hparams/") for tag in scalars)  # each value once, under metrics/
     assert {"metrics/accuracy", "metrics/flops_ratio", "metrics/failed", "metrics/gflops"} <= scalars
-    assert all(len(events.Scalars(tag)) == 1 for tag in scalars if tag.startswith("metrics/"))
+    series = {"tokens_per_layer", "dynamics/relevant_recall"}  # x = layer: one point per decoder layer
+    for tag in scalars:
+        steps = [event.step for event in events.Scalars(tag)]
+        assert steps == (list(range(4)) if tag in series else [0]), (tag, steps)  # never written twice
     assert events.Scalars("metrics/failed")[0].value == 0
     assert 0 < events.Scalars("metrics/flops_ratio")[0].value < 1
     assert _text(events, "status") == "ok"
@@ -560,6 +566,22 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
     assert {m.name.tag for m in experiment_info.metric_infos} >= {"metrics/accuracy", "metrics/flops_ratio"}
 
     assert any(tag.startswith("kept_tokens/") for tag in events.Tags()["images"])
+    # Attention dynamics of the pruned model, on eval.analysis_samples=4 samples, next to its evaluation.
+    for run_dir in (ok_run, board / "vanilla"):
+        dynamics = _events(run_dir)
+        assert {"dynamics/text_miou", "dynamics/shift_histogram"} <= set(dynamics.Tags()["images"])
+        assert {"metrics/adjacent_miou", "metrics/relevant_recall", "metrics/analysis_seconds",
+                "metrics/analysis_share"} <= set(dynamics.Tags()["scalars"])
+        assert _text(dynamics, "dynamics/shift_layers").startswith("[")
+    recall = [e.value for e in events.Scalars("dynamics/relevant_recall")]
+    assert recall[0] == 1.0 and recall[1] < 1.0  # layer 0 runs on every patch; a stage after it drops some
+    assert [e.value for e in _events(board / "vanilla").Scalars("dynamics/relevant_recall")] == [1.0] * 4
+    summary_row = read_summary(out)[1]
+    assert float(summary_row["relevant_recall"]) == pytest.approx(recall[-1], abs=1e-4)
+    assert 0 <= float(summary_row["adjacent_miou"]) <= 1 and summary_row["shift_layers"]
+    assert float(summary_row["analysis_s"]) > 0 and float(summary_row["eval_s"]) > 0
+    result = json.loads((out / "tiny_sweep" / "results" / "randomseed=3__layers0-2__b24.json").read_text())
+    assert result["analysis_samples"] == 4 and len(result["relevant_recall_per_stage"]) == 2
     first = json.loads(next((out / "tiny_sweep" / "predictions").glob("random*")).read_text().splitlines()[0])
     assert captions == [f"Q: {first['question']} | A: {first['answer']} | prediction: {first['prediction']}"]
     assert titles[0][0].startswith("after layer 0: ") and titles[0][0].endswith(" kept")

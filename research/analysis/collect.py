@@ -19,8 +19,6 @@ from research.analysis.dynamics import TextDynamics
 from research.analysis.shifts import AttentionShifts
 from research.pruning import PruningEngine, PruningPlan
 
-ANALYSES = ("text_dynamics", "attention_shifts")
-
 
 class ObserverModule(L.LightningModule):
     """predict_step: one prefill per batch with the engine in observer mode (nothing is pruned)."""
@@ -30,7 +28,7 @@ class ObserverModule(L.LightningModule):
         self.adapter, self.processor, self.observe = adapter, processor, observe
         self.model = adapter.model
 
-    def predict_step(self, batch: list, batch_idx: int) -> None:
+    def predict_step(self, batch: list, batch_idx: int) -> list:
         from research.evaluation import sample_image
 
         images, questions = [sample_image(s) for s in batch], [s.question for s in batch]
@@ -38,16 +36,21 @@ class ObserverModule(L.LightningModule):
         with torch.no_grad(), PruningEngine(self.model, None, PruningPlan.of([], []), adapter=self.adapter,
                                             observe=self.observe):
             self.model(**inputs, logits_to_keep=1)
+        return []  # nothing to predict: the observers hold the result (None would make Lightning warn)
 
 
 def observe_dataset(adapter: Any, processor: Any, samples: Sequence[Any], observers: list[Callable],
-                    batch_size: int, logger: TensorBoardLogger | bool = False) -> None:
+                    batch_size: int, logger: TensorBoardLogger | bool = False, label: str = "observing") -> None:
+    """One observed prefill per batch of ``samples`` in a Lightning predict loop, its progress bar labelled."""
+    from research.evaluation import labelled_progress_bar
+
     def observe(signals: Any) -> None:
         for observer in observers:
             observer(signals)
 
+    bar = labelled_progress_bar(f"{label} ({len(samples)} samples)")
     trainer = L.Trainer(accelerator="auto", devices=1, logger=logger, enable_checkpointing=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, callbacks=[bar])
     trainer.predict(ObserverModule(adapter, processor, observe), DataLoader(list(samples), batch_size=batch_size,
                                                                            collate_fn=list), return_predictions=False)
 
@@ -63,16 +66,14 @@ def shift_cache_file(cache_dir: Path, model_dir: Path, data: str, split: str, sa
 def attention_shift_histogram(adapter: Any, processor: Any, samples: Sequence[Any], batch_size: int,
                               logger: TensorBoardLogger | bool = False) -> np.ndarray:
     shifts = AttentionShifts(adapter.num_layers)
-    observe_dataset(adapter, processor, samples, [shifts], batch_size, logger)
+    observe_dataset(adapter, processor, samples, [shifts], batch_size, logger, "calibration: attention shifts")
     return shifts.histogram
 
 
 def log_shift_histogram(writer: Any, histogram: np.ndarray, layers: list[int] | None, tag: str) -> None:
     from research.report.figures import histogram_bars
 
-    values = np.repeat(np.arange(len(histogram)), histogram)
-    if len(values):
-        writer.add_histogram(f"{tag}/shift_layers", values, 0, bins=np.arange(len(histogram) + 1) - 0.5)
+    # One bar per layer (TensorBoard's own histograms would rebin these integer counts).
     title = "attention-shift layers" + (f" -> prune after {layers}" if layers is not None else "")
     writer.add_figure(f"{tag}/shift_histogram", histogram_bars(np.asarray(histogram), title, "layer"), 0)
     if layers is not None:
@@ -91,7 +92,7 @@ def run_analysis(name: str, adapter: Any, processor: Any, samples: Sequence[Any]
     num_layers = adapter.num_layers
     if name == "text_dynamics":
         dynamics = TextDynamics(num_layers)
-        observe_dataset(adapter, processor, samples, [dynamics], batch_size, logger)
+        observe_dataset(adapter, processor, samples, [dynamics], batch_size, logger, "text dynamics")
         matrix = dynamics.matrix()
         np.savetxt(out / "text_dynamics.csv", matrix, delimiter=",", fmt="%.4f",
                    header=",".join(f"layer{i}" for i in range(num_layers)))
@@ -102,7 +103,7 @@ def run_analysis(name: str, adapter: Any, processor: Any, samples: Sequence[Any]
         return {"samples": dynamics.samples, "off_diagonal_miou": dynamics.off_diagonal_mean(),
                 "matrix": matrix.tolist()}
     shifts = AttentionShifts(num_layers)
-    observe_dataset(adapter, processor, samples, [shifts], batch_size, logger)
+    observe_dataset(adapter, processor, samples, [shifts], batch_size, logger, "attention shifts")
     layers = changepoint_layers(shifts.histogram)
     with (out / "attention_shifts.csv").open("w", newline="") as f:
         csv.writer(f).writerows([("layer", "shifts"), *enumerate(shifts.histogram.tolist())])

@@ -60,3 +60,8 @@ class TextDynamics:
         m = self.matrix()
         n = m.shape[0]
         return float((m.sum() - np.trace(m)) / max(1, n * n - n)) if n > 1 else math.nan
+
+    def adjacent_mean(self) -> float:
+        """Mean IoU between consecutive layers (``l``, ``l + 1``): how much the key question tokens move per layer."""
+        m = self.matrix()
+        return float(np.diagonal(m, 1).mean()) if m.shape[0] > 1 else math.nan

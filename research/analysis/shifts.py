@@ -6,6 +6,10 @@ over all layers in prefill. For each, the per-layer attention curve ``a`` (Eq. 8
 (Eq. 9) and one change point is found by binary segmentation with an l2 cost (Eq. 10,
 ``ruptures.Binseg(model="l2", jump=1)``). The histogram of change points over layers is the figure;
 it is accumulated as samples arrive (memory independent of their number).
+
+Observed on a pruned model (``research.analysis.per_combination``), the curves stay over every image token: a
+token pruned at a layer receives no attention in the layers after it (it is no longer in the sequence), so its
+attention is 0 there and its cumulative curve flat.
 """
 
 from __future__ import annotations
@@ -32,6 +36,19 @@ def shift_layer(curve: np.ndarray) -> int:
     return int(breakpoint_) - 1
 
 
+def received_in_patch_order(signals: Signals) -> Tensor:
+    """[B, V] attention each of the image's tokens receives from the question at this layer, in patch order over
+    the image's tokens before any pruning (``V``: the batch's count then). A token already pruned receives
+    nothing: 0. Unpruned, this is ``signals.t2v.sum(1)``."""
+    layout = signals.layout
+    received = signals.t2v.sum(1).float()  # [B, V_l] over the tokens this layer runs on
+    valid = getattr(layout, "vision_valid", None)  # rows with fewer image tokens than the batch's largest
+    if valid is not None:
+        received = received * valid
+    width = signals.interface.layout.vision.shape[1] if signals.interface is not None else received.shape[1]
+    return received.new_zeros(received.shape[0], width).scatter_add_(1, layout.vision_rank, received)
+
+
 class AttentionShifts:
     """Observer: histogram over layers of the shift layers of each sample's key vision tokens."""
 
@@ -39,10 +56,10 @@ class AttentionShifts:
         self.num_layers, self.fraction = num_layers, fraction
         self.histogram = np.zeros(num_layers, dtype=np.int64)
         self.samples = 0
-        self._layers: dict[int, Tensor] = {}  # this forward's per-layer [B, V] attention received
+        self._layers: dict[int, Tensor] = {}  # this forward's per-layer [B, V] attention received, in patch order
 
     def __call__(self, signals: Signals) -> None:
-        self._layers[signals.layer_idx] = signals.t2v.sum(1).float().cpu()  # [B, V] from all question tokens
+        self._layers[signals.layer_idx] = received_in_patch_order(signals).cpu()
         if len(self._layers) == self.num_layers:
             curves = torch.stack([self._layers[i] for i in range(self.num_layers)], -1)  # [B, V, L]  Eq. 8
             self._layers.clear()
