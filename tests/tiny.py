@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from research.models import FAMILIES
+from research.models.llava import left_pad
 
 IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
@@ -37,14 +38,8 @@ def tiny_inputs(question_lengths: list[int], seed: int = 0, prefix_length: int =
         question = torch.randint(4, VOCAB_SIZE, (n,), generator=g)
         image = torch.full((NUM_IMAGE_TOKENS,), IMAGE_TOKEN_ID)
         rows.append(torch.cat([torch.tensor([BOS_TOKEN_ID]), prefix, image, question]))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = r
-        attention_mask[i, width - len(r):] = 1
     pixel_values = torch.randn((len(rows), 3, IMAGE_SIZE, IMAGE_SIZE), generator=g)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    return {**left_pad(rows, PAD_TOKEN_ID), "pixel_values": pixel_values}
 
 
 def row(inputs: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

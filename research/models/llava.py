@@ -77,6 +77,11 @@ def left_padded(model: nn.Module, image_counts: Sequence[int], question_lengths:
         image = torch.full((count,), config.image_token_id)
         rows.append(torch.cat([torch.tensor([bos]), prefix, torch.tensor(list(before), dtype=torch.long), image,
                                torch.tensor(list(after), dtype=torch.long), question]))
+    return left_pad(rows, pad)
+
+
+def left_pad(rows: Sequence[torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask`` [B, S] of token rows of different lengths, padded on the left."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
