@@ -350,7 +350,7 @@ def model_directory(cfg: RunConfig) -> Path:
 def model_family(cfg: RunConfig, path: Path) -> Any:
     """The adapter class of the checkpoint in ``path`` (from its config.json; no weights), after checking
     that it can run every scorer and the positions of ``cfg``: one line naming what the family lacks."""
-    from research.models import UnsupportedModel
+    from research.models import FAMILIES, UnsupportedModel
     from research.models.registry import checkpoint_family
     from scorers import SCORERS
 
@@ -368,19 +368,13 @@ def model_family(cfg: RunConfig, path: Path) -> Any:
             raise ConfigError(
                 f"scorer {name!r} ranks by the vision tower's CLS attention, which {adapter.family} "
                 f"({adapter.model_class}) does not map onto its image tokens; drop it or use a model of family "
-                f"{[f for f in _families() if _families()[f].has_cls_saliency]}"
+                f"{[f for f in FAMILIES.names() if FAMILIES.get(f).has_cls_saliency]}"
             )
         positions = protocol.get("positions", cfg.positions)
         if positions == "compact" and adapter.position_axes > 1:
             raise ConfigError(f"positions=compact renumbers 1-D positions; {adapter.family}'s multimodal rotary "
                               f"positions have {adapter.position_axes} axes: use positions=original")
     return adapter
-
-
-def _families() -> dict[str, Any]:
-    from research.models import FAMILIES
-
-    return {name: FAMILIES.get(name) for name in FAMILIES.names()}
 
 
 def model_shape(path: Path, adapter: Any | None = None) -> tuple[int, int]:

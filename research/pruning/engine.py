@@ -153,7 +153,8 @@ class _ForwardState:
         self.interface: InterfaceSignals | None = None
         self.input_ids: Tensor | None = None
         self.interface_cut: _Cut | None = None  # of the model's input, at location -1
-        self.num_vision: Tensor | None = None  # [B] each row's image tokens in the input
+        self.num_vision: list[int] = []  # each row's image tokens in the input
+        self.remaining: list[int] = []  # each row's vision tokens left after the stages so far
         self.base_len = layout.seq_len
         self.stages: list[_Stage] = []
         self.base_kwargs: dict | None = None
@@ -194,11 +195,11 @@ def _key_width(mask_width: int, pruned: int, static_cache: bool) -> int:
     return mask_width if static_cache else mask_width - pruned
 
 
-def _cut(dropped: Tensor) -> _Cut:
-    """The cut that removes the slots ``dropped`` [B, S]; shorter rows get filler slots on the left."""
+def _cut(dropped: Tensor, new_len: int) -> _Cut:
+    """The cut that removes the slots ``dropped`` [B, S], ``new_len`` the most slots a row keeps; shorter
+    rows get filler slots on the left."""
     batch, seq_len = dropped.shape
     counts = seq_len - dropped.sum(1, keepdim=True)  # [B, 1] slots each row keeps
-    new_len = int(counts.max())
     order = torch.argsort(dropped.to(torch.uint8), dim=1, stable=True)[:, :new_len]  # kept slots first, ascending
     position = torch.arange(new_len, device=dropped.device).expand(batch, new_len)
     fillers = new_len - counts  # [B, 1]
@@ -361,9 +362,10 @@ class PruningEngine:
             layout = read_layout(input_ids, self.adapter.image_token_id, kwargs.get("attention_mask"))
             self._state = _ForwardState(layout)
             self._state.input_ids = input_ids
-            self._state.num_vision = layout.vision_counts
+            counts = layout.vision_counts.tolist()  # the prefill's one host sync: stages then plan in Python
+            self._state.num_vision, self._state.remaining = counts, list(counts)
             self.plan.check(self.adapter.num_layers, self._fixed_vision)
-            self._state.record.tokens_per_layer = self._tokens_per_layer(layout.vision_counts.tolist())
+            self._state.record.tokens_per_layer = self._tokens_per_layer(counts)
         else:
             self._state = None  # text-only forward: nothing to prune
 
@@ -522,7 +524,11 @@ class PruningEngine:
         """True if every row keeps all its remaining vision tokens at ``stage`` (and nothing is replayed)."""
         if self.replay is not None:
             return False
-        return bool((self.plan.stage_keep(stage, st.num_vision) >= st.layout.vision_counts).all())
+        return all(k >= r for k, r in zip(self._keep_counts(st, stage), st.remaining))
+
+    def _keep_counts(self, st: _ForwardState, stage: int) -> list[int]:
+        """Vision tokens each row keeps after ``stage``: the plan's count for it, at most what it has left."""
+        return [min(self.plan.stage_keep(stage, n), r) for n, r in zip(st.num_vision, st.remaining)]
 
     def _tokens_per_layer(self, counts: list[int]) -> list[float]:
         """Vision tokens each decoder layer runs on, the mean over rows of ``counts`` image tokens."""
@@ -538,21 +544,24 @@ class PruningEngine:
         if self.replay is not None:
             wanted = self.replay[stage].to(layout.vision_orig.device)
             is_kept = (layout.vision_orig[:, :, None] == wanted[:, None, :]).any(-1) & valid  # [B, V]
+            keep = is_kept.sum(1).tolist()
         else:
-            keep = torch.minimum(self.plan.stage_keep(stage, st.num_vision), layout.vision_counts)  # [B]
+            keep = self._keep_counts(st, stage)
             scores = checked_scores(self.scorer, self.scorer.score(signals), layout.vision.shape, valid)  # [B, V]
-            top = scores.masked_fill(~valid, float("-inf")).topk(int(keep.max()), dim=1).indices
+            top = scores.masked_fill(~valid, float("-inf")).topk(max(keep), dim=1).indices
             rank = torch.arange(top.shape[1], device=top.device)
-            is_kept = torch.zeros_like(valid).scatter_(1, top, rank[None, :] < keep[:, None])
-        counts = is_kept.sum(1)  # [B]
-        k = int(counts.max())
+            within = rank[None, :] < torch.tensor(keep, device=top.device)[:, None]  # [B, k]: a row's first keep_b
+            is_kept = torch.zeros_like(valid).scatter_(1, top, within)
+        k = max(keep)
         selected = torch.argsort((~is_kept).to(torch.uint8), dim=1, stable=True)[:, :k]  # ascending
-        selected_valid = torch.arange(k, device=selected.device)[None, :] < counts[:, None]
+        selected_valid = torch.arange(k, device=selected.device)[None, :] < is_kept.sum(1, keepdim=True)
+        new_len = layout.seq_len - min(r - kept for r, kept in zip(st.remaining, keep))
+        st.remaining = keep
         dropped = torch.zeros(layout.valid.shape[0], layout.seq_len + 1, dtype=torch.bool, device=valid.device)
         dropped = dropped.scatter_(1, layout.vision_scatter_index(), valid & ~is_kept)[:, : layout.seq_len]  # [B, S]
         st.record.kept.append(layout.vision_orig.gather(1, selected).masked_fill(~selected_valid, -1))
         st.record.locations.append(self.plan.locations[stage])
-        return _cut(dropped), selected, selected_valid
+        return _cut(dropped, new_len), selected, selected_valid
 
     def _make_layer_input_hook(self, layer_idx: int) -> Any:
         """Before decoder layer ``layer_idx``: layer 0 keeps the call's kwargs that every layer receives;

@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
 POSITION_MODES = ("original", "compact")
 INTERFACE = -1  # location of pruning at the vision-language interface, before decoder layer 0
 
@@ -64,16 +61,16 @@ class PruningPlan:
         if num_vision is not None and not self.relative and self.keep and self.keep[0] > num_vision:
             raise ValueError(f"keep count {self.keep[0]} exceeds the {num_vision} vision tokens")
 
-    def stage_keep(self, stage: int, num_vision: Tensor) -> Tensor:
-        """[B] tokens each row keeps after ``stage``, from its original image-token count ``num_vision`` [B]."""
+    def stage_keep(self, stage: int, num_vision: int) -> int:
+        """Tokens a row of ``num_vision`` image tokens keeps after ``stage`` (fractions round half to even)."""
         if self.relative:
-            return torch.round(self.keep[stage] * num_vision.double()).long()
-        return num_vision.clamp(max=int(self.keep[stage]))
+            return round(self.keep[stage] * num_vision)
+        return min(int(self.keep[stage]), num_vision)
 
     def tokens_per_layer(self, num_layers: int, num_vision: int) -> list[int]:
         """Vision tokens each decoder layer runs on, for a row of ``num_vision`` image tokens."""
         counts = []
         for layer in range(num_layers):
             stages = [i for i, loc in enumerate(self.locations) if loc < layer]
-            counts.append(int(self.stage_keep(stages[-1], torch.tensor([num_vision]))[0]) if stages else num_vision)
+            counts.append(self.stage_keep(stages[-1], num_vision) if stages else num_vision)
         return counts
