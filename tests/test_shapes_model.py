@@ -40,6 +40,27 @@ def test_micro_training_runs_the_shipped_recipe(tmp_path):
         assert torch.equal(a, b), f"the LLaVA vision tower must stay the trained CLIP tower ({name})"
 
 
+@pytest.mark.slow
+def test_phase_two_alone_keeps_the_given_clip_and_the_cards_notes(tmp_path):
+    """``--clip DIR`` trains only the LLaVA on that CLIP pair; a retrain keeps MODEL_CARD.md's hand notes."""
+    from research.train_offline_model import NOTES
+
+    cfg = TrainConfig(clip_steps=2, clip_batch=4, llava_steps=2, llava_batch=4, questions_per_image=2, warmup=1)
+    run(cfg, tmp_path / "full", MICRO, eval_limit=10)
+    notes = f"{NOTES}\n## What was tried\n\nhand-written\n"
+    card = tmp_path / "probe" / "MODEL_CARD.md"
+    card.parent.mkdir()
+    card.write_text("# an older card\n\n" + notes)
+    run(cfg, tmp_path / "probe", MICRO, eval_limit=10, clip_path=tmp_path / "full" / "clip")
+    adapter, _ = load_model("shapes", str(tmp_path / "probe"))
+    trained, _ = load_model("shapes", str(tmp_path / "full"))
+    for (name, a), (_, b) in zip(adapter.vision_tower.state_dict().items(), trained.vision_tower.state_dict().items()):
+        assert torch.equal(a, b), name
+    text = card.read_text()
+    assert text.startswith("# shapes-llava") and "--clip" in text and text.endswith(notes)
+    assert "an older card" not in text
+
+
 def test_llava_batch_keeps_positions_and_the_needed_patches():
     scenes = [training_scene(i, 0, 3) for i in range(6)]
     batch = llava_batch(scenes, np.random.default_rng(0), drop_probability=1.0)
@@ -103,7 +124,7 @@ def test_each_packed_branch_is_the_one_question_prompt():
             assert labels[answer_slots].tolist() == answers
 
 
-@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, 1.0)], ids=["shipped", "question+caption"])
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, 1.0)], ids=["answers_and_dense_only", "shipped_with_question_and_caption"])
 def test_micro_llava_loss_decreases(weights):
     from research.shapes_model.modeling import build_clip, build_llava
 
@@ -176,3 +197,15 @@ def test_shipped_grounding_figures_reproduce():
         measured = keep_metrics(kept_patches(adapter, processor, samples, name, 1, stored["keep"]), samples)
         for metric, value in measured.items():
             assert value == pytest.approx(stored[name][metric][1], abs=1e-6), (name, metric)
+
+
+def test_token_profile_explains_the_engines_text_prior_figure():
+    """The text_prior recall rebuilt from transformers' own attention weights is the engine's figure; the
+    prior shares of each question position sum to at most 1."""
+    from research.shapes_model.grounding import measure, token_profile
+
+    profile = token_profile(SHIPPED, samples=8, positions=tuple(range(-7, 0)))  # shortest prompt: 6 words + ASSISTANT:
+    engine = measure(SHIPPED, samples=8, scorers=("text_prior",))
+    assert profile["text_prior"] == pytest.approx(engine["text_prior"]["recall"], abs=1e-6)
+    assert all(0 <= sum(shares) <= 1 + 1e-5 for shares in profile["prior_share"])
+    assert all(0 <= r <= 1 for recalls in profile["token_recall"] for r in recalls)

@@ -7,6 +7,10 @@ For every scorer and every single pruning layer ``l`` (prune once, after decoder
   averaged over samples;
 - ``on_object``: share of the kept tokens that lie on an object (``Sample.objects_mask``), averaged.
 
+``--tokens`` explains ``text_prior``'s figure from transformers' own attention weights (eager attention):
+per layer, the share of AdaptInfer's text-to-text prior (Eq. 2) that each question token holds and the
+recall of the top ``keep`` patches of that token's own attention (``token_profile``).
+
 An oracle (``oracle_keep``: relevant object patches, then other relevant patches, then other objects) and the
 scorers that read no attention give the reference points. Results go to the model's ``metrics.json``
 (key ``grounding``) when ``--write`` is given, and are printed as a table.
@@ -68,6 +72,58 @@ def measure(path: Path, samples: int = GROUNDING_SAMPLES, keep: int = GROUNDING_
     return result
 
 
+@torch.no_grad()
+def token_profile(path: Path, samples: int = GROUNDING_SAMPLES, keep: int = GROUNDING_KEEP,
+                  positions: Sequence[int] = (0, 1, 2, -3, -2, -1)) -> dict:
+    """Per layer, from the model's own attention weights (head mean), over the question tokens ``t``:
+
+    - ``text_prior``: recall of ``top-keep(w^T A_t2v)`` with ``w = sum_i A_t2t[i, :]`` (Eq. 2-3), which must
+      equal ``measure``'s engine figure;
+    - ``prior_share[j]``: ``w[t_j] / sum(w)`` at question-token position ``positions[j]`` (-1 = ``ASSISTANT:``);
+    - ``token_recall[j]``: recall of the top ``keep`` patches of that token's own attention row.
+
+    Returns {"positions", "layers", "text_prior": [L], "prior_share": [L][J], "token_recall": [L][J]}.
+    """
+    adapter, processor = LlavaAdapter.from_pretrained(path, attn_implementation="eager")
+    data = list(ShapesVQA("test", size=samples))
+    inputs = adapter.build_inputs(processor, [ShapesVQA.pil_image(s) for s in data], [s.question for s in data])
+    attentions = adapter.model(**inputs, output_attentions=True, logits_to_keep=1).attentions  # L x [B, H, S, S]
+    is_image = inputs["input_ids"] == adapter.image_token_id  # [B, S]
+    relevant = [torch.from_numpy(s.relevant.reshape(-1)) for s in data]  # B x [144] bool
+
+    def recall(scores: torch.Tensor, row: int) -> float:  # scores [144]
+        return float(relevant[row][scores.topk(keep).indices].sum() / relevant[row].sum())
+
+    result: dict = {"positions": list(positions), "layers": list(range(adapter.num_layers - 1)),
+                    "text_prior": [], "prior_share": [], "token_recall": []}
+    for layer in result["layers"]:
+        attention = attentions[layer].float().mean(1)  # [B, S, S]
+        prior_recall, shares, token_recalls = [], [], []
+        for row in range(len(data)):
+            vision = is_image[row].nonzero()[:, 0]  # [V]
+            text = torch.arange(int(vision.max()) + 1, is_image.shape[1])  # [T] question tokens (right of the image)
+            t2v, t2t = attention[row][text][:, vision], attention[row][text][:, text]  # [T, V], [T, T]
+            prior = t2t.sum(0)  # [T] Eq. 2
+            prior_recall.append(recall(prior @ t2v, row))
+            shares.append([float(prior[j] / prior.sum()) for j in positions])
+            token_recalls.append([recall(t2v[j], row) for j in positions])
+        result["text_prior"].append(float(np.mean(prior_recall)))
+        result["prior_share"].append(np.mean(shares, 0).tolist())
+        result["token_recall"].append(np.mean(token_recalls, 0).tolist())
+    return result
+
+
+def token_table(profile: dict) -> list[str]:
+    """Markdown rows: per layer, text_prior recall, then prior share / own recall at each question position."""
+    names = ["last token" if j == -1 else f"token {j}" for j in profile["positions"]]
+    lines = ["| after layer | text_prior recall | " + " | ".join(f"{n} (prior share / recall)" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for i, layer in enumerate(profile["layers"]):
+        cells = [f"{s:.2f} / {r:.2f}" for s, r in zip(profile["prior_share"][i], profile["token_recall"][i])]
+        lines.append(f"| {layer} | {profile['text_prior'][i]:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(result: dict) -> list[str]:
     """Markdown rows: recall / on-object share per scorer and layer."""
     layers = result["layers"]
@@ -93,8 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=GROUNDING_SAMPLES)
     parser.add_argument("--keep", type=int, default=GROUNDING_KEEP)
     parser.add_argument("--write", action="store_true", help="store the result in the model's metrics.json")
+    parser.add_argument("--tokens", action="store_true", help="text_prior's prior share and recall per question token")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.tokens:
+        print("\n".join(token_table(token_profile(args.model, args.samples, args.keep))))
+        return
     result = measure(args.model, args.samples, args.keep)
     print("\n".join(table(result)))
     if args.write:

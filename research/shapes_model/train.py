@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
+from transformers import CLIPModel
 
 from research.data.shapes import (
     COLOURS,
@@ -374,18 +375,24 @@ def llava_batches(cfg: TrainConfig, tokenizer) -> SceneBatches:
     )
 
 
-def train(cfg: TrainConfig, model_cfg: ShapesModelConfig | None = None):
-    """Both phases from ``cfg.seed``; returns (clip, llava)."""
+def train(cfg: TrainConfig, model_cfg: ShapesModelConfig | None = None, clip: CLIPModel | None = None):
+    """Both phases from ``cfg.seed``; returns (clip, llava).
+
+    ``clip``: a CLIP pair already trained by phase 1, to run phase 2 alone (a recipe probe). Its LLaVA is
+    initialised right after seeding, whereas the full recipe's LLaVA is initialised after phase 1's draws,
+    so the two runs give different weights.
+    """
     model_cfg = model_cfg or ShapesModelConfig()
     torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, verbose=False)
     tok = build_tokenizer()
-    clip = build_clip(model_cfg)
-    _fit(
-        ClipPhase(clip, cfg),
-        SceneBatches(cfg.clip_batch, cfg.seed, 1, lambda s, rng: clip_batch(s, rng, tok)),
-        cfg.clip_steps,
-    )
+    if clip is None:
+        clip = build_clip(model_cfg)
+        _fit(
+            ClipPhase(clip, cfg),
+            SceneBatches(cfg.clip_batch, cfg.seed, 1, lambda s, rng: clip_batch(s, rng, tok)),
+            cfg.clip_steps,
+        )
     llava = build_llava(model_cfg, clip)
     _fit(LlavaPhase(llava, cfg), llava_batches(cfg, tok), cfg.llava_steps)
     return clip.eval(), llava.eval()
