@@ -49,18 +49,45 @@ def scorer_for(plan: PruningPlan):
 
 
 @cache
-def model(family: str):
-    return FAMILIES.get(family).random_model(num_layers=4, num_kv_heads=2)
+def model(family: str, attention: str = "sdpa"):
+    return FAMILIES.get(family).random_model(num_layers=4, num_kv_heads=2, attn_implementation=attention)
 
 
-def inputs(family: str, size: int = 3) -> dict[str, torch.Tensor]:
+BATCHES = ["padded", "unpadded", "no_mask"]
+
+
+@cache
+def inputs(family: str, size: int = 3, kind: str = "padded") -> dict[str, torch.Tensor]:
+    """A batch of ``size`` rows (the variable families' rows hold different numbers of image tokens):
+
+    * ``padded``: questions of different lengths, left-padded;
+    * ``unpadded``: questions as long as make every row the same length, so the processor's mask is all ones
+      (transformers' sdpa path then hands the layers no mask at all);
+    * ``no_mask``: the ``unpadded`` rows without an ``attention_mask`` (``model(**inputs)`` as users call it).
+    """
     sizes = IMAGE_SIZES.get(family)
-    return FAMILIES.get(family).random_inputs(model(family), QUESTIONS[:size], image_sizes=sizes and sizes[:size])
+    sizes = sizes and sizes[:size]
+    adapter = FAMILIES.get(family)
+    batch = adapter.random_inputs(model(family), QUESTIONS[:size], image_sizes=sizes)
+    if kind == "padded":
+        return batch
+    counts = (batch["input_ids"] == model(family).config.image_token_id).sum(1).tolist()
+    lengths = [QUESTIONS[0] + max(counts) - n for n in counts]  # every row: the same image + question length
+    batch = adapter.random_inputs(model(family), lengths, image_sizes=sizes)
+    assert bool(batch["attention_mask"].all())
+    if kind == "no_mask":
+        batch = {key: value for key, value in batch.items() if key != "attention_mask"}
+    return batch
+
+
+def attention_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's mask, or all ones for a batch passed without one."""
+    return batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
 
 
 def row(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     """Row ``i`` alone, without its padding; Qwen-style flat ``pixel_values`` are cut by ``image_grid_thw``."""
-    keep = batch["attention_mask"][i].bool()
+    keep = attention_mask(batch)[i].bool()
     out = {}
     for key, value in batch.items():
         if key in ("input_ids", "attention_mask", "mm_token_type_ids"):
@@ -77,15 +104,16 @@ def grown(batch: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, tor
     """``batch`` with ``tokens`` [B, t] appended (text tokens)."""
     out = dict(batch)
     out["input_ids"] = torch.cat([batch["input_ids"], tokens], 1)
-    out["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tokens)], 1)
+    if "attention_mask" in batch:
+        out["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tokens)], 1)
     if "mm_token_type_ids" in batch:
         out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tokens)], 1)
     return out
 
 
 @torch.no_grad()
-def forward(family: str, batch: dict, **engine_args):
-    m = model(family)
+def forward(family: str, batch: dict, attention: str = "sdpa", **engine_args):
+    m = model(family, attention)
     if not engine_args:
         return m(**batch).logits, None
     with PruningEngine(m, **engine_args) as engine:
@@ -94,10 +122,10 @@ def forward(family: str, batch: dict, **engine_args):
 
 
 @contextlib.contextmanager
-def masked_reference(family: str, batch: dict, record):
+def masked_reference(family: str, batch: dict, record, attention: str = "sdpa"):
     """The unpruned model, but every layer after a stage cannot attend to the keys that stage pruned."""
-    adapter = adapter_for(model(family))
-    input_ids, valid = batch["input_ids"], batch["attention_mask"].bool()
+    adapter = adapter_for(model(family, attention))
+    input_ids, valid = batch["input_ids"], attention_mask(batch).bool()
     b, s = input_ids.shape
     base = torch.ones(s, s, dtype=torch.bool).tril()[None] & valid[:, None, :]
     base |= torch.eye(s, dtype=torch.bool)[None]  # padding queries attend to themselves: no NaN rows
@@ -136,29 +164,32 @@ def test_rows_of_the_variable_families_hold_different_numbers_of_image_tokens():
         assert len(set(counts)) == 3, (family, counts)
 
 
+@pytest.mark.parametrize("batching", BATCHES)
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_full_budget_is_bitwise_vanilla(family):
-    batch = inputs(family)
+def test_full_budget_is_bitwise_vanilla(family, batching):
+    batch = inputs(family, kind=batching)
     vanilla, _ = forward(family, batch)
     full = PruningPlan.of([-1, 1, 2], [1.0, 1.0, 1.0], relative=True)
     pruned, _ = forward(family, batch, scorer=SCORERS.get("text_prior")(), plan=full)
     assert torch.equal(pruned, vanilla)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("batching", BATCHES)
 @pytest.mark.parametrize("kind", list(PLANS))
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_pruned_forward_equals_masked_reference(family, kind):
-    batch, plan = inputs(family), PLANS[kind]
-    pruned, record = forward(family, batch, scorer=scorer_for(plan), plan=plan)
+def test_pruned_forward_equals_masked_reference(family, kind, batching, attention):
+    batch, plan = inputs(family, kind=batching), PLANS[kind]
+    pruned, record = forward(family, batch, attention, scorer=scorer_for(plan), plan=plan)
     counts = (batch["input_ids"] == model(family).config.image_token_id).sum(1)
     expected = [plan.tokens_per_layer(4, int(n)) for n in counts]
     assert record.tokens_per_layer == pytest.approx([sum(c) / len(c) for c in zip(*expected)])
-    with masked_reference(family, batch, record):
-        reference, _ = forward(family, batch)
+    with masked_reference(family, batch, record, attention):
+        reference, _ = forward(family, batch, attention)
     image = model(family).config.image_token_id
     for r in range(len(counts)):
         slots = kept_slots(batch, record, image, r)
-        real = batch["attention_mask"][r, slots].bool()
+        real = attention_mask(batch)[r, slots].bool()
         mine = pruned[r, pruned.shape[1] - len(slots):]  # fillers pad shorter rows on the left
         torch.testing.assert_close(mine[real], reference[r, slots][real], atol=1e-4, rtol=0)
 
@@ -171,10 +202,11 @@ def greedy(family: str, batch: dict, plan: PruningPlan, steps: int = 4, **genera
     return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, 1), engine.last
 
 
+@pytest.mark.parametrize("batching", BATCHES)
 @pytest.mark.parametrize("kind", ["layers", "interface"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_cached_decode_equals_no_cache_recompute(family, kind):
-    batch, plan = inputs(family), PLANS[kind]
+def test_cached_decode_equals_no_cache_recompute(family, kind, batching):
+    batch, plan = inputs(family, kind=batching), PLANS[kind]
     tokens, cached, record = greedy(family, batch, plan)
     recomputed = []
     for t in range(tokens.shape[1]):
@@ -185,12 +217,13 @@ def test_cached_decode_equals_no_cache_recompute(family, kind):
     assert torch.equal(recomputed.argmax(-1), tokens)
 
 
+@pytest.mark.parametrize("batching", BATCHES)
 @pytest.mark.parametrize("kind", ["layers", "absolute", "interface"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_padded_rows_equal_rows_alone(family, kind):
-    batch, plan = inputs(family), PLANS[kind]
+def test_batch_rows_equal_rows_alone(family, kind, batching):
+    batch, plan = inputs(family, kind=batching), PLANS[kind]
     tokens, _, record = greedy(family, batch, plan)
-    padding = (batch["attention_mask"] == 0).sum(1)
+    padding = (attention_mask(batch) == 0).sum(1)
     for i in range(3):
         alone_tokens, _, alone = greedy(family, row(batch, i), plan)
         for stage_kept, alone_kept in zip(record.kept, alone.kept):

@@ -66,6 +66,11 @@ def required(kwargs: dict, name: str, where: str) -> Any:
     return kwargs[name]
 
 
+def unsupported_call(what: str) -> TransformersChanged:
+    """One line: ``what`` the engine met in a call, with the installed transformers and the tested range."""
+    return TransformersChanged(f"{what} (transformers {transformers.__version__}, tested range {tested_range()})")
+
+
 @functools.cache
 def tested_range() -> str:
     """The transformers versions this project was tested with: its declared requirement."""

@@ -48,6 +48,7 @@ from research.pruning.compat import (
     find_cache,
     is_static,
     required,
+    unsupported_call,
 )
 from research.pruning.plan import INTERFACE, PruningPlan
 from research.pruning.signals import (
@@ -86,6 +87,7 @@ class _Cut:
     filler: Tensor  # [B, S'] bool
     shift: Tensor  # [B, S'] dropped tokens before each kept slot (compact positions subtract it)
     dropped: Tensor  # [B, 1] dropped tokens of each row
+    has_fillers: bool  # some row keeps fewer slots than the longest (known in Python: no host sync)
 
     def then(self, local: _Cut) -> _Cut:
         """This cut followed by ``local`` (a cut of this cut's sequence)."""
@@ -94,6 +96,7 @@ class _Cut:
             filler=local.filler | self.filler.gather(1, local.kept),
             shift=self.shift.gather(1, local.kept) + local.shift,
             dropped=self.dropped + local.dropped,
+            has_fillers=self.has_fillers or local.has_fillers,
         )
 
     def columns(self, base_len: int, width: int) -> Tensor:
@@ -195,9 +198,17 @@ def _key_width(mask_width: int, pruned: int, static_cache: bool) -> int:
     return mask_width if static_cache else mask_width - pruned
 
 
-def _cut(dropped: Tensor, new_len: int) -> _Cut:
+def causal_mask(query_len: int, past_len: int, device: torch.device) -> Tensor:
+    """[1, 1, Q, past + Q] bool (True = attend): the causal mask of ``query_len`` queries after ``past_len``
+    cached tokens, none of them padding: what a layer computes when transformers hands it no mask."""
+    keys = torch.arange(past_len + query_len, device=device)
+    queries = torch.arange(past_len, past_len + query_len, device=device)
+    return (keys[None, :] <= queries[:, None])[None, None]
+
+
+def _cut(dropped: Tensor, new_len: int, has_fillers: bool) -> _Cut:
     """The cut that removes the slots ``dropped`` [B, S], ``new_len`` the most slots a row keeps; shorter
-    rows get filler slots on the left."""
+    rows get filler slots on the left (``has_fillers``: some row is shorter)."""
     batch, seq_len = dropped.shape
     counts = seq_len - dropped.sum(1, keepdim=True)  # [B, 1] slots each row keeps
     order = torch.argsort(dropped.to(torch.uint8), dim=1, stable=True)[:, :new_len]  # kept slots first, ascending
@@ -205,7 +216,7 @@ def _cut(dropped: Tensor, new_len: int) -> _Cut:
     fillers = new_len - counts  # [B, 1]
     kept = order.gather(1, (position - fillers).clamp(min=0))
     shift = dropped.long().cumsum(1).gather(1, kept)  # dropped slots before each kept one
-    return _Cut(kept=kept, filler=position < fillers, shift=shift, dropped=seq_len - counts)
+    return _Cut(kept=kept, filler=position < fillers, shift=shift, dropped=seq_len - counts, has_fillers=has_fillers)
 
 
 def checked_scores(scorer: Any, scores: Any, shape: torch.Size, valid: Tensor | None = None) -> Tensor:
@@ -394,6 +405,11 @@ class PruningEngine:
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
         pruned = st.input_len - cut.kept.shape[1]
+        if mask is None:
+            # No mask means no padding. Kept tokens keep position ids with gaps, which transformers reads as
+            # packed sequences when it gets no mask, and filler slots must be masked: say "no padding" explicitly.
+            width = st.input_len if st.is_prefill else st.past_len + pruned + inputs_embeds.shape[1]
+            mask = torch.ones(inputs_embeds.shape[0], width, dtype=torch.long, device=inputs_embeds.device)
         if st.is_prefill:
             kwargs["inputs_embeds"] = gather_seq(inputs_embeds, cut.kept)
         if mask is not None:
@@ -555,13 +571,14 @@ class PruningEngine:
         k = max(keep)
         selected = torch.argsort((~is_kept).to(torch.uint8), dim=1, stable=True)[:, :k]  # ascending
         selected_valid = torch.arange(k, device=selected.device)[None, :] < is_kept.sum(1, keepdim=True)
-        new_len = layout.seq_len - min(r - kept for r, kept in zip(st.remaining, keep))
+        dropped_counts = [r - kept for r, kept in zip(st.remaining, keep)]
+        new_len = layout.seq_len - min(dropped_counts)
         st.remaining = keep
         dropped = torch.zeros(layout.valid.shape[0], layout.seq_len + 1, dtype=torch.bool, device=valid.device)
         dropped = dropped.scatter_(1, layout.vision_scatter_index(), valid & ~is_kept)[:, : layout.seq_len]  # [B, S]
         st.record.kept.append(layout.vision_orig.gather(1, selected).masked_fill(~selected_valid, -1))
         st.record.locations.append(self.plan.locations[stage])
-        return _cut(dropped, new_len), selected, selected_valid
+        return _cut(dropped, new_len, has_fillers=len(set(dropped_counts)) > 1), selected, selected_valid
 
     def _make_layer_input_hook(self, layer_idx: int) -> Any:
         """Before decoder layer ``layer_idx``: layer 0 keeps the call's kwargs that every layer receives;
@@ -588,6 +605,14 @@ class PruningEngine:
 
         return slice_inputs
 
+    @staticmethod
+    def _unmasked_causal(st: _ForwardState, query_len: int) -> Tensor:
+        """The mask decoder layer 0 ran without (causal, no padding), made explicit in its coordinates."""
+        if st.static_cache:
+            raise unsupported_call("a static KV cache came without an attention mask: the pruning engine cannot "
+                                   "tell which of its slots are written")
+        return causal_mask(query_len, st.past_len, st.layout.valid.device)
+
     def _stage_kwargs(self, st: _ForwardState, stage: _Stage) -> dict:
         """Layer kwargs of this call sliced to the stage's kept tokens."""
         base = st.base_kwargs
@@ -595,6 +620,9 @@ class PruningEngine:
         cos, sin = required(base, "position_embeddings", "decoder layer 0")
         pos = base.get("position_ids")
         mask = base.get("attention_mask")
+        if mask is None and cut.has_fillers:
+            # transformers' sdpa path passes no mask when nothing is padded; filler slots must still be hidden
+            mask = self._unmasked_causal(st, cos.shape[-2])
         out: dict[str, Any] = {}
         if st.is_prefill:
             cos, sin = gather_seq(cos, cut.kept), gather_seq(sin, cut.kept)
