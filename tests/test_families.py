@@ -451,3 +451,55 @@ def test_model_name_shorthand_survives_a_model_path_in_either_order(order):
     args = ["model=qwen2_vl", "model.path=/data/qwen2-vl"]
     cfg = load_config(["experiment=main_table", *(args if order == "name-first" else args[::-1])])
     assert (cfg.model.name, cfg.model.path) == ("qwen2_vl", "/data/qwen2-vl")
+
+
+@cache
+def qwen3_internvl(attention: str = "eager"):
+    """InternVL3.5 in transformers' format: an InternVL with a Qwen3 LLM, whose attention normalises each
+    head's queries and keys (``q_norm`` / ``k_norm``) between the projections and the rotary embedding."""
+    from transformers import InternVLConfig, Qwen3Config
+
+    adapter = FAMILIES.get("internvl")
+    config = adapter.random_config("tiny", 4, 2)
+    sizes = {k: v for k, v in config.text_config.to_dict().items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "pad_token_id", "bos_token_id", "eos_token_id")}
+    text = Qwen3Config(**sizes, head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
+    config = InternVLConfig(vision_config=config.vision_config, text_config=text, image_token_id=3,
+                            downsample_ratio=0.5)
+    torch.manual_seed(0)
+    m = adapter.model_type()(config).eval()
+    m.set_attn_implementation(attention)
+    # random norm weights, so a signal that skips them differs clearly from the layer's attention
+    with torch.no_grad():
+        for layer in m.model.language_model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.uniform_(0.2, 3.0)
+    return m
+
+
+def eager_model(family: str):
+    return qwen3_internvl() if family == "internvl_qwen3" else model(family, "eager")
+
+
+@pytest.mark.parametrize("family", [*FAMILY_NAMES, "internvl_qwen3"])
+def test_attention_signals_equal_transformers_eager_attention_weights(family):
+    """The attention the scorers rank by (every query row, each layer's own view and the next layer's) is the
+    attention transformers computes: its eager weights, head-averaged, from the same forward."""
+    m = eager_model(family)
+    adapter = FAMILIES.get("internvl" if family == "internvl_qwen3" else family)
+    batch = adapter.random_inputs(m, QUESTIONS, image_sizes=IMAGE_SIZES.get(family))
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+
+    def observe(signals):
+        seen["layer", signals.layer_idx] = signals.attention("all")
+        if signals.layer_idx + 1 < adapter(m).num_layers:
+            seen["next", signals.layer_idx + 1] = signals.next_layer.attention("all")
+
+    with torch.no_grad(), PruningEngine(m, None, PruningPlan.of([], []), observe=observe):
+        weights = m(**batch, output_attentions=True).attentions  # per layer [B, H, S, S]
+    valid = batch["attention_mask"].bool()
+    for (view, layer), mine in seen.items():
+        expected = weights[layer].float().mean(1)  # [B, S, S]
+        where = f"{view} view of layer {layer}"
+        torch.testing.assert_close(mine[valid], expected[valid], atol=2e-6, rtol=0, msg=lambda m, w=where: f"{w}: {m}")

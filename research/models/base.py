@@ -5,7 +5,8 @@ family in ``research/models/``) says where the engine finds:
 
 * the module whose forward receives ``input_ids`` (``multimodal_model``), the decoder stack
   (``language_model``), its ``decoder_layers`` and ``rotary_emb``;
-* per decoder layer, the attention projections (``q_proj`` / ``k_proj``), the input norm and the
+* per decoder layer, the attention projections (``q_proj`` / ``k_proj``) and the per-head query / key norms
+  after them if any (``q_norm`` / ``k_norm``: what the attention rotates), the input norm and the
   attention scaling;
 * the vision tower and, if the family has one that maps onto its image tokens, the CLS-attention
   source of visual saliency (``vision_attention``; ``None`` otherwise);
@@ -115,9 +116,33 @@ class VLMAdapter:
         return self.model.model.vision_tower
 
     def attention_projections(self, layer_idx: int) -> tuple[nn.Module, nn.Module]:
-        """(q_proj, k_proj) of decoder layer ``layer_idx``: their outputs are the layer's own Q and K."""
+        """(q_proj, k_proj) of decoder layer ``layer_idx``."""
         attn = self.decoder_layers[layer_idx].self_attn
         return attn.q_proj, attn.k_proj
+
+    def query_key_norms(self, layer_idx: int) -> tuple[nn.Module, nn.Module] | None:
+        """(q_norm, k_norm) that decoder layer ``layer_idx`` applies to its projections before the rotary
+        embedding (Qwen3, as in InternVL3.5; Gemma 3), or None when it applies none."""
+        attn = self.decoder_layers[layer_idx].self_attn
+        norms = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return None if norms[0] is None and norms[1] is None else norms
+
+    def query_key_sources(self, layer_idx: int) -> tuple[nn.Module, nn.Module]:
+        """The modules whose outputs are decoder layer ``layer_idx``'s queries and keys exactly as its attention
+        rotates them: the norms after the projections where the layer has them, else the projections."""
+        projections, norms = self.attention_projections(layer_idx), self.query_key_norms(layer_idx)
+        return projections if norms is None else (norms[0] or projections[0], norms[1] or projections[1])
+
+    def queries_keys(self, layer_idx: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer ``layer_idx``'s queries [B, S, H*hd] and keys [B, S, Hkv*hd] before the rotary
+        embedding, computed from its input ``hidden`` [B, S, D] as the layer computes them: input norm,
+        projections, then the per-head query / key norms if it has them."""
+        normed = self.input_norm(layer_idx)(hidden)
+        q_proj, k_proj = self.attention_projections(layer_idx)
+        q, k = q_proj(normed), k_proj(normed)
+        norms = self.query_key_norms(layer_idx) or (None, None)
+        return tuple(x if norm is None else flat_heads(norm(x.unflatten(-1, (-1, self.head_dim))))
+                     for x, norm in zip((q, k), norms))
 
     def input_norm(self, layer_idx: int) -> nn.Module:
         """The norm decoder layer ``layer_idx`` applies to its input before attention (``input_layernorm``)."""
@@ -236,6 +261,11 @@ class VLMAdapter:
         """Left-padded inputs ``[BOS, prefix, <image tokens>, question]`` per row for a random model;
         ``image_sizes`` (families whose images set their token count) gives each row's image size."""
         raise NotImplementedError
+
+
+def flat_heads(x: torch.Tensor) -> torch.Tensor:
+    """Queries or keys ``[B, S, H, hd]`` (a per-head norm's output) as ``[B, S, H*hd]``; 3-D ones unchanged."""
+    return x.flatten(-2) if x.dim() == 4 else x
 
 
 def random_text_sizes(size: str, num_layers: int | None = None, num_kv_heads: int | None = None) -> dict[str, Any]:

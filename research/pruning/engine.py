@@ -9,12 +9,13 @@ No transformers code is copied or patched. The hooks, per forward of the multimo
   embeddings; with location -1 it prunes ``inputs_embeds`` and slices mask and positions;
 * every decoder layer, pre-hook: layer 0 keeps the per-call kwargs every layer receives (mask,
   cos/sin, position ids); a layer after a stage gets them sliced (below);
-* ``q_proj`` / ``k_proj`` of pruning layers, forward hooks (prefill): keep references to the
-  layer's own projections, from which attention rows are recomputed only if a scorer asks;
+* ``q_proj`` / ``k_proj`` of pruning layers (or the per-head ``q_norm`` / ``k_norm`` after them, where a
+  layer has them: Qwen3), forward hooks (prefill): keep references to the layer's own queries and keys
+  before the rotary embedding, from which attention rows are recomputed only if a scorer asks;
 * pruning layer, forward hook (prefill): scores the vision tokens, keeps the top-k and gathers
   the layer output. A scorer that asks for ``signals.next_layer`` gets the attention the next
-  layer would compute on the unpruned output: that layer's input norm, ``q_proj`` and ``k_proj``
-  run once more on the output, only then;
+  layer would compute on the unpruned output: that layer's input norm, ``q_proj`` and ``k_proj`` (and its
+  query / key norms) run once more on the output, only then;
 * every layer after a stage: swaps in the mask / cos / sin / position ids sliced to the kept
   tokens. In decode the kept set is fixed; mask columns are remapped to ``kept ∪ new tokens``
   for each stage's KV cache (DynamicCache, StaticCache and no cache alike).
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from research.models import adapter_for
+from research.models.base import flat_heads
 from research.pruning.compat import (
     cached_length,
     describe_failure,
@@ -309,9 +311,9 @@ class PruningEngine:
             for idx in [0, *range(self._layer_locations[0] + 1, a.num_layers)]:
                 self._hook_pre(a.decoder_layers[idx], self._make_layer_input_hook(idx))
         for idx in sorted(set(self._layer_locations) | set(self._observed)):
-            q_proj, k_proj = a.attention_projections(idx)
-            self._handles.append(q_proj.register_forward_hook(self._timed(self._make_capture("q"))))
-            self._handles.append(k_proj.register_forward_hook(self._timed(self._make_capture("k"))))
+            queries, keys = a.query_key_sources(idx)
+            self._handles.append(queries.register_forward_hook(self._timed(self._make_capture("q"))))
+            self._handles.append(keys.register_forward_hook(self._timed(self._make_capture("k"))))
             self._handles.append(
                 a.decoder_layers[idx].register_forward_hook(self._timed(self._make_layer_hook(idx)), with_kwargs=True)
             )
@@ -460,7 +462,7 @@ class PruningEngine:
                 return
             st = self._state
             if st is not None and st.is_prefill and not st.capture_paused:
-                st.captured[name] = output
+                st.captured[name] = flat_heads(output)  # [B, S, H*hd]
 
         return capture
 
@@ -516,12 +518,10 @@ class PruningEngine:
         mask objects (sliced alike after each stage), so the next layer's are the current layer's.
         """
         nxt = current.layer_idx + 1
-        q_proj, k_proj = self.adapter.attention_projections(nxt)
         st.capture_paused = True  # these calls are ours: not the next layer's own forward
         try:
             with torch.no_grad():
-                normed = self.adapter.input_norm(nxt)(hidden)  # [B, S, D]
-                q, k = q_proj(normed), k_proj(normed)
+                q, k = self.adapter.queries_keys(nxt, hidden)  # [B, S, H*hd], [B, S, Hkv*hd]
         finally:
             st.capture_paused = False
         return Signals(
