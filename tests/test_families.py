@@ -503,3 +503,57 @@ def test_attention_signals_equal_transformers_eager_attention_weights(family):
         expected = weights[layer].float().mean(1)  # [B, S, S]
         where = f"{view} view of layer {layer}"
         torch.testing.assert_close(mine[valid], expected[valid], atol=2e-6, rtol=0, msg=lambda m, w=where: f"{w}: {m}")
+
+
+def mistral_llava_next(window: int):
+    """A LLaVA-NeXT whose LLM is a Mistral attending within a sliding window of ``window`` tokens."""
+    from transformers import MistralConfig
+
+    adapter = FAMILIES.get("llava_next")
+    config = adapter.random_config("tiny", 4, 2)
+    config.text_config = MistralConfig(**{k: v for k, v in config.text_config.to_dict().items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "pad_token_id", "bos_token_id", "eos_token_id")}, sliding_window=window)
+    torch.manual_seed(0)
+    return adapter.model_type()(config).eval()
+
+
+def test_a_sliding_window_shorter_than_the_image_is_refused_before_loading(tmp_path):
+    from research.config import ConfigError, ModelConfig, RunConfig, model_family
+
+    mistral = mistral_llava_next(24)  # the tiny LLaVA-NeXT's images give up to 80 tokens
+    mistral.config.save_pretrained(tmp_path)
+    cfg = RunConfig(scorers=["fastv"], model=ModelConfig(name="llava_next", path=str(tmp_path)))
+    expected = "attends within a sliding window of 24 tokens, shorter than 80 image tokens"
+    with pytest.raises(ConfigError, match=expected) as caught:
+        model_family(cfg, tmp_path)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UnsupportedModel, match=expected):
+        PruningEngine(mistral, SCORERS.get("fastv")(), LAYER_PLAN)
+
+
+def test_a_sequence_longer_than_the_sliding_window_is_refused_before_pruning():
+    mistral = mistral_llava_next(90)
+    batch = FAMILIES.get("llava_next").random_inputs(mistral, QUESTIONS, image_sizes=IMAGE_SIZES["llava_next"])
+    length = batch["input_ids"].shape[1]
+    assert length > 90
+    for plan in (LAYER_PLAN, INTERFACE_PLAN):
+        with pytest.raises(UnsupportedModel, match=f"window of 90 tokens, shorter than this sequence of {length}"):
+            with torch.no_grad(), PruningEngine(mistral, scorer_for(plan), plan):
+                mistral(**batch)
+    # observing prunes nothing, so it runs
+    with torch.no_grad(), PruningEngine(mistral, None, PruningPlan.of([], []), observe=lambda signals: None):
+        mistral(**batch)
+
+
+def test_a_sliding_window_longer_than_prompt_and_answer_prunes_like_a_full_window():
+    """The window never binds, so the pruned model equals the same model without one (same weights)."""
+    windowed, full = mistral_llava_next(200), mistral_llava_next(4096)
+    batch = FAMILIES.get("llava_next").random_inputs(full, QUESTIONS, image_sizes=IMAGE_SIZES["llava_next"])
+    outputs = []
+    for m in (windowed, full):
+        with torch.no_grad(), PruningEngine(m, scorer_for(INTERFACE_PLAN), INTERFACE_PLAN):
+            outputs.append(m.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True, pad_token_id=0))
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    torch.testing.assert_close(torch.stack(outputs[0].logits), torch.stack(outputs[1].logits), atol=1e-5, rtol=0)

@@ -87,6 +87,22 @@ class VLMAdapter:
                 f"{cls.model_class} with mixed decoder layer types {kinds} is not supported: the engine gives every "
                 "layer after a stage the same sliced mask and rotary embedding"
             )
+        window, image_tokens = cls.sliding_window(config), cls.vision_layout(config).nominal_tokens
+        if window is not None and window <= image_tokens:
+            raise UnsupportedModel(sliding_window_refusal(cls.model_class, window, f"{image_tokens} image tokens"))
+
+    @classmethod
+    def sliding_window(cls, config: Any) -> int | None:
+        """The language model's sliding attention window in tokens (Mistral v0.1-style configs), or None when
+        its layers attend to the whole sequence (no window, or one its config leaves unused, as Qwen2's)."""
+        text = config.text_config
+        window = getattr(text, "sliding_window", None)
+        layer_types = getattr(text, "layer_types", None)
+        if window is None:
+            return None
+        if layer_types:
+            return window if "sliding_attention" in layer_types else None
+        return window if getattr(text, "use_sliding_window", True) else None
 
     @classmethod
     def vision_layout(cls, config: Any) -> VisionLayout:
@@ -261,6 +277,13 @@ class VLMAdapter:
         """Left-padded inputs ``[BOS, prefix, <image tokens>, question]`` per row for a random model;
         ``image_sizes`` (families whose images set their token count) gives each row's image size."""
         raise NotImplementedError
+
+
+def sliding_window_refusal(model_class: str, window: int, prompt: str) -> str:
+    """One line: a sliding window the engine cannot prune under (it would count it on the pruned slots)."""
+    return (f"{model_class}'s language model attends within a sliding window of {window} tokens, shorter than "
+            f"{prompt}: pruning would count the window on the kept slots, not on the original positions as the "
+            "unpruned model does; supported: a window longer than every prompt with its answer")
 
 
 def flat_heads(x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from research.models import adapter_for
-from research.models.base import flat_heads
+from research.models.base import UnsupportedModel, flat_heads, sliding_window_refusal
 from research.pruning.compat import (
     cached_length,
     describe_failure,
@@ -281,6 +281,7 @@ class PruningEngine:
                 "multimodal rotary positions have no such renumbering: use positions=original"
             )
         self._fixed_vision = self.adapter.vision_layout(self.adapter.model.config).image_tokens
+        self._window = self.adapter.sliding_window(self.adapter.model.config) if plan.locations else None
         if replay is not None and len(replay) != len(plan.locations):
             raise ValueError(f"replay has {len(replay)} stages but the plan has {len(plan.locations)}")
         self.replay = list(replay) if replay is not None else None
@@ -389,6 +390,8 @@ class PruningEngine:
         cache = find_cache(args, kwargs)
         st.past_len, st.static_cache = cached_length(cache), is_static(cache)
         inputs_embeds = required(kwargs, "inputs_embeds", "the language model")
+        if self._window is not None:
+            self._check_window(st, inputs_embeds.shape[1])
         if st.is_prefill:
             _, _, vision_heads, vision_scaling = self.adapter.vision_attention() or (None, None, 0, 1.0)
             st.interface = InterfaceSignals(
@@ -426,6 +429,14 @@ class PruningEngine:
             # it is in cache coordinates and needs no remapping.
         kwargs["position_ids"] = self._positions_at_interface(st, kwargs, cut)
         return args, kwargs
+
+    def _check_window(self, st: _ForwardState, query_len: int) -> None:
+        """Refuse, in one line, a sequence longer than the language model's sliding window: the window would be
+        counted on the kept slots, not on the original positions as the unpruned model counts it."""
+        length = st.input_len if st.is_prefill else st.past_len + st.input_len - st.base_len + query_len
+        if length > self._window:
+            raise UnsupportedModel(sliding_window_refusal(
+                self.adapter.model_class, self._window, f"this sequence of {length} tokens (prompt and answer so far)"))
 
     def _prune_at_interface(self, st: _ForwardState, kwargs: dict) -> None:
         if self._is_no_op(st, stage=0):
