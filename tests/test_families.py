@@ -17,6 +17,7 @@ from functools import cache
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from research.models import FAMILIES, UnsupportedModel, adapter_for, family_of_config
 from research.pruning import PruningEngine, PruningPlan
@@ -453,20 +454,22 @@ def test_model_name_shorthand_survives_a_model_path_in_either_order(order):
     assert (cfg.model.name, cfg.model.path) == ("qwen2_vl", "/data/qwen2-vl")
 
 
+def text_sizes(config) -> dict:
+    """The sizes and special ids of a random config's LLM, to build another LLM of the same size."""
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "pad_token_id", "bos_token_id", "eos_token_id")
+    return {key: value for key, value in config.text_config.to_dict().items() if key in keys}
+
+
 @cache
 def qwen3_internvl(attention: str = "eager"):
     """InternVL3.5 in transformers' format: an InternVL with a Qwen3 LLM, whose attention normalises each
     head's queries and keys (``q_norm`` / ``k_norm``) between the projections and the rotary embedding."""
-    from transformers import InternVLConfig, Qwen3Config
-
     adapter = FAMILIES.get("internvl")
     config = adapter.random_config("tiny", 4, 2)
-    sizes = {k: v for k, v in config.text_config.to_dict().items() if k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "pad_token_id", "bos_token_id", "eos_token_id")}
-    text = Qwen3Config(**sizes, head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
-    config = InternVLConfig(vision_config=config.vision_config, text_config=text, image_token_id=3,
-                            downsample_ratio=0.5)
+    sizes = text_sizes(config)
+    config.text_config = AutoConfig.for_model("qwen3", **sizes,
+                                              head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
     torch.manual_seed(0)
     m = adapter.model_type()(config).eval()
     m.set_attn_implementation(attention)
@@ -507,13 +510,9 @@ def test_attention_signals_equal_transformers_eager_attention_weights(family):
 
 def mistral_llava_next(window: int):
     """A LLaVA-NeXT whose LLM is a Mistral attending within a sliding window of ``window`` tokens."""
-    from transformers import MistralConfig
-
     adapter = FAMILIES.get("llava_next")
     config = adapter.random_config("tiny", 4, 2)
-    config.text_config = MistralConfig(**{k: v for k, v in config.text_config.to_dict().items() if k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "pad_token_id", "bos_token_id", "eos_token_id")}, sliding_window=window)
+    config.text_config = AutoConfig.for_model("mistral", **text_sizes(config), sliding_window=window)
     torch.manual_seed(0)
     return adapter.model_type()(config).eval()
 
