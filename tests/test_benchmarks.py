@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from research.data import DATASETS
-from research.data.benchmark import BenchmarkSample, SnapshotBenchmark
+from research.data.benchmark import BenchmarkSample, SnapshotBenchmark, cut_at_stop
 from research.data.fixtures import WRITERS
 from research.data.snapshot import ImageRef, SnapshotError
 from research.evaluation import decodable, sample_image
@@ -98,6 +99,54 @@ def test_gqa_joins_questions_to_images_by_id(root):
 def test_pope_splits_are_lmms_eval_configs(root):
     assert len(DATASETS.get("pope")(root=str(root), split="adversarial")) == 4
     assert {s.qtype for s in DATASETS.get("pope")(root=str(root))} == {"adversarial", "popular", "random"}
+
+
+# lmms-eval 0.7.3: the task file's ``until``, else its ``fewshot_delimiter`` "\n\n" (lmms_eval/api/task.py)
+UNTIL = {"mme": ("\n\n",), "gqa": ("\n\n",), "mmbench": ("ASSISTANT:",), "scienceqa_img": ("\n\n",),
+         "textvqa": ("ASSISTANT:",), "pope": ("\n\n",), "vqav2": ("\n\n",)}
+# What lmms-eval's wrapper for each family makes of a GQA answer and an MMBench answer (ANSWERS): llava_hf,
+# llava_onevision and internvl3 never apply ``until``; qwen2_vl cuts at every stop string; qwen2_5_vl removes
+# "\n\n" from ``until`` first (lmms_eval/models/simple/<wrapper>.py, generate_until).
+ANSWERS = ("wood\n\nIt is wood", "square\nASSISTANT: circle")
+CUT = {"llava15": ANSWERS, "llava_next": ANSWERS, "llava_onevision": ANSWERS, "internvl": ANSWERS,
+       "qwen2_vl": ("wood", "square"), "qwen2_5_vl": ("wood\n\nIt is wood", "square")}
+
+
+@pytest.mark.parametrize("name", SNAPSHOT_BENCHMARKS)
+def test_stop_strings_are_lmms_evals(name):
+    assert DATASETS.get(name).until == UNTIL[name]
+
+
+@pytest.mark.parametrize("family", sorted(CUT))
+def test_an_answer_is_cut_where_lmms_evals_wrapper_for_the_family_cuts_it(root, family):
+    from research.evaluation import SweepModule
+    from research.models import FAMILIES
+    from research.sweep import Combination
+
+    assert sorted(CUT) == FAMILIES.names()
+    gqa, mmbench = DATASETS.get("gqa")(root=str(root)), DATASETS.get("mmbench")(root=str(root))
+    adapter = FAMILIES.get(family)
+    gqa_cut, mmbench_cut = (cut_at_stop(answer, adapter.stop_strings(dataset.until))
+                            for answer, dataset in zip(ANSWERS, (gqa, mmbench)))
+    assert (gqa_cut, mmbench_cut) == CUT[family]
+    assert gqa.sample_score({"prediction": gqa_cut, "target": "wood"}) == float(gqa_cut == "wood")
+    question = next(s for s in mmbench if s.id == "1")  # A. circle B. square C. triangle, answer B
+    row = {"prediction": mmbench_cut, "answer": question.answer, "target": question.target}
+    assert mmbench.sample_score(row) == float(mmbench_cut == "square")  # uncut: both options named, read as "A"
+
+    class Stub:  # what SweepModule reads of an adapter when it is built
+        model = torch.nn.Linear(1, 1)
+        stop_strings = adapter.stop_strings
+
+    module = SweepModule(Stub(), None, Combination("vanilla", "-", None), "original", 16, 64, gqa.until)
+    assert module.until == adapter.stop_strings(gqa.until)
+
+
+def test_readme_holds_the_stop_string_table():
+    from research.models.base import stop_string_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert stop_string_table() in readme
 
 
 @pytest.mark.parametrize(("case", "message"), [
