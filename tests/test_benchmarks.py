@@ -20,7 +20,7 @@ from research.data.snapshot import ImageRef, SnapshotError
 from research.evaluation import decodable, sample_image
 
 SNAPSHOT_BENCHMARKS = sorted(WRITERS)
-SIZES = {"mme": 4, "gqa": 4, "mmbench": 3, "scienceqa_img": 3, "textvqa": 3, "pope": 3, "vqav2": 2}
+SIZES = {"mme": 4, "gqa": 4, "mmbench": 4, "scienceqa_img": 4, "textvqa": 3, "pope": 3, "vqav2": 2}
 
 
 def test_every_registered_snapshot_benchmark_has_a_fixture():
@@ -88,6 +88,40 @@ def test_prompt_details_hint_context_capitalisation_and_overrides(root):
     assert next(iter(own)).question == "Is it overcast? Answer:"
     mme = DATASETS.get("mme")(root=str(root), post_prompt="")
     assert next(iter(mme)).question == "Is there a dog in this image? Please answer yes or no."
+
+
+def test_fixture_writes_absent_fields_both_ways(root):
+    mmbench = pq.read_table(root / "MMBench" / "en").to_pydict()
+    assert {None, "nan"} <= set(mmbench["D"]) and {None, "nan"} <= set(mmbench["hint"])
+    assert {None, ""} <= set(pq.read_table(root / "ScienceQA" / "ScienceQA-IMG").column("hint").to_pylist())
+
+
+def test_mmbench_reads_absent_options_and_hints_as_lmms_eval_does(root):
+    """lmms-eval lists an option in the prompt only if it is not null, "nan" or empty (``create_options_prompt``),
+    but its static matching keeps every A-D option ``pd.isna`` does not drop (``build_choices`` over
+    ``doc.get(c, "nan")``): a "nan" string is an option text there, and "banana" names it as well as A."""
+    mmbench = DATASETS.get("mmbench")(root=str(root))
+    samples = {s.id: s for s in mmbench}
+    null, nan = samples["1"], samples["2"]
+    assert nan.question.startswith("Which fruit is shown? There are several options:\nA. banana\nB. apple\n"
+                                   "C. plum\n\n")  # neither the "nan" hint nor the "nan" option in the prompt
+    assert null.target["options"] == {"A": "circle", "B": "square", "C": "triangle"}
+    assert nan.target["options"] == {"A": "banana", "B": "apple", "C": "plum", "D": "nan"}
+    banana = {"prediction": "banana", "answer": "A", "target": nan.target}
+    assert mmbench.sample_score(banana) == 0.0  # two option texts in the answer, no letter: unparsed
+    assert mmbench.sample_score({**banana, "prediction": "A"}) == 1.0
+    rows = [{"prediction": s.answer, "answer": s.answer, "target": s.target} for s in mmbench]
+    assert mmbench.score([r if r["target"]["index"] != 2 else banana for r in rows])["unparsed"] == 1.0
+    row = {"index": 5, "question": "Q?", "hint": "", "answer": "A", "A": "x", "B": "y", "category": "c"}
+    assert mmbench.make_sample(row, 0, None).question.startswith(" Q? There are")  # "" is a hint there
+    assert mmbench.make_sample(row, 0, None).target["options"] == {"A": "x", "B": "y", "C": "nan", "D": "nan"}
+
+
+def test_scienceqa_null_hint_is_written_none_as_lmms_eval_writes_it(root):
+    samples = list(DATASETS.get("scienceqa_img")(root=str(root)))
+    assert samples[0].question.startswith("Which of these states")  # an empty hint: nothing
+    assert samples[3].question == ("NoneWhich is a mammal?\nA. trout\nB. otter\n"
+                                   "Answer with the option's letter from the given choices directly.")
 
 
 def test_gqa_joins_questions_to_images_by_id(root):
