@@ -3,7 +3,8 @@
 lmms-eval ``tasks/mmbench`` (``mmbench_en_dev_static``): ``lmms-lab/MMBench`` config ``en`` split ``dev``
 (each question and its circular copies, ``index`` >= 1e6, with the options rotated); prompt
 ``[<hint> ]<question> There are several options:\\nA. ...`` then ``\\n`` and the letter instruction (which
-starts with a newline itself); up to 1024 new tokens, stopping at "ASSISTANT:". The letter is read with
+starts with a newline itself); up to 1024 new tokens, stop string "ASSISTANT:" (applied as the family's
+lmms-eval wrapper applies it: ``VLMAdapter.stop_strings``). The letter is read with
 lmms-eval's static matching (its ``can_infer``, then ``extract_mcq_answer``) instead of the GPT judge; answers
 no letter can be read from are counted (``unparsed``).
 

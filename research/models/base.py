@@ -61,8 +61,8 @@ class VLMAdapter:
     model_class: ClassVar[str]  # the transformers class it adapts, e.g. "LlavaForConditionalGeneration"
     has_cls_saliency: ClassVar[bool] = False  # vision_attention() gives CLS attention over the image tokens
     position_axes: ClassVar[int] = 1  # rows of position_ids ([B, S]: 1; multimodal rotary [3, B, S]: 3)
-    # Where an answer is cut, as lmms-eval 0.7.3's model wrapper for the family cuts it (README "Stop strings"):
-    # the wrapper, whether it cuts at the task's stop strings (``until``) at all, and those it drops first.
+    # Where an answer is cut, as lmms-eval 0.7.3's model wrapper for the family cuts it (README: "Where an answer
+    # is cut"): the wrapper, whether it cuts at the task's stop strings (``until``) at all, those it drops first.
     lmms_eval_model: ClassVar[str]
     cuts_at_until: ClassVar[bool]
     drops_until: ClassVar[tuple[str, ...]] = ()
