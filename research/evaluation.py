@@ -42,7 +42,8 @@ class SweepModule(L.LightningModule):
             self.model = adapter.model
         self.plan = None if combo.is_vanilla else combo.plan(positions)
         self.scorer = None if combo.is_vanilla else combo.make_scorer()
-        self.max_new_tokens, self.until = max_new_tokens, tuple(until)  # until: stop strings that cut an answer
+        # until: the task's stop strings (lmms-eval's); answers are cut where the family's lmms-eval wrapper cuts
+        self.max_new_tokens, self.until = max_new_tokens, adapter.stop_strings(until)
         self.rows: list[dict] = []
         self.skipped: list[str] = []  # ids of samples whose image could not be decoded
         self.metrics: dict[str, Any] = {}

@@ -293,7 +293,8 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
     from torch.utils.tensorboard import SummaryWriter
 
     from research.analysis.collect import attention_shift_histogram, log_shift_histogram, shift_cache_file
-    from schedules.changepoint import changepoint_layers
+    from research.config import entry
+    from schedules import SCHEDULES
 
     derived = {}
     split = calibration_split(cfg)
@@ -309,7 +310,8 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
                 write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
                                   "data": [cfg.data.name, split]})
         derived[index] = histogram
-        layers = changepoint_layers(histogram)
+        name, params = entry(cfg.schedules[index])  # the entry's own level / early_fraction / spike_factor
+        layers = SCHEDULES.get(name)(**{**params, "histogram": histogram}).propose(len(histogram))
         if not is_rank_zero():
             continue
         print(f"changepoint schedule derived from {samples} samples of the {split!r} split: prune after layers "

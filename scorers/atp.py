@@ -60,12 +60,16 @@ class ClipText:
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str], device: torch.device) -> Tensor:
-        """[B, E] unit-norm CLIP text embeddings (an EOS is appended if the tokenizer does not add one)."""
-        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        """[B, E] unit-norm CLIP text embeddings (an EOS is appended if the tokenizer does not add one).
+
+        Padded on the right whatever the tokenizer's side: CLIP numbers positions from the first slot and
+        pools the (first) EOS under a causal mask, so each row's text then embeds as it does alone.
+        """
+        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt", padding_side="right")
         eos = self.model.config.text_config.eos_token_id
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if not (ids == eos).any(dim=1).all():
-            lengths = mask.sum(1)
+            lengths = mask.sum(1)  # right padding: the first slot after each row's text
             ids = torch.cat([ids, torch.full_like(ids[:, :1], self.tokenizer.pad_token_id)], 1)
             mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)
             ids[torch.arange(len(ids)), lengths] = eos

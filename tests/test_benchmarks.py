@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from research.data import DATASETS
-from research.data.benchmark import BenchmarkSample, SnapshotBenchmark
+from research.data.benchmark import BenchmarkSample, SnapshotBenchmark, cut_at_stop
 from research.data.fixtures import WRITERS
 from research.data.snapshot import ImageRef, SnapshotError
 from research.evaluation import decodable, sample_image
 
 SNAPSHOT_BENCHMARKS = sorted(WRITERS)
-SIZES = {"mme": 4, "gqa": 4, "mmbench": 3, "scienceqa_img": 3, "textvqa": 3, "pope": 3, "vqav2": 2}
+SIZES = {"mme": 4, "gqa": 4, "mmbench": 4, "scienceqa_img": 4, "textvqa": 3, "pope": 3, "vqav2": 2}
 
 
 def test_every_registered_snapshot_benchmark_has_a_fixture():
@@ -89,6 +90,40 @@ def test_prompt_details_hint_context_capitalisation_and_overrides(root):
     assert next(iter(mme)).question == "Is there a dog in this image? Please answer yes or no."
 
 
+def test_fixture_writes_absent_fields_both_ways(root):
+    mmbench = pq.read_table(root / "MMBench" / "en").to_pydict()
+    assert {None, "nan"} <= set(mmbench["D"]) and {None, "nan"} <= set(mmbench["hint"])
+    assert {None, ""} <= set(pq.read_table(root / "ScienceQA" / "ScienceQA-IMG").column("hint").to_pylist())
+
+
+def test_mmbench_reads_absent_options_and_hints_as_lmms_eval_does(root):
+    """lmms-eval lists an option in the prompt only if it is not null, "nan" or empty (``create_options_prompt``),
+    but its static matching keeps every A-D option ``pd.isna`` does not drop (``build_choices`` over
+    ``doc.get(c, "nan")``): a "nan" string is an option text there, and "banana" names it as well as A."""
+    mmbench = DATASETS.get("mmbench")(root=str(root))
+    samples = {s.id: s for s in mmbench}
+    null, nan = samples["1"], samples["2"]
+    assert nan.question.startswith("Which fruit is shown? There are several options:\nA. banana\nB. apple\n"
+                                   "C. plum\n\n")  # neither the "nan" hint nor the "nan" option in the prompt
+    assert null.target["options"] == {"A": "circle", "B": "square", "C": "triangle"}
+    assert nan.target["options"] == {"A": "banana", "B": "apple", "C": "plum", "D": "nan"}
+    banana = {"prediction": "banana", "answer": "A", "target": nan.target}
+    assert mmbench.sample_score(banana) == 0.0  # two option texts in the answer, no letter: unparsed
+    assert mmbench.sample_score({**banana, "prediction": "A"}) == 1.0
+    rows = [{"prediction": s.answer, "answer": s.answer, "target": s.target} for s in mmbench]
+    assert mmbench.score([r if r["target"]["index"] != 2 else banana for r in rows])["unparsed"] == 1.0
+    row = {"index": 5, "question": "Q?", "hint": "", "answer": "A", "A": "x", "B": "y", "category": "c"}
+    assert mmbench.make_sample(row, 0, None).question.startswith(" Q? There are")  # "" is a hint there
+    assert mmbench.make_sample(row, 0, None).target["options"] == {"A": "x", "B": "y", "C": "nan", "D": "nan"}
+
+
+def test_scienceqa_null_hint_is_written_none_as_lmms_eval_writes_it(root):
+    samples = list(DATASETS.get("scienceqa_img")(root=str(root)))
+    assert samples[0].question.startswith("Which of these states")  # an empty hint: nothing
+    assert samples[3].question == ("NoneWhich is a mammal?\nA. trout\nB. otter\n"
+                                   "Answer with the option's letter from the given choices directly.")
+
+
 def test_gqa_joins_questions_to_images_by_id(root):
     samples = list(DATASETS.get("gqa")(root=str(root)))
     # the images config lists n235859 first: questions on n161313 point at its second row
@@ -98,6 +133,54 @@ def test_gqa_joins_questions_to_images_by_id(root):
 def test_pope_splits_are_lmms_eval_configs(root):
     assert len(DATASETS.get("pope")(root=str(root), split="adversarial")) == 4
     assert {s.qtype for s in DATASETS.get("pope")(root=str(root))} == {"adversarial", "popular", "random"}
+
+
+# lmms-eval 0.7.3: the task file's ``until``, else its ``fewshot_delimiter`` "\n\n" (lmms_eval/api/task.py)
+UNTIL = {"mme": ("\n\n",), "gqa": ("\n\n",), "mmbench": ("ASSISTANT:",), "scienceqa_img": ("\n\n",),
+         "textvqa": ("ASSISTANT:",), "pope": ("\n\n",), "vqav2": ("\n\n",)}
+# What lmms-eval's wrapper for each family makes of a GQA answer and an MMBench answer (ANSWERS): llava_hf,
+# llava_onevision and internvl3 never apply ``until``; qwen2_vl cuts at every stop string; qwen2_5_vl removes
+# "\n\n" from ``until`` first (lmms_eval/models/simple/<wrapper>.py, generate_until).
+ANSWERS = ("wood\n\nIt is wood", "square\nASSISTANT: circle")
+CUT = {"llava15": ANSWERS, "llava_next": ANSWERS, "llava_onevision": ANSWERS, "internvl": ANSWERS,
+       "qwen2_vl": ("wood", "square"), "qwen2_5_vl": ("wood\n\nIt is wood", "square")}
+
+
+@pytest.mark.parametrize("name", SNAPSHOT_BENCHMARKS)
+def test_stop_strings_are_lmms_evals(name):
+    assert DATASETS.get(name).until == UNTIL[name]
+
+
+@pytest.mark.parametrize("family", sorted(CUT))
+def test_an_answer_is_cut_where_lmms_evals_wrapper_for_the_family_cuts_it(root, family):
+    from research.evaluation import SweepModule
+    from research.models import FAMILIES
+    from research.sweep import Combination
+
+    assert sorted(CUT) == FAMILIES.names()
+    gqa, mmbench = DATASETS.get("gqa")(root=str(root)), DATASETS.get("mmbench")(root=str(root))
+    adapter = FAMILIES.get(family)
+    gqa_cut, mmbench_cut = (cut_at_stop(answer, adapter.stop_strings(dataset.until))
+                            for answer, dataset in zip(ANSWERS, (gqa, mmbench)))
+    assert (gqa_cut, mmbench_cut) == CUT[family]
+    assert gqa.sample_score({"prediction": gqa_cut, "target": "wood"}) == float(gqa_cut == "wood")
+    question = next(s for s in mmbench if s.id == "1")  # A. circle B. square C. triangle, answer B
+    row = {"prediction": mmbench_cut, "answer": question.answer, "target": question.target}
+    assert mmbench.sample_score(row) == float(mmbench_cut == "square")  # uncut: both options named, read as "A"
+
+    class Stub:  # what SweepModule reads of an adapter when it is built
+        model = torch.nn.Linear(1, 1)
+        stop_strings = adapter.stop_strings
+
+    module = SweepModule(Stub(), None, Combination("vanilla", "-", None), "original", 16, 64, gqa.until)
+    assert module.until == adapter.stop_strings(gqa.until)
+
+
+def test_readme_holds_the_stop_string_table():
+    from research.models.base import stop_string_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert stop_string_table() in readme
 
 
 @pytest.mark.parametrize(("case", "message"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from research.pruning.plan import PruningPlan
 from schedules import COUNTING, SCHEDULES, Schedule, solve_budget
@@ -154,3 +155,27 @@ def test_random_is_seeded() -> None:
     assert len(draws) > 1
     for locs in draws:
         assert 1 <= len(locs) <= 4 and all(1 <= x <= 30 for x in locs)
+
+
+def test_calibration_prints_and_logs_the_layers_of_the_entrys_own_parameters(tmp_path, monkeypatch, capsys) -> None:
+    """A changepoint entry with non-default ``level`` / ``early_fraction``: the layers printed and logged after
+    calibration are those the entry runs with (by default the histogram gives [1, 2]; at level 0.6, [2])."""
+    import research.analysis.collect as collect
+    from research.config import load_config
+    from research.models.registry import shapes_path
+    from research.run import calibrate
+    from research.sweep import plan_sweep
+    from schedules.changepoint import changepoint_layers
+
+    histogram = [0, 5, 10, 3]
+    assert changepoint_layers(histogram) == [1, 2]
+    logged = {}
+    monkeypatch.setattr(collect, "attention_shift_histogram", lambda *args, **kwargs: torch.tensor(histogram))
+    monkeypatch.setattr(collect, "log_shift_histogram",
+                        lambda writer, counts, layers, tag: logged.__setitem__(tag, layers))
+    cfg = load_config([f"output_dir={tmp_path}", "scorers=[text_prior]", "budgets=[100]",
+                       "schedules=[{name: changepoint, samples: 2, level: 0.6, early_fraction: 0.5}]"])
+    histograms = calibrate(cfg, shapes_path(), None, None, {}, tmp_path)  # the model is not run
+    assert [c.locations for c in plan_sweep(cfg, len(histogram), 144, histograms) if not c.is_vanilla] == [[2]]
+    assert logged == {"changepoint_0": [2]}
+    assert "prune after layers [2]" in capsys.readouterr().out

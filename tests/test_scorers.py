@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import NUM_IMAGE_TOKENS, tiny_inputs, tiny_llava
+from tiny import NUM_IMAGE_TOKENS, row, tiny_inputs, tiny_llava
 from transformers import AutoConfig, AutoModel
 
 from research.models import adapter_for
@@ -182,3 +182,43 @@ def test_interface_scorers_under_generate(tiny, tiny_clip_dir, name):
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
     assert engine.last.kept[0].shape == (3, 12)
+
+
+@pytest.mark.parametrize("name", SCORERS.names())
+def test_each_row_of_a_padded_batch_keeps_what_it_keeps_alone(tiny, tiny_clip_dir, name):
+    """A scorer's kept set must not depend on the rest of the batch: in a left-padded batch of questions of
+    different lengths (5, 9, 7 tokens), every row keeps the same image tokens as that row alone."""
+    model, inputs = tiny
+    scorer_cls = SCORERS.get(name)
+    plan = PruningPlan.of(locations_for(scorer_cls), [24, 10][: len(locations_for(scorer_cls))])
+
+    def kept(batch: dict) -> list[torch.Tensor]:
+        scorer = make_scorer(name, tiny_clip_dir)
+        with torch.no_grad(), PruningEngine(model, scorer, plan) as engine:
+            model(**batch)
+        return engine.last.kept
+
+    together = kept(inputs)
+    padding = (inputs["attention_mask"] == 0).sum(1)
+    assert len(set(padding.tolist())) == 3  # three different question lengths, three paddings
+    differ = []  # (row, stage, Jaccard index of the two kept sets)
+    for i in range(3):
+        alone = kept(row(inputs, i))
+        for stage, (batch_kept, alone_kept) in enumerate(zip(together, alone)):
+            mine, own = set((batch_kept[i] - padding[i]).tolist()), set(alone_kept[0].tolist())
+            if mine != own:
+                differ.append((i, stage, round(len(mine & own) / len(mine | own), 2)))
+    assert not differ, f"{name}: (row, stage, Jaccard) whose kept set differs from the row alone: {differ}"
+
+
+def test_atp_text_embedding_of_a_padded_row_equals_the_row_alone(tiny_clip_dir):
+    """The shapes tokenizer pads on the left; each question's pooled CLIP embedding in a batch of different
+    lengths must equal its embedding alone (positions, EOS and the pooled slot as without padding)."""
+    from scorers.atp import ClipText
+
+    clip = ClipText(tiny_clip_dir, None)
+    assert clip.tokenizer.padding_side == "left"
+    texts = ["what color is the circle", "is there a red square left of the blue triangle", "how many"]
+    together = clip.embed_texts(texts, torch.device("cpu"))
+    alone = torch.cat([clip.embed_texts([text], torch.device("cpu")) for text in texts])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)

@@ -5,7 +5,8 @@ A dataset is an iterable of samples with ``id``, ``image``, ``question`` (the pr
 :class:`Scoring` turns prediction rows (``{"prediction", "answer", "target", ...}``) into metrics: the
 benchmarks implement it themselves; a dataset with only a ``metric(predictions, answers)`` function (``shapes``)
 is scored through :class:`AnswerAccuracy`. Generation settings (``max_new_tokens``, ``until``) are the
-dataset's, as lmms-eval's task files set them.
+dataset's, as lmms-eval's task files set them; whether an answer is cut at ``until`` is the model family's
+(``VLMAdapter.stop_strings``: as lmms-eval's wrapper for that family does).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import pyarrow.parquet as pq
 from research.data.snapshot import ImageColumn, ImageRef, SnapshotError, read_columns, shard_files, snapshot_folder
 
 DEFAULT_MAX_NEW_TOKENS = 3  # a dataset that does not say (shapes: one-word answers and </s>)
+# lmms-eval's stop strings for a task whose config names none: its ``fewshot_delimiter`` (``api/task.py``)
+LMMS_EVAL_DEFAULT_UNTIL = ("\n\n",)
 
 
 class Scoring(Protocol):
@@ -80,7 +83,7 @@ class SnapshotBenchmark:
     optional_fields: ClassVar[tuple[str, ...]] = ()  # read when the snapshot has them
     image_field: ClassVar[str] = "image"
     max_new_tokens: ClassVar[int] = 16
-    until: ClassVar[tuple[str, ...]] = ()  # lmms-eval's stop strings: the answer is cut at the first one
+    until: ClassVar[tuple[str, ...]] = LMMS_EVAL_DEFAULT_UNTIL  # lmms-eval's stop strings (``until``)
     headline: ClassVar[str] = "accuracy"
     paper_scale: ClassVar[float] = 100.0  # the headline as papers print it (percent)
     pre_prompt: str = ""

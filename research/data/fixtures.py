@@ -91,45 +91,49 @@ def gqa(root: Path, broken: int | None = None) -> Path:
 
 
 def mmbench(root: Path, broken: int | None = None) -> Path:
-    """Question 0 and its circular copy 1000000 (options rotated), and question 1 (no hint, three options)."""
+    """Question 0 and its circular copy 1000000 (options rotated), question 1 (three options) and question 2
+    (three options): an absent hint and option D written both ways, null (question 1) and "nan" (question 2)."""
     directory = root / "MMBench"
     write_shards(directory, "en", "dev", {
-        "index": (I64, [0, 1000000, 1]),
-        "question": (S, ["What is the main colour?", "What is the main colour?", "Which shape is shown?"]),
-        "hint": (S, ["The picture is a painting.", "The picture is a painting.", None]),
-        "A": (S, ["red", "blue", "circle"]),
-        "B": (S, ["blue", "green", "square"]),
-        "C": (S, ["green", "yellow", "triangle"]),
-        "D": (S, ["yellow", "red", None]),
-        "answer": (S, ["A", "D", "B"]),
-        "category": (S, ["attribute_recognition", "attribute_recognition", "object_localization"]),
-        "image": (IMAGE, [image(20 + i, broken == i) for i in range(3)]),
-        "source": (S, ["MMBench"] * 3),
-        "L2-category": (S, ["finegrained_perception (instance-level)"] * 3),
-        "comment": (S, [None] * 3),
-        "split": (S, ["dev"] * 3),
+        "index": (I64, [0, 1000000, 1, 2]),
+        "question": (S, ["What is the main colour?", "What is the main colour?", "Which shape is shown?",
+                         "Which fruit is shown?"]),
+        "hint": (S, ["The picture is a painting.", "The picture is a painting.", None, "nan"]),
+        "A": (S, ["red", "blue", "circle", "banana"]),
+        "B": (S, ["blue", "green", "square", "apple"]),
+        "C": (S, ["green", "yellow", "triangle", "plum"]),
+        "D": (S, ["yellow", "red", None, "nan"]),
+        "answer": (S, ["A", "D", "B", "A"]),
+        "category": (S, ["attribute_recognition", "attribute_recognition", "object_localization",
+                         "attribute_recognition"]),
+        "image": (IMAGE, [image(20 + i, broken == i) for i in range(4)]),
+        "source": (S, ["MMBench"] * 4),
+        "L2-category": (S, ["finegrained_perception (instance-level)"] * 4),
+        "comment": (S, [None] * 4),
+        "split": (S, ["dev"] * 4),
     })
     return directory
 
 
 def scienceqa_img(root: Path, broken: int | None = None) -> Path:
+    """Three questions with a hint written as "" (questions 0 and 2) or given (1), and one (3) with a null hint."""
     directory = root / "ScienceQA"
     write_shards(directory, "ScienceQA-IMG", "test", {
-        "image": (IMAGE, [image(30 + i, broken == i) for i in range(3)]),
+        "image": (IMAGE, [image(30 + i, broken == i) for i in range(4)]),
         "question": (S, ["Which of these states is farthest north?", "Which animal's feet are adapted for digging?",
-                         "What is the colour?"]),
+                         "What is the colour?", "Which is a mammal?"]),
         "choices": (pa.list_(S), [["West Virginia", "Louisiana", "Arizona", "Oklahoma"], ["mole", "horse"],
-                                  ["red", "blue", "green"]]),
-        "answer": (I8, [0, 0, 2]),
-        "hint": (S, ["", "Moles use their feet to dig.", ""]),
-        "task": (S, ["closed choice"] * 3),
-        "grade": (S, ["grade2"] * 3),
-        "subject": (S, ["social science", "natural science", "natural science"]),
-        "topic": (S, ["geography", "biology", "physics"]),
-        "category": (S, ["Geography", "Adaptations", "Colours"]),
-        "skill": (S, ["Read a map: cardinal directions"] * 3),
-        "lecture": (S, [""] * 3),
-        "solution": (S, [""] * 3),
+                                  ["red", "blue", "green"], ["trout", "otter"]]),
+        "answer": (I8, [0, 0, 2, 1]),
+        "hint": (S, ["", "Moles use their feet to dig.", "", None]),
+        "task": (S, ["closed choice"] * 4),
+        "grade": (S, ["grade2"] * 4),
+        "subject": (S, ["social science", "natural science", "natural science", "natural science"]),
+        "topic": (S, ["geography", "biology", "physics", "biology"]),
+        "category": (S, ["Geography", "Adaptations", "Colours", "Classification"]),
+        "skill": (S, ["Read a map: cardinal directions"] * 4),
+        "lecture": (S, [""] * 4),
+        "solution": (S, [""] * 4),
     })
     return directory
 

@@ -3,9 +3,14 @@
 lmms-eval ``tasks/mmbench`` (``mmbench_en_dev_static``): ``lmms-lab/MMBench`` config ``en`` split ``dev``
 (each question and its circular copies, ``index`` >= 1e6, with the options rotated); prompt
 ``[<hint> ]<question> There are several options:\\nA. ...`` then ``\\n`` and the letter instruction (which
-starts with a newline itself); up to 1024 new tokens, stopping at "ASSISTANT:". The letter is read with
+starts with a newline itself); up to 1024 new tokens, stop string "ASSISTANT:" (applied as the family's
+lmms-eval wrapper applies it: ``VLMAdapter.stop_strings``). The letter is read with
 lmms-eval's static matching (its ``can_infer``, then ``extract_mcq_answer``) instead of the GPT judge; answers
 no letter can be read from are counted (``unparsed``).
+
+The prompt lists the options that are :func:`present`; the matching reads lmms-eval's ``build_choices`` over
+A-D instead (:func:`matching_choices`): every option that is not null / NaN, so an absent option a snapshot
+stores as the string "nan" is an option text "nan" there ("banana" names it), as in lmms-eval.
 """
 
 from __future__ import annotations
@@ -22,9 +27,27 @@ OPTION_KEYS = ("A", "B", "C", "D", "E")
 OPTIONS_HEADER = "There are several options:"
 
 
+def is_null(value: object) -> bool:
+    """``pd.isna`` of a scalar: None or a float NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def present(value: object) -> bool:
-    """lmms-eval's test for a field: not null / NaN, not the string "nan", not empty."""
-    return value is not None and value != "" and value != "nan" and not (isinstance(value, float) and math.isnan(value))
+    """lmms-eval's test for an option in the prompt (``create_options_prompt``): not null / NaN, not the string
+    "nan", not empty."""
+    return not is_null(value) and value != "" and value != "nan"
+
+
+def hint_given(value: object) -> bool:
+    """lmms-eval's test for the hint (``mmbench_doc_to_text``): not null / NaN, not "nan" (an empty one is given)."""
+    return not is_null(value) and value != "nan"
+
+
+def matching_choices(row: dict) -> dict[str, str]:
+    """The A-D options lmms-eval's static matching reads: ``mmbench_process_results`` records ``doc.get(c, "nan")``
+    and ``build_choices`` keeps each that ``pd.isna`` does not drop (null and float NaN; "nan" and "" stay)."""
+    values = {key: row.get(key, "nan") for key in OPTION_KEYS[:4]}
+    return {key: str(value) for key, value in values.items() if not is_null(value)}
 
 
 @DATASETS.register("mmbench")
@@ -43,8 +66,9 @@ class MMBench(SnapshotBenchmark):
     def make_sample(self, row: dict, index: int, image: ImageRef) -> BenchmarkSample:
         options = {key: str(row[key]) for key in OPTION_KEYS if present(row.get(key))}
         listed = OPTIONS_HEADER + "\n" + "\n".join(f"{key}. {text}" for key, text in options.items())
-        query = f"{row['hint']} {row['question']} {listed}" if present(row["hint"]) else f"{row['question']} {listed}"
-        target = {"index": int(row["index"]), "options": options}
+        query = f"{row['question']} {listed}"
+        query = f"{row['hint']} {query}" if hint_given(row["hint"]) else query
+        target = {"index": int(row["index"]), "options": matching_choices(row)}  # what the matching reads
         return BenchmarkSample(str(row["index"]), image, f"{query}\n{self.post_prompt}", row["answer"], target,
                                row["category"])
 

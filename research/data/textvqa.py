@@ -2,8 +2,9 @@
 
 lmms-eval ``tasks/textvqa`` (``textvqa_val``): ``lmms-lab/textvqa`` split ``validation``; the question
 ``capitalize()``d (the rest lowercased, as lmms-eval does), the short-answer suffix, no OCR tokens in the
-prompt (lmms-eval's default; the original TextVQA setting of LLaVA adds them); generation stops at
-"ASSISTANT:" with lmms-eval's LLaVA default of 1024 new tokens; VQA accuracy with the EvalAI processor.
+prompt (lmms-eval's default; the original TextVQA setting of LLaVA adds them); stop string "ASSISTANT:"
+(applied as the family's lmms-eval wrapper applies it) with lmms-eval's LLaVA default of 1024 new tokens;
+VQA accuracy with the EvalAI processor.
 """
 
 from __future__ import annotations

@@ -62,6 +62,11 @@ class VLMAdapter:
     model_class: ClassVar[str]  # the transformers class it adapts, e.g. "LlavaForConditionalGeneration"
     has_cls_saliency: ClassVar[bool] = False  # vision_attention() gives CLS attention over the image tokens
     position_axes: ClassVar[int] = 1  # rows of position_ids ([B, S]: 1; multimodal rotary [3, B, S]: 3)
+    # Where an answer is cut, as lmms-eval 0.7.3's model wrapper for the family cuts it (README: "Where an answer
+    # is cut"): the wrapper, whether it cuts at the task's stop strings (``until``) at all, those it drops first.
+    lmms_eval_model: ClassVar[str]
+    cuts_at_until: ClassVar[bool]
+    drops_until: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         if type(model).__name__ != self.model_class:
@@ -107,6 +112,11 @@ class VLMAdapter:
     @classmethod
     def vision_layout(cls, config: Any) -> VisionLayout:
         raise NotImplementedError
+
+    @classmethod
+    def stop_strings(cls, until: Sequence[str]) -> tuple[str, ...]:
+        """The task's stop strings (lmms-eval's ``until``) that this family's lmms-eval wrapper cuts answers at."""
+        return tuple(stop for stop in until if stop not in cls.drops_until) if cls.cuts_at_until else ()
 
     # ---- modules the engine hooks ----------------------------------------------------------------
     @property
@@ -312,6 +322,22 @@ def register(cls: type[VLMAdapter]) -> type[VLMAdapter]:
 
 def supported() -> str:
     return ", ".join(f"{name} ({FAMILIES.get(name).model_class})" for name in FAMILIES.names())
+
+
+def stop_string_table() -> str:
+    """The README's table of where each family's answers are cut (``tests/test_benchmarks.py`` checks it is there)."""
+    import json
+
+    def cut(adapter: type[VLMAdapter]) -> str:
+        if not adapter.cuts_at_until:
+            return "nowhere: the wrapper ignores `until`"
+        dropped = ", ".join(f"`{json.dumps(stop)}`" for stop in adapter.drops_until)
+        return "the task's `until`" + (f" except {dropped} (the wrapper drops it)" if dropped else "")
+
+    rows = ["| family | lmms-eval 0.7.3 wrapper | answers cut at |", "|---|---|---|"]
+    rows += [f"| `{name}` | `{FAMILIES.get(name).lmms_eval_model}` | {cut(FAMILIES.get(name))} |"
+             for name in FAMILIES.names()]
+    return "\n".join(rows)
 
 
 def family_of_class(class_name: str) -> type[VLMAdapter]:

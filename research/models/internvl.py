@@ -20,6 +20,8 @@ from research.models.llava import left_padded
 class InternVLAdapter(VLMAdapter):
     family = "internvl"
     model_class = "InternVLForConditionalGeneration"
+    lmms_eval_model = "internvl3"  # (``internvl2`` likewise)
+    cuts_at_until = False  # generate_until pops ``until``
 
     @classmethod
     def tile_tokens(cls, config: Any) -> int:

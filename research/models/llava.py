@@ -17,6 +17,8 @@ class LlavaAdapter(VLMAdapter):
     family = "llava15"
     model_class = "LlavaForConditionalGeneration"
     has_cls_saliency = True
+    lmms_eval_model = "llava_hf"
+    cuts_at_until = False  # generate_until reads ``until`` and never applies it
 
     @property
     def projector(self) -> nn.Module:

@@ -23,6 +23,8 @@ from research.models.llava import left_padded
 class LlavaNextAdapter(VLMAdapter):
     family = "llava_next"
     model_class = "LlavaNextForConditionalGeneration"
+    lmms_eval_model = "llava_hf"
+    cuts_at_until = False  # generate_until reads ``until`` and never applies it
 
     @classmethod
     def vision_layout(cls, config: Any) -> VisionLayout:

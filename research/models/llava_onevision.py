@@ -14,6 +14,8 @@ from research.models.llava_next import LlavaNextAdapter
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_class = "LlavaOnevisionForConditionalGeneration"
+    lmms_eval_model = "llava_onevision"  # (``llava_hf`` for the -hf checkpoints: the same, no cut)
+    cuts_at_until = False  # generate_until pops ``until``
 
     @classmethod
     def random_config(cls, size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:

@@ -13,6 +13,9 @@ from research.models.qwen2_vl import Qwen2VLAdapter
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    lmms_eval_model = "qwen2_5_vl"
+    cuts_at_until = True
+    drops_until = ("\n\n",)  # "to prevent truncation, which can lead to incorrect results" (the wrapper)
 
     @classmethod
     def random_config(cls, size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:

@@ -23,6 +23,8 @@ class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
     model_class = "Qwen2VLForConditionalGeneration"
     position_axes = 3
+    lmms_eval_model = "qwen2_vl"
+    cuts_at_until = True  # each answer is cut before its first stop string
 
     @property
     def vision_tower(self) -> nn.Module:
