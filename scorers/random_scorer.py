@@ -1,7 +1,8 @@
-"""Random baseline: seeded uniform scores, the same draw for the same seed and stage, whatever the batch."""
+"""Random baseline: seeded uniform scores, one draw per sample, the same whatever else is in the batch."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,11 @@ from scorers.base import SCORERS, Scorer
 class RandomScorer(Scorer):
     """Keeps a uniformly random subset of vision tokens; works at any location, -1 included.
 
-    One draw per (seed, stage), indexed by each token's place among its image's tokens (``vision_rank``):
-    a row keeps the same tokens in any batch as alone (a [B, V] draw would give row i the i-th slice).
+    Each row draws from its own generator, seeded by ``seed``, the stage and a checksum of the row's prompt
+    (its ``input_ids`` without padding), and scores each token by its place among its image's tokens
+    (``vision_rank``). So a row keeps the same tokens in any batch as alone (a shared [B, V] draw would give
+    row i the i-th slice of it), and samples with different prompts get independent draws: the baseline
+    averages over many random subsets, not over one shared by every sample.
     """
 
     needs_llm_attention = False
@@ -26,8 +30,15 @@ class RandomScorer(Scorer):
 
     def score(self, signals: Signals) -> Tensor:
         rank = signals.layout.vision_rank  # [B, V] each token's index among its image's tokens
-        generator = torch.Generator(device="cpu").manual_seed(self.seed * 1009 + signals.stage)
-        # CPU draws are sequential: a longer draw starts with the shorter one, so the table's length
-        # (the batch's largest rank) does not change any row's scores.
-        table = torch.rand(int(rank.max()) + 1, generator=generator).to(rank.device)
-        return table[rank]
+        prompts = signals.interface.input_ids  # [B, S0] the model's input
+        real = signals.interface.layout.valid  # [B, S0] False on padding
+        size = int(rank.max()) + 1
+        # CPU generators keep 32 bits of a seed: seed, stage and prompt are chained into one CRC-32
+        stage_key = zlib.crc32(f"random/{self.seed}/{signals.stage}".encode())
+        draws = []
+        for ids, valid in zip(prompts.cpu(), real.cpu()):
+            generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(ids[valid].numpy().tobytes(), stage_key))
+            # a longer CPU draw starts with the shorter one: the batch's largest rank changes no row's scores
+            draws.append(torch.rand(size, generator=generator))  # [R] one score per rank
+        table = torch.stack(draws).to(rank.device)  # [B, R]
+        return table.gather(1, rank)  # [B, V]

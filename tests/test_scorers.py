@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel
 
 from research.models import adapter_for
 from research.pruning import PruningEngine, PruningPlan
-from research.pruning.signals import TokenLayout
+from research.pruning.signals import InterfaceSignals, TokenLayout, read_layout
 from research.shapes_model.vocab import build_tokenizer
 from scorers import SCORERS, Scorer
 from scorers.atp import atp_scores
@@ -130,8 +130,13 @@ def test_random_scorer_seed_changes_the_draw():
 
     stub = Stub()
     stub.layout = layout
+    prompts = torch.tensor([[1, 5, 6, 7], [1, 5, 6, 8]])  # two samples: different prompts
+    stub.interface = InterfaceSignals(torch.zeros(2, 4, 8), read_layout(prompts, 5, None), input_ids=prompts)
     draws = [SCORERS.get("random")(seed=s).score(stub) for s in (0, 0, 1)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert not torch.equal(draws[0][0], draws[0][1])  # each sample its own draw
+    stub.stage = 1
+    assert not torch.equal(SCORERS.get("random")().score(stub), draws[0])  # and each stage
 
 
 def test_atp_mixes_min_max_normalised_signals_by_hand():
