@@ -681,11 +681,12 @@ def _log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: 
 
 
 def quiet_lightning(verbose: bool = False) -> None:
-    """Keep the terminal for the progress bars: no device banners, tips, known deprecation noise or the weights-
-    loading bar, unless ``verbose`` (``verbose=true``)."""
+    """Keep the terminal for the progress bars: no device banners, tips, "Received SIGTERM" (the stop's own line
+    says it), known deprecation noise or the weights-loading bar, unless ``verbose`` (``verbose=true``)."""
     if verbose:
         return
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric",
+                 "lightning.pytorch.trainer.connectors.signal_connector"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", ".*litlogger.*")
