@@ -69,25 +69,42 @@ WAITING_SCORER = """\
     """
 
 
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(("signum", "devices"), [(signal.SIGTERM, 1), (signal.SIGINT, 2)],
+                         ids=["SIGTERM", "SIGINT-2-processes"])
 def test_a_stop_signal_mid_combination_stops_within_seconds_keeps_what_finished_and_the_rerun_resumes(
-        micro_model, experiment, tmp_path, monkeypatch, capsys, signum):
+        micro_model, experiment, tmp_path, monkeypatch, capsys, signum, devices):
+    """The signal goes to the run's process group, as ``timeout``, SLURM and Ctrl-C send it (under
+    ``trainer.devices=2`` that is both ranks)."""
     started, release = tmp_path / "started", tmp_path / "release"
     env = user_module(tmp_path, "waiting_scorer", WAITING_SCORER.format(started=str(started), release=str(release)))
     out = tmp_path / "runs"
     sweep = args(experiment, micro_model, out, "imports=[waiting_scorer]", "scorers=[waits]",
-                 "schedules=[{name: layers, layers: [0, 2]}]")
-    process = subprocess.Popen(command(*sweep), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 "schedules=[{name: layers, layers: [0, 2]}]", f"trainer.devices={devices}")
+    process = subprocess.Popen(command(*sweep), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not started.exists():  # vanilla finished; the scorer's combination is in its predict loop
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.05)
-        process.send_signal(signum)
+        os.killpg(process.pid, signum)
         code = process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while group_alive(process.pid):  # every rank ends too
+            assert time.monotonic() < deadline, "a rank is still running 10 s after rank 0 ended"
+            time.sleep(0.1)
     finally:
-        process.kill()
+        if group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
     stdout, stderr = process.communicate()
     assert code == 128 + signum, (code, stderr[-2000:])
     name = signal.Signals(signum).name
@@ -103,7 +120,7 @@ def test_a_stop_signal_mid_combination_stops_within_seconds_keeps_what_finished_
     with (experiment_dir / ".lock").open() as lock:  # released
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-    if signum == signal.SIGTERM:  # the same command again reuses vanilla and runs the stopped combination
+    if devices == 1:  # the same command again reuses vanilla and runs the stopped combination
         release.touch()
         monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
         rows = run(load_config(sweep))
@@ -221,3 +238,19 @@ def test_the_lock_is_taken_before_the_data_or_the_model_loads(micro_model, exper
     with pytest.raises(Loaded):
         run(load_config(args(experiment, micro_model, out)))
     assert held == [True]
+
+
+def test_stale_temporaries_go_all_under_the_lock_and_only_a_dead_writers_elsewhere(tmp_path):
+    import research.storage as storage
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = [f".summary.csv.{dead.stdout.strip()}.tmp", f".result.json.{os.getpid()}.tmp", "keep.tmp", "a.json"]
+    for folder in ("locked", "shared"):
+        for name in names:
+            (tmp_path / folder / "sub").mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / "sub" / name).write_text("x")
+    storage.remove_stale_temporaries(tmp_path / "locked", locked=True)
+    storage.remove_stale_temporaries(tmp_path / "shared", locked=False)
+    storage.remove_stale_temporaries(tmp_path / "missing", locked=False)
+    assert sorted(p.name for p in (tmp_path / "locked" / "sub").iterdir()) == ["a.json", "keep.tmp"]
+    assert sorted(p.name for p in (tmp_path / "shared" / "sub").iterdir()) == [names[1], "a.json", "keep.tmp"]
