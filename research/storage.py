@@ -6,7 +6,8 @@
   warning line and recomputed, never fatal.
 * An ``OSError`` while writing (disk full, permissions) becomes :class:`StopSweep`: one line naming
   the path and what was kept.
-* :class:`OutputLock` keeps two runs out of one output directory.
+* :class:`OutputLock` keeps two runs out of one output directory; the run holding it first removes the
+  temporary files a killed run left (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, another user's
-        return True
+    except PermissionError:  # another user's
+        pass
     return True
 
 
