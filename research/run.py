@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 import sys
 import traceback
 import warnings
@@ -40,10 +41,12 @@ from research.config import (
     slug,
 )
 from research.distributed import is_rank_zero, say
+from research.stopping import StopSignal, stop_on_signals
 from research.storage import (
     OutputLock,
     StopSweep,
     read_json,
+    remove_stale_temporaries,
     source_digest,
     weights_digest,
     write_atomic,
@@ -185,13 +188,20 @@ def run(cfg: RunConfig) -> list[dict]:
     out = Path(cfg.output_dir) / cfg.experiment
     histograms = cached_histograms(cfg, directory)
     plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
-    tasks = open_tasks(cfg)
     # With trainer.devices > 1 the other ranks run this same sweep (research.distributed): only rank 0 writes.
+    # The lock comes before the data and the model load, so a second run into this directory is told at once.
     with OutputLock(out) if is_rank_zero() else contextlib.nullcontext():
+        if is_rank_zero():
+            remove_stale_temporaries(out, locked=True)  # of a killed run
+            remove_stale_temporaries(Path(cfg.output_dir) / ".cache", locked=False)
+        tasks = open_tasks(cfg)
         rows = _sweep(cfg, directory, out, num_layers, num_vision, histograms, tasks, adapter_class)
         if cfg.analysis is None and not tasks[0].subdir and is_rank_zero():
             task = tasks[0]
-            _log_summary_figures(out, rows, len(task.samples), chance_accuracy(task.dataset, task.samples))
+            try:
+                _log_summary_figures(out, rows, len(task.samples), chance_accuracy(task.dataset, task.samples))
+            except StopSignal as stop:
+                raise StopSignal(stop.signum, finished_line(rows, out)) from None
         return rows
 
 
@@ -217,6 +227,7 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
     if cfg.analysis is not None:
         from research.analysis.collect import run_analysis
 
+        replace_run(out / "tensorboard" / cfg.analysis)
         result = run_analysis(cfg.analysis, adapter, processor, tasks[0].samples, out, cfg.eval.batch_size)
         if "changepoint_layers" in result:
             print(f"changepoint schedule derived from {result['samples']} samples: layers "
@@ -234,6 +245,7 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
 
     results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
     vanilla: dict[str, tuple[float | None, float | None]] = {t.name: (None, None) for t in tasks}
+    running: Path | None = None  # the TensorBoard run being written, until its result is
     try:
         for index, combo in enumerate(combos, 1):
             for task in tasks:
@@ -243,6 +255,7 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
                 if combo.error:
                     if is_rank_zero():
                         logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
+                        running = replace_run(run_directory(out, combo, task.subdir))
                         log_failure(out, combo, num_vision, combo.error, task.subdir)
                     result = {"combination": combo.__dict__, "fingerprint": keys[pair], "status": "failed",
                               "error": combo.error}
@@ -250,27 +263,47 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
                     say(f"{label}: reused (finished earlier, unchanged)")
                     result = previous[pair]
                 else:
+                    running = replace_run(run_directory(out, combo, task.subdir))  # a killed run's: logged anew
                     result = _run_combination(cfg, combo, adapter, processor, task, vanilla[task.name], num_vision,
                                               out, keys[pair], label)
                     if is_rank_zero():
                         write_json(files[pair], result)
                 results[task.name][combo.name] = result
+                running = None
                 if combo.is_vanilla and result["status"] == "ok":
                     vanilla[task.name] = (result["accuracy"], result["flops"])
-    except StopSweep as error:
-        kept = sum(r["status"] == "ok" for t in tasks for name, r in results[t.name].items()
-                   if (t.name, name) != pair)  # pair: unwritten
-        raise StopSweep(f"{error}; kept {kept} finished combination(s) in {out / 'results'}") from error
-
-    if tasks[0].subdir:
-        rows = summarise_benchmarks(combos, results, tasks)
+        if tasks[0].subdir:
+            rows = summarise_benchmarks(combos, results, tasks)
+            if is_rank_zero():
+                write_benchmark_summary(out, rows, benchmark_columns(tasks))
+            return rows
+        rows = summarise(combos, results[tasks[0].name])
         if is_rank_zero():
-            write_benchmark_summary(out, rows, benchmark_columns(tasks))
+            write_summary(out, rows)
         return rows
-    rows = summarise(combos, results[tasks[0].name])
+    except StopSweep as error:
+        kept = sum(r["status"] == "ok" for t in tasks for r in results[t.name].values())  # written ones only
+        raise StopSweep(f"{error}; kept {kept} finished combination(s) in {out / 'results'}") from error
+    except StopSignal as stop:
+        if running is not None:  # the stopped combination's half-written run
+            replace_run(running)
+        finished = [r for t in tasks for r in results[t.name].values()]
+        raise StopSignal(stop.signum, finished_line(finished, out, len(combos) * len(tasks))) from None
+
+
+def finished_line(results: list[dict], out: Path, total: int | None = None) -> str:
+    """``3 of 11 combinations finished (kept in <out>/results)``: the results (or summary rows) with status ok,
+    of ``total`` (default: all of them)."""
+    finished = sum(r.get("status") == "ok" for r in results)
+    return f"{finished} of {len(results) if total is None else total} combinations finished (kept in {out / 'results'})"
+
+
+def replace_run(path: Path) -> Path:
+    """Remove the TensorBoard run at ``path`` (on rank 0) before it is logged again, so it holds each value once
+    even after a killed or an earlier run logged into it; returns ``path``."""
     if is_rank_zero():
-        write_summary(out, rows)
-    return rows
+        shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 def cached_histograms(cfg: RunConfig, directory: Path) -> dict[int, list[int]]:
@@ -298,6 +331,7 @@ def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, kno
 
     derived = {}
     split = calibration_split(cfg)
+    replace_run(out / "tensorboard" / "calibration")  # every entry is logged below, cached or derived
     for index, samples in needs_calibration(cfg):
         path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, dataset_names(cfg)[0], split, samples)
         if index in known:
@@ -400,6 +434,11 @@ def run_logger(out: Path, combo: Combination, subdir: str = "") -> TensorBoardLo
     (``<out>/tensorboard/<benchmark>/<run_name(combo)>`` in a sweep over several benchmarks)."""
     version = f"{subdir}/{run_name(combo)}" if subdir else run_name(combo)
     return TensorBoardLogger(save_dir=out, name="tensorboard", version=version, default_hp_metric=False)
+
+
+def run_directory(out: Path, combo: Combination, subdir: str = "") -> Path:
+    """The directory of :func:`run_logger`'s run."""
+    return out / "tensorboard" / subdir / run_name(combo)
 
 
 def log_failure(out: Path, combo: Combination, num_vision: int, error: str, subdir: str = "") -> None:
@@ -635,6 +674,7 @@ def _log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: 
             by_flops.setdefault(name, []).append((float(r["flops_ratio"]), float(r["accuracy"])))
     ratios = {combination_label(r): float(r["accuracy_ratio"]) for r in ok if r["accuracy_ratio"] != ""}
     chance_ratio = chance / vanilla if chance is not None and vanilla else None
+    replace_run(out / "tensorboard" / "summary")  # each figure once, whatever ran before
     with SummaryWriter(out / "tensorboard" / "summary") as writer:
         if len({r["budget"] for r in ok}) >= 2:
             writer.add_figure("accuracy_vs_budget", accuracy_vs_budget(by_budget, vanilla, chance, n), 0)
@@ -643,11 +683,12 @@ def _log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: 
 
 
 def quiet_lightning(verbose: bool = False) -> None:
-    """Keep the terminal for the progress bars: no device banners, tips, known deprecation noise or the weights-
-    loading bar, unless ``verbose`` (``verbose=true``)."""
+    """Keep the terminal for the progress bars: no device banners, tips, "Received SIGTERM" (the stop's own line
+    says it), known deprecation noise or the weights-loading bar, unless ``verbose`` (``verbose=true``)."""
     if verbose:
         return
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric",
+                 "lightning.pytorch.trainer.connectors.signal_connector"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", ".*litlogger.*")
@@ -685,9 +726,14 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     try:
-        cfg = load_config(argv)
-        quiet_lightning(cfg.verbose)
-        rows = run(cfg)  # validates everything before any model loads
+        with stop_on_signals():  # SIGTERM, SIGINT: stop at once, keep what finished (research.stopping)
+            cfg = load_config(argv)
+            quiet_lightning(cfg.verbose)
+            rows = run(cfg)  # validates everything before any model loads
+    except StopSignal as stop:
+        if is_rank_zero():
+            print(stop.line(), file=sys.stderr, flush=True)
+        return stop.exit_code if is_rank_zero() else 0
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

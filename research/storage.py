@@ -6,7 +6,8 @@
   warning line and recomputed, never fatal.
 * An ``OSError`` while writing (disk full, permissions) becomes :class:`StopSweep`: one line naming
   the path and what was kept.
-* :class:`OutputLock` keeps two runs out of one output directory.
+* :class:`OutputLock` keeps two runs out of one output directory; the run holding it first removes the
+  temporary files a killed run left (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,35 @@ def write_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except BaseException as error:  # a failed write, or a stop signal mid-write: no temporary file stays
         with contextlib.suppress(OSError):
             temporary.unlink()
-        raise StopSweep(f"cannot write {path}: {error.strerror or error}") from error
+        if isinstance(error, OSError):
+            raise StopSweep(f"cannot write {path}: {error.strerror or error}") from error
+        raise
+
+
+TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp")  # write_atomic's ".<name>.<pid>.tmp"
+
+
+def remove_stale_temporaries(directory: Path, locked: bool) -> None:
+    """Remove the temporary files that a killed :func:`write_atomic` left under ``directory``: every one when
+    this process holds ``directory``'s lock and has written nothing yet, else those of processes now gone."""
+    for path in directory.rglob(".*.tmp"):
+        match = TEMPORARY.fullmatch(path.name)
+        if match and (locked or not process_alive(int(match.group(1)))):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -95,13 +122,18 @@ def weights_digest(directory: Path, chunk: int = 1 << 20) -> str:
 
 
 class OutputLock:
-    """An exclusive lock on ``<directory>/.lock`` for the life of a run (released by the OS on exit)."""
+    """An exclusive lock on ``<directory>/.lock`` for the life of a run (released by the OS on exit).
+
+    A run that ends in an error (a bad dataset, a stop signal) before writing anything into a directory the
+    lock created leaves no directory behind."""
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / ".lock"
         self._file: Any = None
+        self._created: list[Path] = []  # the directories __enter__ made, innermost first
 
     def __enter__(self) -> OutputLock:
+        self._created = [d for d in [self.path.parent, *self.path.parent.parents] if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = self.path.open("a+")
         try:
@@ -123,8 +155,13 @@ class OutputLock:
         self._file = handle
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: Any) -> None:
         if self._file is not None:
+            if kind is not None and self._created and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+                self.path.unlink()  # while still held: nobody takes a lock on a file about to vanish
+                for directory in self._created:
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
