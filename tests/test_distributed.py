@@ -1,5 +1,6 @@
 """Several devices through Lightning: ``trainer.devices=2`` (DDP, gloo on CPU) gives the single-process summary,
-and every sample is counted exactly once."""
+and every sample is counted exactly once, also when a rank has no batch; a rank whose peer died stops with one
+line."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import pytest
 import torch
 
 from research.config import ConfigError, load_config
-from research.distributed import RankShare, batches, gather_predictions
+from research.distributed import RANK_ZERO_PID, RankShare, batches, collective, gather_predictions
 from research.run import TIMING_COLUMNS, run
+from research.storage import StopSweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["experiment=main_table", "scorers=[text_prior,random]", "budgets=[32]", "data.limit=7", "eval.batch_size=2",
@@ -147,6 +149,33 @@ def test_rank_share_deals_batches_like_lightning_and_may_be_empty(monkeypatch, c
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     sampler = RankShare(count)
     assert list(sampler) == share and len(sampler) == len(share)
+
+
+def test_a_failed_collective_on_rank_zero_stops_the_sweep_naming_the_rank_that_is_gone():
+    """Rank 0 in a collective whose peer died: one StopSweep line naming the copy (not one failed combination)."""
+    dead = subprocess.Popen([sys.executable, "-c", "import os; os._exit(3)"])
+    dead.wait()
+    with pytest.raises(StopSweep, match=r"^rank 1 is gone \(exit code 3\)$"):
+        with collective(SimpleNamespace(launcher=SimpleNamespace(procs=[dead]))):
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+
+
+def test_a_failed_collective_on_a_copy_stops_it_with_one_line(monkeypatch, capsys):
+    """A copy whose collective timed out while rank 0 lives: one line, status 1 (``os._exit``: nothing to keep)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    monkeypatch.setenv(RANK_ZERO_PID, str(os.getppid()))  # "rank 0": this test's parent, alive
+
+    def exit_now(status: int) -> None:
+        raise SystemExit(status)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    with pytest.raises(SystemExit, match="1"):
+        with collective(SimpleNamespace(launcher=None)):
+            raise RuntimeError("Timed out waiting 1800000ms for recv operation to complete\nmore")
+    assert capsys.readouterr().err == ("rank 1: a collective failed (RuntimeError: Timed out waiting 1800000ms for "
+                                       "recv operation to complete); stopping\n")
 
 
 @pytest.mark.parametrize("extra, message", [
