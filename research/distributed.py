@@ -69,7 +69,8 @@ def say(text: str) -> None:
 
 def trainer_options(devices: int, accelerator: str) -> dict[str, Any]:
     """``L.Trainer`` keyword arguments: one device, or DDP over ``devices`` processes (Lightning picks ``gloo``
-    on CPU, ``nccl`` on CUDA) with :class:`RankShare` in place of Lightning's sampler."""
+    on CPU, ``nccl`` on CUDA) with :class:`RankShare` in place of Lightning's sampler. On rank 0 this also
+    exports its pid for the copies' :func:`watch_rank_zero`."""
     if devices == 1:
         return {"accelerator": accelerator, "devices": 1}
     if is_rank_zero():
@@ -164,16 +165,14 @@ class InStepDDP(DDPStrategy):
 
 class RankShare(Sampler[int]):
     """This rank's batches of ``count``: every world-size-th from its rank, as Lightning's unrepeated sampler deals
-    them, but an empty share (fewer batches than ranks) is allowed. Read when the loop starts (the process group
-    is up by then)."""
+    them, but an empty share (fewer batches than ranks) is allowed. Read from ``trainer`` when the loop starts
+    (its ranks are set by then)."""
 
-    def __init__(self, count: int) -> None:
-        self.count = count
+    def __init__(self, count: int, trainer: Any) -> None:
+        self.count, self.trainer = count, trainer
 
     def _indices(self) -> range:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return range(self.count)
-        return range(torch.distributed.get_rank(), self.count, torch.distributed.get_world_size())
+        return range(self.trainer.global_rank, self.count, self.trainer.world_size)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
@@ -182,10 +181,10 @@ class RankShare(Sampler[int]):
         return len(self._indices())
 
 
-def batch_loader(samples: Sequence[Any], batch_size: int) -> DataLoader:
+def batch_loader(samples: Sequence[Any], batch_size: int, trainer: Any) -> DataLoader:
     """The batches one process would run (:func:`batches`), this rank's share of them (:class:`RankShare`)."""
     made = batches(samples, batch_size)
-    return DataLoader(made, batch_size=None, sampler=RankShare(len(made)), collate_fn=keep_batch)
+    return DataLoader(made, batch_size=None, sampler=RankShare(len(made), trainer), collate_fn=keep_batch)
 
 
 def batches(samples: Sequence[Any], batch_size: int) -> list[list[tuple[int, Any]]]:

@@ -365,7 +365,7 @@ def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, t
         callbacks=[report, labelled_progress_bar(label)], enable_checkpointing=False, enable_model_summary=False,
     )
     # The batches a single process runs; with several devices each rank runs its share (maybe none).
-    loader = batch_loader(samples, cfg.eval.batch_size)
+    loader = batch_loader(samples, cfg.eval.batch_size, trainer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         predict_in_step(trainer, module, loader, report)
