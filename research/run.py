@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 
 from research.config import (
     ConfigError,
@@ -40,7 +39,7 @@ from research.config import (
     model_shape,
     slug,
 )
-from research.distributed import is_rank_zero, say
+from research.distributed import is_rank_zero, say, watch_rank_zero
 from research.stopping import StopSignal, stop_on_signals
 from research.storage import (
     OutputLock,
@@ -182,6 +181,7 @@ def open_tasks(cfg: RunConfig) -> list[Task]:
 
 def run(cfg: RunConfig) -> list[dict]:
     """Run (or resume) every combination on every dataset; return the summary rows (vanilla first)."""
+    watch_rank_zero()  # in a copy started for trainer.devices > 1: stop with one line if rank 0 dies
     directory = model_directory(cfg)
     adapter_class = model_family(cfg, directory)
     num_layers, num_vision = model_shape(directory, adapter_class)
@@ -382,7 +382,7 @@ def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, t
     """The Lightning predict loop of one combination (on ``cfg.trainer.devices`` processes), writing
     ``predictions``; returns its metrics."""
     from research.analysis.per_combination import AttentionDynamicsReport
-    from research.distributed import RankZeroReport, batches, keep_batch, trainer_options
+    from research.distributed import RankZeroReport, batch_loader, predict_in_step, trainer_options
     from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport, labelled_progress_bar
 
     samples = task.samples
@@ -395,16 +395,16 @@ def _predict(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, t
         cfg.eval.decode_tokens, vanilla_flops=vanilla[1],
     ))
     reports.append(JsonlPredictionWriter(predictions, task.scoring))  # last: only a finished combination replaces it
+    report = RankZeroReport(reports)
     trainer = L.Trainer(
         **trainer_options(cfg.trainer.devices, cfg.trainer.accelerator), logger=run_logger(out, combo, task.subdir),
-        callbacks=[RankZeroReport(reports), labelled_progress_bar(label)], enable_checkpointing=False,
-        enable_model_summary=False,
+        callbacks=[report, labelled_progress_bar(label)], enable_checkpointing=False, enable_model_summary=False,
     )
-    # The batches a single process runs; with several devices Lightning's sampler deals them out to the ranks.
-    loader = DataLoader(batches(samples, cfg.eval.batch_size), batch_size=None, collate_fn=keep_batch)
+    # The batches a single process runs; with several devices each rank runs its share (maybe none).
+    loader = batch_loader(samples, cfg.eval.batch_size, trainer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.predict(module, loader, return_predictions=False)
+        predict_in_step(trainer, module, loader, report)
     if not module.metrics:
         raise RuntimeError(f"the predict loop evaluated no samples ({len(samples)} given)")
     return module.metrics

@@ -1,20 +1,25 @@
 """Several devices through Lightning: ``trainer.devices=2`` (DDP, gloo on CPU) gives the single-process summary,
-and every sample is counted exactly once."""
+and every sample is counted exactly once, also when a rank has no batch; a rank whose peer died stops with one
+line."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from research.config import ConfigError, load_config
-from research.distributed import batches, gather_predictions
+from research.distributed import RANK_ZERO_PID, RankShare, batches, collective, gather_predictions
 from research.run import TIMING_COLUMNS, run
+from research.storage import StopSweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["experiment=main_table", "scorers=[text_prior,random]", "budgets=[32]", "data.limit=7", "eval.batch_size=2",
@@ -29,6 +34,35 @@ def _summary(out: Path) -> list[dict]:
 def _predictions(out: Path) -> dict[str, list[dict]]:
     return {path.name: [json.loads(line) for line in path.read_text().splitlines()]
             for path in sorted((out / "main_table" / "predictions").glob("*.jsonl"))}
+
+
+def _start_ranks(args: list[str]) -> subprocess.Popen:
+    """``python -m research.run *args`` (rank 0, which starts the other ranks) in a session of its own, so a test
+    can end every rank it left behind."""
+    return subprocess.Popen([sys.executable, "-m", "research.run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True)
+
+
+def _end_session(rank_zero: subprocess.Popen) -> None:
+    """Kill whatever is left of the ranks (rank 0's session)."""
+    try:
+        os.killpg(rank_zero.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    rank_zero.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 @pytest.mark.slow
@@ -53,6 +87,45 @@ def test_two_processes_give_the_single_process_summary_and_each_sample_once(micr
     assert len(list(vanilla.glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
 
 
+@pytest.mark.slow
+def test_two_processes_with_one_batch_give_the_single_process_summary(micro_model, tmp_path):
+    """One batch for two ranks: rank 1's share is empty, yet both ranks run the same collectives and finish."""
+    common = [*SMALL, f"model.path={micro_model}", "scorers=[random]", "data.limit=3", "eval.batch_size=100"]
+    run(load_config([*common, f"output_dir={tmp_path / 'one'}"]))
+    two = _start_ranks([*common, f"output_dir={tmp_path / 'two'}", "trainer.devices=2"])
+    try:
+        output, _ = two.communicate(timeout=300)
+    finally:
+        _end_session(two)
+    assert two.returncode == 0, output[-3000:]
+    assert output.count("full table in") == 1
+    assert _summary(tmp_path / "two") == _summary(tmp_path / "one")
+    for name, rows in _predictions(tmp_path / "two").items():
+        assert [r["index"] for r in rows] == [0, 1, 2], name
+
+
+@pytest.mark.slow
+def test_rank_one_exits_with_one_line_when_rank_zero_is_killed(micro_model, tmp_path):
+    """Rank 0 killed (SIGKILL) right after it started rank 1: rank 1 stops within 60 s, printing one line."""
+    rank_zero = _start_ranks([*SMALL, f"model.path={micro_model}", f"output_dir={tmp_path}", "trainer.devices=2"])
+    try:
+        deadline = time.monotonic() + 240
+        while not (others := _children(rank_zero.pid)) and rank_zero.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(others) == 1, f"rank 1 not started: {rank_zero.poll()=}"
+        time.sleep(3)  # rank 1 is starting up (imports, model load) when rank 0 dies
+        rank_zero.kill()
+        killed = time.monotonic()
+        output, _ = rank_zero.communicate(timeout=60)  # the output pipe closes once rank 1 has exited too
+        waited = time.monotonic() - killed
+    finally:
+        _end_session(rank_zero)
+    gone = [line for line in output.splitlines() if "is gone" in line]
+    assert gone == [f"rank 1: rank 0 (pid {rank_zero.pid}) is gone; stopping"], output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert waited < 60
+
+
 def test_gathered_predictions_count_a_repeated_sample_once():
     """A sampler that pads with repeats (torch's DistributedSampler) hands a sample to two ranks: it counts once."""
     rank_rows = [{"index": 0, "prediction": "a"}, {"index": 2, "prediction": "c"}, {"index": 0, "prediction": "a"}]
@@ -64,6 +137,41 @@ def test_gathered_predictions_count_a_repeated_sample_once():
 
 def test_batches_are_the_single_process_batches_with_sample_indices():
     assert batches(["a", "b", "c", "d", "e"], 2) == [[(0, "a"), (1, "b")], [(2, "c"), (3, "d")], [(4, "e")]]
+
+
+@pytest.mark.parametrize("count, rank, share", [(5, 0, [0, 2, 4]), (5, 1, [1, 3]), (1, 0, [0]), (1, 1, [])])
+def test_rank_share_deals_batches_like_lightning_and_may_be_empty(count, rank, share):
+    """Two ranks: every other batch from the rank's own; with one batch rank 1 has none (Lightning's sampler
+    asserts there)."""
+    sampler = RankShare(count, SimpleNamespace(global_rank=rank, world_size=2))
+    assert list(sampler) == share and len(sampler) == len(share)
+
+
+def test_a_failed_collective_on_rank_zero_stops_the_sweep_naming_the_rank_that_is_gone():
+    """Rank 0 in a collective whose peer died: one StopSweep line naming the copy (not one failed combination)."""
+    dead = subprocess.Popen([sys.executable, "-c", "import os; os._exit(3)"])
+    dead.wait()
+    with pytest.raises(StopSweep, match=r"^rank 1 is gone \(exit code 3\)$"):
+        with collective(SimpleNamespace(launcher=SimpleNamespace(procs=[dead]))):
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+
+
+def test_a_failed_collective_on_a_copy_stops_it_with_one_line(monkeypatch, capsys):
+    """A copy whose collective timed out while rank 0 lives: one line, status 1 (``os._exit``: nothing to keep)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    monkeypatch.setenv(RANK_ZERO_PID, str(os.getppid()))  # "rank 0": this test's parent, alive
+
+    def exit_now(status: int) -> None:
+        raise SystemExit(status)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    with pytest.raises(SystemExit, match="1"):
+        with collective(SimpleNamespace(launcher=None)):
+            raise RuntimeError("Timed out waiting 1800000ms for recv operation to complete\nmore")
+    assert capsys.readouterr().err == ("rank 1: a collective failed (RuntimeError: Timed out waiting 1800000ms for "
+                                       "recv operation to complete); stopping\n")
 
 
 @pytest.mark.parametrize("extra, message", [
