@@ -15,8 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from research.config import load_config
 from research.data.fixtures import WRITERS
-from research.run import main, open_tasks, run, summarise_benchmarks
+from research.report.summary import summarise_benchmarks
+from research.run import main, run
 from research.sweep import Combination
+from research.tasks import open_tasks
 
 FAST = ["eval.batch_size=2", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1",
         "eval.max_new_tokens=2"]

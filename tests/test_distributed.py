@@ -18,7 +18,8 @@ import pytest
 
 from research.config import ConfigError, load_config
 from research.distributed import RANK_ZERO_PID, RankShare, batches, collective, gather_predictions
-from research.run import TIMING_COLUMNS, run
+from research.report.summary import TIMING_COLUMNS
+from research.run import run
 from research.storage import StopSweep
 
 ROOT = Path(__file__).resolve().parent.parent

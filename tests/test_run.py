@@ -19,7 +19,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from research.config import ConfigError, load_config
-from research.run import TIMING_COLUMNS, main, run
+from research.report.summary import TIMING_COLUMNS
+from research.run import main, run
 from research.sweep import plan_sweep
 
 FAST = ["data.limit=6", "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1",
@@ -73,12 +74,12 @@ def test_sweep_writes_summary_tensorboard_and_resumes(micro_model, experiment, t
 
     # Re-running the same command reuses every finished combination (none runs again: no clock needed)
     # and yields the same summary.
-    import research.run as run_module
+    import research.execution as execution
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished combination ran again")
 
-    monkeypatch.setattr(run_module, "_run_combination", must_not_run)
+    monkeypatch.setattr(execution, "run_combination", must_not_run)
     run(load_config(args(experiment, micro_model, out)))
     assert "reusing 5 finished combination(s), running 0" in capsys.readouterr().out
     again = read_summary(out)
@@ -475,7 +476,7 @@ def test_an_undecodable_image_is_skipped_and_counted(micro_model, experiment, tm
 
 def test_a_damaged_calibration_cache_is_recomputed_with_a_warning(micro_model, experiment, tmp_path, caplog):
     from research.analysis.collect import shift_cache_file
-    from research.run import cached_histograms
+    from research.calibration import cached_histograms
     from research.sweep import calibration_split
 
     cfg = load_config(args(experiment, micro_model, tmp_path, "schedules=[{name: changepoint, samples: 4}]"))
@@ -608,7 +609,7 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
 
 def test_chance_accuracy_of_shapes_weights_each_question_by_its_answer_count():
     from research.data.shapes import ANSWER_CHOICES, ShapesVQA
-    from research.run import chance_accuracy
+    from research.tasks import chance_accuracy
 
     samples = list(ShapesVQA("test", 10))
     expected = sum(1 / len(ANSWER_CHOICES[s.qtype]) for s in samples) / 10
@@ -618,7 +619,7 @@ def test_chance_accuracy_of_shapes_weights_each_question_by_its_answer_count():
 
 
 def test_compact_table_fits_120_columns_and_names_failures():
-    from research.run import compact_table
+    from research.report.summary import compact_table
 
     rows = [
         {"scorer": "vanilla", "schedule": "-", "budget": "all", "accuracy": 0.5, "accuracy_ratio": "",

@@ -161,9 +161,9 @@ def test_calibration_prints_and_logs_the_layers_of_the_entrys_own_parameters(tmp
     """A changepoint entry with non-default ``level`` / ``early_fraction``: the layers printed and logged after
     calibration are those the entry runs with (by default the histogram gives [1, 2]; at level 0.6, [2])."""
     import research.analysis.collect as collect
+    from research.calibration import calibrate
     from research.config import load_config
     from research.models.registry import shapes_path
-    from research.run import calibrate
     from research.sweep import plan_sweep
     from schedules.changepoint import changepoint_layers
 

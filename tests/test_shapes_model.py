@@ -124,7 +124,8 @@ def test_each_packed_branch_is_the_one_question_prompt():
             assert labels[answer_slots].tolist() == answers
 
 
-@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, 1.0)], ids=["answers_and_dense_only", "shipped_with_question_and_caption"])
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, 1.0)],
+                         ids=["answers_and_dense_only", "shipped_with_question_and_caption"])
 def test_micro_llava_loss_decreases(weights):
     from research.shapes_model.modeling import build_clip, build_llava
 

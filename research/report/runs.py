@@ -1,0 +1,67 @@
+"""TensorBoard runs of a sweep: one per combination (``<scorer>/<schedule>/b<budget>``), its failure trace, and
+replacing a run that is logged again (so each value is there once)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from research.config import slug
+from research.distributed import is_rank_zero
+from research.sweep import Combination
+
+
+def combination_title(combo: Combination) -> str:
+    """``scorer / schedule / budget`` (``vanilla / - / all`` for vanilla)."""
+    if combo.is_vanilla:
+        return "vanilla / - / all"
+    return f"{combo.scorer_label} / {combo.schedule} / {combo.budget:g}"
+
+
+def run_name(combo: Combination) -> str:
+    """The combination's TensorBoard run, ``<scorer>/<schedule>/b<budget>`` (each part a slug; ``vanilla``).
+
+    Nested directories, so ``tensorboard --logdir <output_dir>/<experiment>/tensorboard`` names the runs
+    ``text_prior/layers1-10-20/b48``; the file names under ``results/`` and ``predictions/`` keep ``combo.name``.
+    """
+    if combo.is_vanilla:
+        return "vanilla"
+    budget = f"b{combo.budget:g}{combo.positions_suffix}"
+    return "/".join([slug(combo.scorer_label), slug(combo.schedule), slug(budget)])
+
+
+def run_logger(out: Path, combo: Combination, subdir: str = "") -> TensorBoardLogger:
+    """The TensorBoard logger of one combination: its run directory ``<out>/tensorboard/<run_name(combo)>``
+    (``<out>/tensorboard/<benchmark>/<run_name(combo)>`` in a sweep over several benchmarks)."""
+    version = f"{subdir}/{run_name(combo)}" if subdir else run_name(combo)
+    return TensorBoardLogger(save_dir=out, name="tensorboard", version=version, default_hp_metric=False)
+
+
+def run_directory(out: Path, combo: Combination, subdir: str = "") -> Path:
+    """The directory of :func:`run_logger`'s run."""
+    return out / "tensorboard" / subdir / run_name(combo)
+
+
+def log_failure(out: Path, combo: Combination, num_vision: int, error: str, subdir: str = "") -> None:
+    """A failed combination's trace in its TensorBoard run: the text ``status`` with the error, the scalar
+    ``metrics/failed`` = 1 and its HParams entry (so the failure shows in the HParams table too)."""
+    from research.evaluation import log_hparams
+
+    try:
+        logger = run_logger(out, combo, subdir)
+        logger.experiment.add_text("status", f"failed: {error}", 0)
+        log_hparams(logger, combo, num_vision, {"failed": 1})
+        logger.finalize("failed")
+    except OSError as failure:  # the trace is a courtesy: the result file and summary still record the failure
+        logging.getLogger(__name__).warning("cannot log the failure of %s to TensorBoard: %s", combo.name, failure)
+
+
+def replace_run(path: Path) -> Path:
+    """Remove the TensorBoard run at ``path`` (on rank 0) before it is logged again, so it holds each value once
+    even after a killed or an earlier run logged into it; returns ``path``."""
+    if is_rank_zero():
+        shutil.rmtree(path, ignore_errors=True)
+    return path

@@ -1,0 +1,231 @@
+"""The sweep's summary: one row per combination (``summary.csv`` / ``summary.md``), the Table-1 layout over
+several benchmarks, the compact terminal table and the comparison figures of the ``summary`` TensorBoard run."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from research.report.runs import replace_run
+from research.storage import write_atomic
+from research.sweep import Combination
+
+if TYPE_CHECKING:
+    from research.tasks import Task
+
+
+SUMMARY_COLUMNS = [
+    "scorer", "schedule", "layers", "budget", "keep", "positions", "accuracy", "accuracy_ratio", "prefill_ms",
+    "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "gflops", "flops_ratio", "avg_tokens",
+    "computed_avg_tokens", "skipped_images", "adjacent_miou", "shift_layers", "relevant_recall", "eval_s", "analysis_s",
+    "status", "error",
+]
+
+
+TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "eval_s",
+                  "analysis_s"}
+
+
+def combination_columns(combo: Combination) -> dict[str, Any]:
+    """The summary columns that describe a combination (scorer, schedule, layers, budget, keep, positions and
+    the reported and computed average tokens)."""
+    return {
+        "scorer": combo.scorer_label, "schedule": combo.schedule,
+        "layers": " ".join(map(str, combo.locations)) or "-",
+        "budget": combo.budget if combo.budget is not None else "all",
+        "keep": " ".join(map(str, combo.keep)) or "-",
+        "positions": "-" if combo.is_vanilla else combo.positions,
+        "avg_tokens": "" if combo.error else round(combo.reported_avg, 2),
+        "computed_avg_tokens": "" if combo.error else round(combo.computed_avg, 2),
+    }
+
+
+def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]:
+    vanilla = results.get("vanilla", {})
+    rows = []
+    for combo in combos:
+        r = results[combo.name]
+        ok = r["status"] == "ok"
+        row = {**combination_columns(combo), "status": r["status"], "error": r.get("error", "")}
+        for column in ("accuracy", "prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms",
+                       "peak_memory_mb", "gflops"):
+            row[column] = round(r[column], 4) if ok else ""
+        row["skipped_images"] = r.get("skipped_images", "") if ok else ""
+        row.update(dynamics_columns(r) if ok else dict.fromkeys(DYNAMICS_COLUMNS, ""))
+        both = ok and vanilla.get("status") == "ok"
+        row["accuracy_ratio"] = round(r["accuracy"] / vanilla["accuracy"], 4) if both and vanilla["accuracy"] else ""
+        row["flops_ratio"] = round(r["flops"] / vanilla["flops"], 4) if both else ""
+        rows.append(row)
+    return rows
+
+
+DYNAMICS_COLUMNS = ("adjacent_miou", "shift_layers", "relevant_recall", "eval_s", "analysis_s")
+
+
+def dynamics_columns(result: dict) -> dict[str, Any]:
+    """The summary's attention-dynamics columns of a finished result ("" where not measured): mean adjacent-layer
+    mIoU, shift layers, relevant-patch recall after the last stage, and the seconds of evaluation and observer."""
+    def rounded(key: str, digits: int = 4) -> Any:
+        value = result.get(key)
+        return round(value, digits) if isinstance(value, (int, float)) else ""
+
+    layers = result.get("shift_layers")
+    return {"adjacent_miou": rounded("adjacent_miou"), "relevant_recall": rounded("relevant_recall"),
+            "shift_layers": " ".join(map(str, layers)) if isinstance(layers, list) else "",
+            "eval_s": rounded("eval_seconds", 2), "analysis_s": rounded("analysis_seconds", 2)}
+
+
+def write_summary(out: Path, rows: list[dict]) -> None:
+    shown = [c for c in SUMMARY_COLUMNS if c not in ("prefill_p90_ms", "peak_memory_mb")]
+    write_tables(out, rows, SUMMARY_COLUMNS, shown)
+
+
+def write_tables(out: Path, rows: list[dict], columns: list[str], shown: list[str]) -> None:
+    """``summary.csv`` with ``columns`` and ``summary.md`` with the ``shown`` ones."""
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "summary.csv", table.getvalue())
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(str(row[c]) for c in shown) + " |" for row in rows]
+    write_atomic(out / "summary.md", "\n".join(lines) + "\n")
+
+
+IDENTITY_COLUMNS = ["scorer", "schedule", "layers", "budget", "keep", "positions"]
+
+
+PER_BENCHMARK_MEASURES = ("prefill_ms", "gflops")  # summary.csv only (AdaptInfer Table 3's columns)
+
+
+def benchmark_columns(tasks: list[Task]) -> list[str]:
+    """The Table-1 layout (AdaptInfer Table 1): per benchmark its headline metric and its ratio to vanilla, then
+    the average accuracy ratio, FLOPs ratio and prefill time (means over the benchmarks), then per benchmark the
+    skipped images (and any count it reports, e.g. MMBench's unparsed answers)."""
+    columns = list(IDENTITY_COLUMNS)
+    for task in tasks:
+        columns += [task.name, f"{task.name}_ratio"]
+    columns += ["avg_ratio", "flops_ratio", "prefill_ms", "avg_tokens", "computed_avg_tokens"]
+    for task in tasks:
+        columns += [f"{task.name}_{extra}" for extra in getattr(task.dataset, "summary_counts", ())]
+        columns.append(f"{task.name}_skipped")
+    columns += [f"{task.name}_{measure}" for task in tasks for measure in PER_BENCHMARK_MEASURES]
+    return columns + ["status", "error"]
+
+
+def summarise_benchmarks(combos: list[Combination], results: dict[str, dict[str, dict]],
+                         tasks: list[Task]) -> list[dict]:
+    """One row per combination over every benchmark (see :func:`benchmark_columns`); a combination is ``ok``
+    only when it ran on every benchmark, its ``avg_ratio`` only then; failures name their benchmark."""
+    rows = []
+    for combo in combos:
+        row = combination_columns(combo)
+        ratios, flops, prefill, errors = [], [], [], []
+        for task in tasks:
+            r, base = results[task.name][combo.name], results[task.name].get("vanilla", {})
+            ok, both = r["status"] == "ok", r["status"] == "ok" and base.get("status") == "ok"
+            row[task.name] = round(r["accuracy"], 4) if ok else ""
+            ratio = r["accuracy"] / base["accuracy"] if both and base["accuracy"] else None
+            row[f"{task.name}_ratio"] = round(ratio, 4) if ratio is not None else ""
+            for extra in getattr(task.dataset, "summary_counts", ()):
+                row[f"{task.name}_{extra}"] = round(r[extra]) if ok and extra in r else ""
+            row[f"{task.name}_skipped"] = r.get("skipped_images", "") if ok else ""
+            for measure in PER_BENCHMARK_MEASURES:
+                row[f"{task.name}_{measure}"] = round(r[measure], 4) if ok else ""
+            if ratio is not None:
+                ratios.append(ratio)
+            if both:
+                flops.append(r["flops"] / base["flops"])
+            if ok:
+                prefill.append(r["prefill_ms"])
+            else:
+                errors.append(f"{task.name}: {r.get('error', '')}")
+        complete = len(ratios) == len(tasks)
+        row["avg_ratio"] = round(sum(ratios) / len(ratios), 4) if complete else ""
+        row["flops_ratio"] = round(sum(flops) / len(flops), 4) if len(flops) == len(tasks) else ""
+        row["prefill_ms"] = round(sum(prefill) / len(prefill), 4) if len(prefill) == len(tasks) else ""
+        row["status"] = "failed" if errors else "ok"
+        row["error"] = "; ".join(errors)
+        rows.append(row)
+    return rows
+
+
+def write_benchmark_summary(out: Path, rows: list[dict], columns: list[str]) -> None:
+    """``summary.csv`` (every column) and ``summary.md`` in the Table-1 layout."""
+    write_tables(out, rows, columns, [c for c in columns if c not in ("layers", "keep", "positions",
+                 "computed_avg_tokens") and not c.endswith(tuple(f"_{m}" for m in PER_BENCHMARK_MEASURES))])
+
+
+def combination_label(row: dict) -> str:
+    """``scorer / schedule / budget`` of a summary row."""
+    return f"{row['scorer']} / {row['schedule']} / {row['budget']}"
+
+
+COMPACT_COLUMNS = {"scorer": "scorer", "schedule": "schedule", "budget": "budget", "accuracy": "accuracy",
+                   "accuracy_ratio": "ratio", "flops_ratio": "flops_ratio", "status": "status"}
+
+
+def compact_columns(rows: list[dict]) -> dict[str, str]:
+    """The compact table's columns: :data:`COMPACT_COLUMNS`, or for a Table-1 summary each benchmark's
+    headline and the average ratio."""
+    if not rows or "accuracy" in rows[0]:
+        return COMPACT_COLUMNS
+    benchmarks = [c[: -len("_ratio")] for c in rows[0] if c.endswith("_ratio") and c[: -len("_ratio")] in rows[0]]
+    return {"scorer": "scorer", "schedule": "schedule", "budget": "budget", **{b: b for b in benchmarks},
+            "avg_ratio": "avg_ratio", "status": "status"}
+
+
+def compact_table(rows: list[dict], width: int = 120) -> str:
+    """The key columns of the summary as an aligned table no wider than ``width`` (long scorer and schedule
+    labels are shortened with "~"), then one line per failed combination with its (shortened) error."""
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    columns = compact_columns(rows)
+    table = [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(columns.values())]
+    excess = sum(widths) + 2 * (len(widths) - 1) - width
+    while excess > 0 and max(widths[:2]) > 12:  # shorten the wider of scorer and schedule, a character at a time
+        widths[int(widths[1] > widths[0])] -= 1
+        excess -= 1
+
+    def fit(text: str, size: int) -> str:
+        return text if len(text) <= size else text[: size - 1] + "~"
+
+    lines = ["  ".join(fit(h, w).ljust(w) for h, w in zip(columns.values(), widths)).rstrip()]
+    lines += ["  ".join(fit(v, w).ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(fit(f"failed: {combination_label(row)}: {row['error']}", width))
+    return "\n".join(lines)
+
+
+def log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: float | None) -> None:
+    """The comparison figures of the experiment, in the ``summary`` run: accuracy vs budget (several budgets
+    only), accuracy vs FLOPs ratio and the accuracy ratio of every combination, each marking vanilla (and
+    chance, if known) and stating N, the number of evaluated samples."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from research.report.figures import accuracy_ratio_bars, accuracy_vs_budget, accuracy_vs_flops
+
+    ok = [r for r in rows if r["status"] == "ok" and r["scorer"] != "vanilla"]
+    vanilla_row = next((r for r in rows if r["scorer"] == "vanilla" and r["status"] == "ok"), None)
+    vanilla = float(vanilla_row["accuracy"]) if vanilla_row else None
+    n = num_samples - int(vanilla_row["skipped_images"] or 0) if vanilla_row else num_samples
+    by_budget: dict[str, list[tuple[float, float]]] = {}
+    by_flops: dict[str, list[tuple[float, float]]] = {}
+    for r in ok:
+        name = f"{r['scorer']} / {r['schedule']}"
+        by_budget.setdefault(name, []).append((float(r["budget"]), float(r["accuracy"])))
+        if r["flops_ratio"] != "":
+            by_flops.setdefault(name, []).append((float(r["flops_ratio"]), float(r["accuracy"])))
+    ratios = {combination_label(r): float(r["accuracy_ratio"]) for r in ok if r["accuracy_ratio"] != ""}
+    chance_ratio = chance / vanilla if chance is not None and vanilla else None
+    replace_run(out / "tensorboard" / "summary")  # each figure once, whatever ran before
+    with SummaryWriter(out / "tensorboard" / "summary") as writer:
+        if len({r["budget"] for r in ok}) >= 2:
+            writer.add_figure("accuracy_vs_budget", accuracy_vs_budget(by_budget, vanilla, chance, n), 0)
+        writer.add_figure("accuracy_vs_flops", accuracy_vs_flops(by_flops, vanilla, chance, n), 0)
+        writer.add_figure("accuracy_ratio", accuracy_ratio_bars(ratios, chance_ratio, n), 0)
