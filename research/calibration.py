@@ -6,12 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from research.config import RunConfig, dataset_names
-from research.distributed import is_rank_zero, say
-from research.report.runs import replace_run
-from research.storage import read_json, write_json
+from research.output import SweepOutput
+from research.storage import read_json
 from research.sweep import calibration_split, needs_calibration
 from research.tasks import open_dataset
 
@@ -31,35 +28,27 @@ def cached_histograms(cfg: RunConfig, directory: Path) -> dict[int, list[int]]:
 
 
 def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, known: dict[int, list[int]],
-              out: Path) -> dict[int, list[int]]:
+              output: SweepOutput) -> dict[int, list[int]]:
     """Derive (and cache, and log) the shift histogram of every changepoint entry not cached yet."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from research.analysis.collect import attention_shift_histogram, log_shift_histogram, shift_cache_file
+    from research.analysis.collect import attention_shift_histogram, shift_cache_file
     from research.config import entry
     from schedules import SCHEDULES
 
     derived = {}
     split = calibration_split(cfg)
-    replace_run(out / "tensorboard" / "calibration")  # every entry is logged below, cached or derived
+    output.replace_run(output.tensorboard("calibration"))  # every entry is logged below, cached or derived
     for index, samples in needs_calibration(cfg):
-        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, dataset_names(cfg)[0], split, samples)
+        path = shift_cache_file(output.cache, directory, dataset_names(cfg)[0], split, samples)
         if index in known:
             histogram = known[index]
-            say(f"changepoint schedule: reusing the calibration cached in {path}")
+            output.say(f"changepoint schedule: reusing the calibration cached in {path}")
         else:
             calibration = list(open_dataset(cfg, dataset_names(cfg)[0], split, samples))
             histogram = attention_shift_histogram(adapter, processor, calibration, cfg.eval.batch_size).tolist()
-            if is_rank_zero():
-                write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
-                                  "data": [cfg.data.name, split]})
+            output.write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
+                                     "data": [cfg.data.name, split]})
         derived[index] = histogram
         name, params = entry(cfg.schedules[index])  # the entry's own level / early_fraction / spike_factor
         layers = SCHEDULES.get(name)(**{**params, "histogram": histogram}).propose(len(histogram))
-        if not is_rank_zero():
-            continue
-        print(f"changepoint schedule derived from {samples} samples of the {split!r} split: prune after layers "
-              f"{layers}")
-        with SummaryWriter(out / "tensorboard" / "calibration") as writer:
-            log_shift_histogram(writer, np.asarray(histogram), layers, f"changepoint_{index}")
+        output.log_calibration(index, histogram, layers, samples, split)
     return derived

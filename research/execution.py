@@ -15,27 +15,25 @@ from omegaconf import OmegaConf
 
 from research.calibration import calibrate
 from research.config import RunConfig
-from research.distributed import is_rank_zero, say
-from research.report.runs import combination_title, log_failure, replace_run, run_directory, run_logger
+from research.output import SweepOutput
+from research.report.runs import combination_title, run_directory, run_logger
 from research.report.summary import (
     benchmark_columns,
     summarise,
     summarise_benchmarks,
-    write_benchmark_summary,
-    write_summary,
 )
 from research.resume import fingerprint, resume_line, stale_reason
 from research.stopping import StopSignal
-from research.storage import StopSweep, read_json, weights_digest, write_atomic, write_json
+from research.storage import StopSweep, read_json, weights_digest
 from research.sweep import Combination, plan_sweep
 from research.tasks import Task
 
 
-def run_sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_vision: int,
-           histograms: dict[int, list[int]], tasks: list[Task], adapter_class: Any) -> list[dict]:
+def run_sweep(cfg: RunConfig, directory: Path, output: SweepOutput, num_layers: int, num_vision: int,
+              histograms: dict[int, list[int]], tasks: list[Task], adapter_class: Any) -> list[dict]:
     """The sweep proper, inside the output directory's lock: combinations in order, each on every dataset."""
-    if is_rank_zero():
-        write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    out = output.directory
+    output.write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     weights = weights_digest(directory)
 
     L.seed_everything(cfg.seed, verbose=False)
@@ -53,21 +51,21 @@ def run_sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_v
     if cfg.analysis is not None:
         from research.analysis.collect import run_analysis
 
-        replace_run(out / "tensorboard" / cfg.analysis)
+        output.replace_run(output.tensorboard(cfg.analysis))
         result = run_analysis(cfg.analysis, adapter, processor, tasks[0].samples, out, cfg.eval.batch_size)
         if "changepoint_layers" in result:
             print(f"changepoint schedule derived from {result['samples']} samples: layers "
                   f"{result['changepoint_layers']} (histogram {result['histogram']})")
         return [result]
-    histograms.update(calibrate(cfg, directory, adapter, processor, histograms, out))
+    histograms.update(calibrate(cfg, directory, adapter, processor, histograms, output))
     combos = plan_sweep(cfg, num_layers, num_vision, histograms)
 
     keys = {(t.name, c.name): fingerprint(cfg, c, weights, t) for t in tasks for c in combos}
-    files = {(t.name, c.name): out / "results" / t.subdir / f"{c.name}.json" for t in tasks for c in combos}
+    files = {(t.name, c.name): output.result_file(c.name, t.subdir) for t in tasks for c in combos}
     previous = {pair: read_json(path, "result") for pair, path in files.items()}
     stale = {f"{c.name}{f' on {t.name}' if t.subdir else ''}": stale_reason(previous[t.name, c.name],
              keys[t.name, c.name]) for c in combos for t in tasks if not c.error}
-    say(resume_line(stale))
+    output.say(resume_line(stale))
 
     results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
     vanilla: dict[str, tuple[float | None, float | None]] = {t.name: (None, None) for t in tasks}
@@ -79,40 +77,35 @@ def run_sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_v
                 title = combination_title(combo) + (f" on {task.name}" if task.subdir else "")
                 label = f"[{index}/{len(combos)}] {title}"
                 if combo.error:
-                    if is_rank_zero():
-                        logging.getLogger(__name__).error("combination %s not run: %s", combo.name, combo.error)
-                        running = replace_run(run_directory(out, combo, task.subdir))
-                        log_failure(out, combo, num_vision, combo.error, task.subdir)
+                    running = run_directory(out, combo, task.subdir)
+                    output.log_failure(combo, num_vision, combo.error, task.subdir, anew=True)
                     result = {"combination": combo.__dict__, "fingerprint": keys[pair], "status": "failed",
                               "error": combo.error}
                 elif stale[f"{combo.name}{f' on {task.name}' if task.subdir else ''}"] is None:
-                    say(f"{label}: reused (finished earlier, unchanged)")
+                    output.say(f"{label}: reused (finished earlier, unchanged)")
                     result = previous[pair]
                 else:
-                    running = replace_run(run_directory(out, combo, task.subdir))  # a killed run's: logged anew
+                    running = output.replace_run(run_directory(out, combo, task.subdir))  # a killed run's: anew
                     result = run_combination(cfg, combo, adapter, processor, task, vanilla[task.name], num_vision,
-                                              out, keys[pair], label)
-                    if is_rank_zero():
-                        write_json(files[pair], result)
+                                             output, keys[pair], label)
+                    output.write_json(files[pair], result)
                 results[task.name][combo.name] = result
                 running = None
                 if combo.is_vanilla and result["status"] == "ok":
                     vanilla[task.name] = (result["accuracy"], result["flops"])
         if tasks[0].subdir:
             rows = summarise_benchmarks(combos, results, tasks)
-            if is_rank_zero():
-                write_benchmark_summary(out, rows, benchmark_columns(tasks))
+            output.write_summary(rows, benchmark_columns(tasks))
             return rows
         rows = summarise(combos, results[tasks[0].name])
-        if is_rank_zero():
-            write_summary(out, rows)
+        output.write_summary(rows)
         return rows
     except StopSweep as error:
         kept = sum(r["status"] == "ok" for t in tasks for r in results[t.name].values())  # written ones only
         raise StopSweep(f"{error}; kept {kept} finished combination(s) in {out / 'results'}") from error
     except StopSignal as stop:
         if running is not None:  # the stopped combination's half-written run
-            replace_run(running)
+            output.replace_run(running)
         finished = [r for t in tasks for r in results[t.name].values()]
         raise StopSignal(stop.signum, finished_line(finished, out, len(combos) * len(tasks))) from None
 
@@ -126,30 +119,30 @@ def finished_line(results: list[dict], out: Path, total: int | None = None) -> s
 
 def run_combination(
     cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, task: Task,
-    vanilla: tuple[float | None, float | None], num_vision: int, out: Path, key: dict[str, str], label: str = "",
+    vanilla: tuple[float | None, float | None], num_vision: int, output: SweepOutput, key: dict[str, str],
+    label: str = "",
 ) -> dict:
     """One combination in its own Lightning predict loop; any error is recorded, not raised (except a
     failed write, which stops the sweep). Its predictions replace the old file only once it finished."""
     record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
     try:
-        metrics = predict_combination(cfg, combo, adapter, processor, task, vanilla, num_vision, out,
-                           out / "predictions" / task.subdir / f"{combo.name}.jsonl", label or combination_title(combo))
+        metrics = predict_combination(cfg, combo, adapter, processor, task, vanilla, num_vision, output,
+                                      label or combination_title(combo))
         return {**record, **metrics, "status": "ok", "error": ""}
     except StopSweep:
         raise
     except Exception as error:  # one combination failing must not stop the sweep
         logging.getLogger(__name__).error("combination %s failed:\n%s", combo.name, traceback.format_exc())
         message = f"{type(error).__name__}: {error}".splitlines()[0]
-        if is_rank_zero():
-            log_failure(out, combo, num_vision, message, task.subdir)
+        output.log_failure(combo, num_vision, message, task.subdir)
         return {**record, "status": "failed", "error": message}
 
 
 def predict_combination(cfg: RunConfig, combo: Combination, adapter: Any, processor: Any, task: Task,
-             vanilla: tuple[float | None, float | None], num_vision: int, out: Path, predictions: Path,
-             label: str) -> dict:
-    """The Lightning predict loop of one combination (on ``cfg.trainer.devices`` processes), writing
-    ``predictions``; returns its metrics."""
+                        vanilla: tuple[float | None, float | None], num_vision: int, output: SweepOutput,
+                        label: str) -> dict:
+    """The Lightning predict loop of one combination (on ``cfg.trainer.devices`` processes), writing its
+    predictions file; returns its metrics."""
     from research.analysis.per_combination import AttentionDynamicsReport
     from research.distributed import RankZeroReport, batch_loader, predict_in_step, trainer_options
     from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport, labelled_progress_bar
@@ -163,11 +156,13 @@ def predict_combination(cfg: RunConfig, combo: Combination, adapter: Any, proces
         task.scoring, vanilla[0], samples[: cfg.eval.latency_samples], samples[: cfg.eval.overlays],
         cfg.eval.decode_tokens, vanilla_flops=vanilla[1],
     ))
+    predictions = output.predictions_file(combo.name, task.subdir)
     reports.append(JsonlPredictionWriter(predictions, task.scoring))  # last: only a finished combination replaces it
     report = RankZeroReport(reports)
     trainer = L.Trainer(
-        **trainer_options(cfg.trainer.devices, cfg.trainer.accelerator), logger=run_logger(out, combo, task.subdir),
-        callbacks=[report, labelled_progress_bar(label)], enable_checkpointing=False, enable_model_summary=False,
+        **trainer_options(cfg.trainer.devices, cfg.trainer.accelerator),
+        logger=run_logger(output.directory, combo, task.subdir), callbacks=[report, labelled_progress_bar(label)],
+        enable_checkpointing=False, enable_model_summary=False,
     )
     # The batches a single process runs; with several devices each rank runs its share (maybe none).
     loader = batch_loader(samples, cfg.eval.batch_size, trainer)

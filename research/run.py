@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import warnings
@@ -28,12 +27,11 @@ from research.config import (
 )
 from research.distributed import is_rank_zero, watch_rank_zero
 from research.execution import finished_line, run_sweep
-from research.report.summary import compact_table, log_summary_figures
+from research.output import SweepOutput
+from research.report.summary import compact_table
 from research.stopping import StopSignal, stop_on_signals
 from research.storage import (
-    OutputLock,
     StopSweep,
-    remove_stale_temporaries,
 )
 from research.sweep import plan_sweep
 from research.tasks import chance_accuracy, open_tasks
@@ -45,23 +43,19 @@ def run(cfg: RunConfig) -> list[dict]:
     directory = model_directory(cfg)
     adapter_class = model_family(cfg, directory)
     num_layers, num_vision = model_shape(directory, adapter_class)
-    out = Path(cfg.output_dir) / cfg.experiment
+    output = SweepOutput.of(cfg.output_dir, cfg.experiment)  # only rank 0 writes (research.output)
     histograms = cached_histograms(cfg, directory)
     plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
-    # With trainer.devices > 1 the other ranks run this same sweep (research.distributed): only rank 0 writes.
     # The lock comes before the data and the model load, so a second run into this directory is told at once.
-    with OutputLock(out) if is_rank_zero() else contextlib.nullcontext():
-        if is_rank_zero():
-            remove_stale_temporaries(out, locked=True)  # of a killed run
-            remove_stale_temporaries(Path(cfg.output_dir) / ".cache", locked=False)
+    with output.locked():
         tasks = open_tasks(cfg)
-        rows = run_sweep(cfg, directory, out, num_layers, num_vision, histograms, tasks, adapter_class)
-        if cfg.analysis is None and not tasks[0].subdir and is_rank_zero():
+        rows = run_sweep(cfg, directory, output, num_layers, num_vision, histograms, tasks, adapter_class)
+        if cfg.analysis is None and not tasks[0].subdir:
             task = tasks[0]
             try:
-                log_summary_figures(out, rows, len(task.samples), chance_accuracy(task.dataset, task.samples))
+                output.log_summary_figures(rows, len(task.samples), chance_accuracy(task.dataset, task.samples))
             except StopSignal as stop:
-                raise StopSignal(stop.signum, finished_line(rows, out)) from None
+                raise StopSignal(stop.signum, finished_line(rows, output.directory)) from None
         return rows
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from research.config import slug
-from research.distributed import is_rank_zero
 from research.sweep import Combination
 
 
@@ -59,9 +58,7 @@ def log_failure(out: Path, combo: Combination, num_vision: int, error: str, subd
         logging.getLogger(__name__).warning("cannot log the failure of %s to TensorBoard: %s", combo.name, failure)
 
 
-def replace_run(path: Path) -> Path:
-    """Remove the TensorBoard run at ``path`` (on rank 0) before it is logged again, so it holds each value once
-    even after a killed or an earlier run logged into it; returns ``path``."""
-    if is_rank_zero():
-        shutil.rmtree(path, ignore_errors=True)
-    return path
+def remove_run(path: Path) -> None:
+    """Remove the TensorBoard run at ``path`` before it is logged again, so it holds each value once even after a
+    killed or an earlier run logged into it (rank 0 only: :meth:`research.output.SweepOutput.replace_run`)."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from research.report.runs import replace_run
+from research.report.runs import remove_run
 from research.storage import write_atomic
 from research.sweep import Combination
 
@@ -223,7 +223,7 @@ def log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: f
             by_flops.setdefault(name, []).append((float(r["flops_ratio"]), float(r["accuracy"])))
     ratios = {combination_label(r): float(r["accuracy_ratio"]) for r in ok if r["accuracy_ratio"] != ""}
     chance_ratio = chance / vanilla if chance is not None and vanilla else None
-    replace_run(out / "tensorboard" / "summary")  # each figure once, whatever ran before
+    remove_run(out / "tensorboard" / "summary")  # each figure once, whatever ran before
     with SummaryWriter(out / "tensorboard" / "summary") as writer:
         if len({r["budget"] for r in ok}) >= 2:
             writer.add_figure("accuracy_vs_budget", accuracy_vs_budget(by_budget, vanilla, chance, n), 0)

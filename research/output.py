@@ -1,0 +1,120 @@
+"""The experiment's output directory, as every process of a sweep sees it.
+
+With ``trainer.devices`` > 1 every process runs the same sweep (``research.distributed``) and only rank 0 writes:
+files, TensorBoard runs and terminal lines. :class:`SweepOutput` owns that rule, so the sweep never asks which
+rank it runs in: on the other ranks its writes do nothing and its lock is no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from research.distributed import is_rank_zero
+from research.storage import OutputLock, remove_stale_temporaries, write_atomic, write_json
+
+
+@dataclass
+class SweepOutput:
+    """``<output_dir>/<experiment>/`` and the shared cache ``<output_dir>/.cache/``.
+
+    Layout: ``config.yaml``, ``results/[<benchmark>/]<combination>.json`` (what a re-run reuses),
+    ``predictions/[<benchmark>/]<combination>.jsonl``, ``summary.csv`` / ``summary.md`` and ``tensorboard/``.
+    """
+
+    directory: Path
+    cache: Path
+    writes: bool = field(default_factory=is_rank_zero)  # rank 0 (or a single process) writes; the others do not
+
+    @classmethod
+    def of(cls, output_dir: str | Path, experiment: str) -> SweepOutput:
+        return cls(Path(output_dir) / experiment, Path(output_dir) / ".cache")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[SweepOutput]:
+        """Hold the directory's lock for the sweep and remove the temporary files a killed run left."""
+        if not self.writes:
+            yield self
+            return
+        with OutputLock(self.directory):
+            remove_stale_temporaries(self.directory, locked=True)
+            remove_stale_temporaries(self.cache, locked=False)
+            yield self
+
+    # ---- where things go -----------------------------------------------------------------------
+    def result_file(self, name: str, subdir: str = "") -> Path:
+        return self.directory / "results" / subdir / f"{name}.json"
+
+    def predictions_file(self, name: str, subdir: str = "") -> Path:
+        return self.directory / "predictions" / subdir / f"{name}.jsonl"
+
+    def tensorboard(self, run: str = "") -> Path:
+        return self.directory / "tensorboard" / run
+
+    # ---- rank 0's writes -----------------------------------------------------------------------
+    def say(self, line: str) -> None:
+        if self.writes:
+            print(line, flush=True)
+
+    def write_text(self, path: Path, text: str) -> None:
+        if self.writes:
+            write_atomic(path, text)
+
+    def write_json(self, path: Path, data: Any) -> None:
+        if self.writes:
+            write_json(path, data)
+
+    def replace_run(self, path: Path) -> Path:
+        """Remove the TensorBoard run at ``path`` before it is logged again (each value once); returns ``path``."""
+        from research.report.runs import remove_run
+
+        if self.writes:
+            remove_run(path)
+        return path
+
+    def log_failure(self, combo: Any, num_vision: int, error: str, subdir: str = "", anew: bool = False) -> None:
+        """A failed combination's TensorBoard trace (``anew``: replacing what an earlier run logged there)."""
+        from research.report.runs import log_failure, run_directory
+
+        if not self.writes:
+            return
+        if anew:
+            logging.getLogger(__name__).error("combination %s not run: %s", combo.name, error)
+            self.replace_run(run_directory(self.directory, combo, subdir))
+        log_failure(self.directory, combo, num_vision, error, subdir)
+
+    def write_summary(self, rows: list[dict], columns: list[str] | None = None) -> None:
+        """``summary.csv`` / ``summary.md``: one dataset's layout, or (``columns``) the several-benchmark one."""
+        from research.report.summary import write_benchmark_summary, write_summary
+
+        if not self.writes:
+            return
+        if columns is None:
+            write_summary(self.directory, rows)
+        else:
+            write_benchmark_summary(self.directory, rows, columns)
+
+    def log_summary_figures(self, rows: list[dict], num_samples: int, chance: float | None) -> None:
+        from research.report.summary import log_summary_figures
+
+        if self.writes:
+            log_summary_figures(self.directory, rows, num_samples, chance)
+
+    def log_calibration(self, index: int, histogram: list[int], layers: list[int], samples: int, split: str) -> None:
+        """The layers a changepoint entry derived, printed and logged to the ``calibration`` run."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        from research.analysis.collect import log_shift_histogram
+
+        if not self.writes:
+            return
+        print(f"changepoint schedule derived from {samples} samples of the {split!r} split: prune after layers "
+              f"{layers}", flush=True)
+        with SummaryWriter(self.tensorboard("calibration")) as writer:
+            log_shift_histogram(writer, np.asarray(histogram), layers, f"changepoint_{index}")
