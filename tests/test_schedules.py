@@ -164,6 +164,7 @@ def test_calibration_prints_and_logs_the_layers_of_the_entrys_own_parameters(tmp
     from research.calibration import calibrate
     from research.config import load_config
     from research.models.registry import shapes_path
+    from research.output import SweepOutput
     from research.sweep import plan_sweep
     from schedules.changepoint import changepoint_layers
 
@@ -175,7 +176,8 @@ def test_calibration_prints_and_logs_the_layers_of_the_entrys_own_parameters(tmp
                         lambda writer, counts, layers, tag: logged.__setitem__(tag, layers))
     cfg = load_config([f"output_dir={tmp_path}", "scorers=[text_prior]", "budgets=[100]",
                        "schedules=[{name: changepoint, samples: 2, level: 0.6, early_fraction: 0.5}]"])
-    histograms = calibrate(cfg, shapes_path(), None, None, {}, tmp_path)  # the model is not run
+    output = SweepOutput.of(tmp_path, cfg.experiment)
+    histograms = calibrate(cfg, shapes_path(), None, None, {}, output)  # the model is not run
     assert [c.locations for c in plan_sweep(cfg, len(histogram), 144, histograms) if not c.is_vanilla] == [[2]]
     assert logged == {"changepoint_0": [2]}
     assert "prune after layers [2]" in capsys.readouterr().out
