@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import io
 import json
 import logging
 import resource
@@ -17,9 +15,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 
 from research.data.benchmark import Scoring, cut_at_stop
+from research.data.images import decodable, sample_image
 from research.pruning import PruningEngine
 from research.report.figures import token_overlay
 from research.report.flops import flops_for_model
@@ -50,6 +49,10 @@ class SweepModule(L.LightningModule):
         self.error: Exception | None = None  # the first error of a batch: later batches are skipped
         self.error_message: str | None = None
         self.eval_seconds = 0.0  # the predict loop's wall time (set by research.distributed.RankZeroReport)
+        # Attention dynamics of this combination, filled by research.analysis.per_combination's report (run before
+        # TensorBoardReport when eval.analysis_samples > 0): headline scalars (HParams) and the rest (result file).
+        self.dynamics_metrics: dict[str, float] = {}
+        self.dynamics: dict[str, Any] = {}
 
     def engine(self) -> contextlib.AbstractContextManager:
         if self.plan is None:
@@ -91,77 +94,6 @@ class SweepModule(L.LightningModule):
         ]
         self.rows += rows
         return rows
-
-
-def labelled_progress_bar(label: str) -> ProgressBar:
-    """Lightning's progress bar (Rich when installed, else tqdm) with ``label`` in place of "Predicting"."""
-    if importlib.util.find_spec("rich") is not None:
-        from rich.markup import escape
-
-        class Labelled(RichProgressBar):
-            @property
-            def predict_description(self) -> str:
-                return escape(label)  # schedule labels hold brackets: not markup
-
-        return Labelled()
-
-    class LabelledTqdm(TQDMProgressBar):
-        @property
-        def predict_description(self) -> str:
-            return label
-
-        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-            self.predict_progress_bar.set_description(label)  # without tqdm's " DataLoader 0"
-
-    return LabelledTqdm()
-
-
-class UndecodableImage(ValueError):
-    """A sample's image cannot be decoded; the message names the sample and the file."""
-
-
-def sample_image(sample: Any) -> Any:
-    """The sample's image as a PIL image, from an array, a PIL image, encoded bytes, a file path or a lazy
-    reference (an object with ``load()`` returning one of those, e.g. a row of a parquet snapshot)."""
-    from PIL import Image
-
-    image = sample.image
-    if isinstance(image, Image.Image):
-        return image
-    if callable(getattr(image, "load", None)):
-        reference, image = image, image.load()
-        if isinstance(image, bytes):
-            return _decode(sample, io.BytesIO(image), f"{len(image)} encoded bytes at {reference}")
-    if not isinstance(image, (str, Path, bytes)):
-        return Image.fromarray(np.asarray(image))
-    source = f"file {image}" if isinstance(image, (str, Path)) else f"{len(image)} encoded bytes"
-    return _decode(sample, io.BytesIO(image) if isinstance(image, bytes) else image, source)
-
-
-def _decode(sample: Any, file: Any, source: str) -> Any:
-    from PIL import Image
-
-    try:
-        with Image.open(file) as opened:
-            opened.load()  # decode now: a truncated file fails here, not inside the processor
-            return opened.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as error:
-        raise UndecodableImage(f"sample {sample.id}: image ({source}) cannot be decoded: {error}") from None
-
-
-def decodable(samples: Sequence[Any], skipped: list[str]) -> tuple[list[Any], list[Any]]:
-    """(samples, images) of the samples whose image decodes; the others are logged and their ids added
-    to ``skipped``."""
-    kept, images = [], []
-    for sample in samples:
-        try:
-            images.append(sample_image(sample))
-            kept.append(sample)
-        except UndecodableImage as error:
-            logging.getLogger(__name__).warning("skipping %s", error)
-            skipped.append(sample.id)
-    return kept, images
 
 
 class JsonlPredictionWriter(Callback):
@@ -317,10 +249,10 @@ class TensorBoardReport(Callback):
             "computed_avg_tokens": combo.computed_avg,
             "skipped_images": len(module.skipped),
             "eval_seconds": module.eval_seconds,
-            **getattr(module, "dynamics_metrics", {}),  # research.analysis.per_combination, when it ran
+            **module.dynamics_metrics,  # research.analysis.per_combination, when it ran
         }
         metrics.update({name: value for name, value in scores.items() if name not in metrics})  # benchmark metrics
-        module.metrics = {**metrics, **getattr(module, "dynamics", {}), "accuracy_by_type": by_type,
+        module.metrics = {**metrics, **module.dynamics, "accuracy_by_type": by_type,
                           "tokens_per_layer": tokens_per_layer,
                           "flops": flops.total_prefill, "decode_flops_per_token": flops.decode_per_token}
         writer = trainer.logger.experiment

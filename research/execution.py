@@ -145,7 +145,8 @@ def predict_combination(cfg: RunConfig, combo: Combination, adapter: Any, proces
     predictions file; returns its metrics."""
     from research.analysis.per_combination import AttentionDynamicsReport
     from research.distributed import RankZeroReport, batch_loader, predict_in_step, trainer_options
-    from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport, labelled_progress_bar
+    from research.evaluation import JsonlPredictionWriter, SweepModule, TensorBoardReport
+    from research.progress import labelled_progress_bar
 
     samples = task.samples
     module = SweepModule(adapter, processor, combo, combo.positions, task.max_new_tokens, num_vision, task.until)

@@ -16,8 +16,8 @@ import torch
 from research.data import DATASETS
 from research.data.benchmark import BenchmarkSample, SnapshotBenchmark, cut_at_stop
 from research.data.fixtures import WRITERS
+from research.data.images import decodable, sample_image
 from research.data.snapshot import ImageRef, SnapshotError
-from research.evaluation import decodable, sample_image
 
 SNAPSHOT_BENCHMARKS = sorted(WRITERS)
 SIZES = {"mme": 4, "gqa": 4, "mmbench": 4, "scienceqa_img": 4, "textvqa": 3, "pope": 3, "vqav2": 2}
@@ -279,7 +279,7 @@ WRITE_10000_ROWS = textwrap.dedent("""\
 DECODE_EVERY_BATCH = textwrap.dedent("""\
     import resource, sys
     from research.data import DATASETS
-    from research.evaluation import decodable
+    from research.data.images import decodable
     def peak_mib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     batch = 100

@@ -29,7 +29,7 @@ class ObserverModule(L.LightningModule):
         self.model = adapter.model
 
     def predict_step(self, batch: list, batch_idx: int) -> list:
-        from research.evaluation import sample_image
+        from research.data.images import sample_image
 
         images, questions = [sample_image(s) for s in batch], [s.question for s in batch]
         inputs = self.adapter.build_inputs(self.processor, images, questions)
@@ -42,7 +42,7 @@ class ObserverModule(L.LightningModule):
 def observe_dataset(adapter: Any, processor: Any, samples: Sequence[Any], observers: list[Callable],
                     batch_size: int, logger: TensorBoardLogger | bool = False, label: str = "observing") -> None:
     """One observed prefill per batch of ``samples`` in a Lightning predict loop, its progress bar labelled."""
-    from research.evaluation import labelled_progress_bar
+    from research.progress import labelled_progress_bar
 
     def observe(signals: Any) -> None:
         for observer in observers:

@@ -157,7 +157,7 @@ class AttentionDynamicsReport(Callback):
         self.samples, self.batch_size = samples, batch_size
 
     def on_predict_end(self, trainer: Any, module: Any) -> None:
-        from research.evaluation import decodable
+        from research.data.images import decodable
 
         samples = decodable(self.samples, [])[0]
         if not samples or not module.rows:

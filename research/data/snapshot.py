@@ -79,7 +79,7 @@ class ImageColumn:
     """The image column of parquet shards, read one row group at a time on demand.
 
     Holds the encoded bytes of at most ``cache_groups`` row groups (the most recently used); nothing is decoded
-    here (that is :func:`research.evaluation.sample_image`, per batch).
+    here (that is :func:`research.data.images.sample_image`, per batch).
     """
 
     def __init__(self, files: Sequence[Path], column: str = "image", what: str = "") -> None:
