@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
-import json
 import logging
 import shutil
 import sys
@@ -40,13 +38,13 @@ from research.config import (
     slug,
 )
 from research.distributed import is_rank_zero, say, watch_rank_zero
+from research.resume import fingerprint, resume_line, stale_reason
 from research.stopping import StopSignal, stop_on_signals
 from research.storage import (
     OutputLock,
     StopSweep,
     read_json,
     remove_stale_temporaries,
-    source_digest,
     weights_digest,
     write_atomic,
     write_json,
@@ -61,64 +59,6 @@ SUMMARY_COLUMNS = [
 ]
 TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "eval_s",
                   "analysis_s"}
-
-
-def fingerprint(cfg: RunConfig, combo: Combination, weights: str, task: Task | None = None) -> dict[str, str]:
-    """Everything a finished combination's result depends on, by part (a re-run names the parts that changed).
-
-    ``config``: model, data (of ``task``, the dataset it ran on), eval, seed, positions, counting;
-    ``weights``: the checkpoint (:func:`research.storage.weights_digest`); ``dataset``, ``scorer``,
-    ``schedule``: the source files of the classes that ran; ``scorer settings``: its parameters with the
-    defaults filled in (a default changed in the code, e.g. pdrop's attention, re-runs the combination).
-    """
-    from research.data import DATASETS
-    from research.data.benchmark import DEFAULT_MAX_NEW_TOKENS
-    from schedules import SCHEDULES
-    from scorers import SCORERS
-
-    if task is None:  # the first dataset, not opened: its settings as configured (shapes: split test)
-        name = dataset_names(cfg)[0]
-        data = {"name": name, "split": cfg.data.split or "test", "limit": cfg.data.limit,
-                "calibration_split": cfg.data.calibration_split}
-        tokens = cfg.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    else:
-        name, data, tokens = task.name, task.data_key, task.max_new_tokens
-    keys = {"model": cfg.model, "data": data, "eval": {**dataclasses.asdict(cfg.eval), "max_new_tokens": tokens},
-            "seed": cfg.seed, "positions": cfg.positions, "counting": cfg.counting}
-    config = json.dumps(OmegaConf.to_container(OmegaConf.structured(keys)), sort_keys=True)
-    return {
-        "config": hashlib.sha256(config.encode()).hexdigest()[:16],
-        "weights": weights,
-        "dataset": source_digest(DATASETS.get(name)),
-        "scorer": "-" if combo.is_vanilla else source_digest(SCORERS.get(combo.scorer)),
-        "scorer settings": hashlib.sha256(json.dumps(scorer_settings(combo)).encode()).hexdigest()[:16],
-        "schedule": source_digest(SCHEDULES.get(combo.schedule_name)) if combo.schedule_name in SCHEDULES else "-",
-    }
-
-
-def stale_reason(previous: dict | None, key: dict[str, str]) -> str | None:
-    """None if ``previous`` is a finished result for ``key``; else why it must be (re)computed."""
-    if previous is None:
-        return "new"
-    if previous.get("status") != "ok":
-        return "failed before"
-    old = previous.get("fingerprint")
-    if not isinstance(old, dict):
-        return "written by an older version"
-    changed = [part for part in key if old.get(part) != key[part]]
-    return f"{', '.join(changed)} changed" if changed else None
-
-
-def scorer_settings(combo: Combination) -> dict:
-    """The combination's scorer parameters with the scorer's defaults filled in (JSON values)."""
-    if combo.is_vanilla:
-        return {}
-    scorer = combo.make_scorer()
-    if dataclasses.is_dataclass(scorer):
-        values = {f.name: getattr(scorer, f.name) for f in dataclasses.fields(scorer) if f.init}
-    else:
-        values = dict(combo.scorer_params)
-    return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 
 @dataclasses.dataclass
@@ -236,7 +176,7 @@ def _sweep(cfg: RunConfig, directory: Path, out: Path, num_layers: int, num_visi
     histograms.update(calibrate(cfg, directory, adapter, processor, histograms, out))
     combos = plan_sweep(cfg, num_layers, num_vision, histograms)
 
-    keys = {(t.name, c.name): fingerprint(cfg, c, weights, t) for t in tasks for c in combos}
+    keys = {(t.name, c.name): fingerprint(cfg, c, weights, t, adapter_class) for t in tasks for c in combos}
     files = {(t.name, c.name): out / "results" / t.subdir / f"{c.name}.json" for t in tasks for c in combos}
     previous = {pair: read_json(path, "result") for pair, path in files.items()}
     stale = {f"{c.name}{f' on {t.name}' if t.subdir else ''}": stale_reason(previous[t.name, c.name],
@@ -502,16 +442,6 @@ def dynamics_columns(result: dict) -> dict[str, Any]:
     return {"adjacent_miou": rounded("adjacent_miou"), "relevant_recall": rounded("relevant_recall"),
             "shift_layers": " ".join(map(str, layers)) if isinstance(layers, list) else "",
             "eval_s": rounded("eval_seconds", 2), "analysis_s": rounded("analysis_seconds", 2)}
-
-
-def resume_line(stale: dict[str, str | None]) -> str:
-    """One line: how many combinations are reused, how many run, and why each stale one runs again."""
-    reused = [name for name, why in stale.items() if why is None]
-    rerun = {name: why for name, why in stale.items() if why not in (None, "new")}
-    line = f"resume: reusing {len(reused)} finished combination(s), running {len(stale) - len(reused)}"
-    if rerun:
-        line += "; recomputing " + "; ".join(f"{name} ({why})" for name, why in rerun.items())
-    return line
 
 
 def write_summary(out: Path, rows: list[dict]) -> None:

@@ -270,7 +270,7 @@ def test_bad_scorer_protocol_fails_in_validation(tmp_path, entry, message):
 def test_a_result_from_other_scorer_defaults_is_not_reused(tmp_path):
     """A finished combination is reused only with the same scorer settings, defaults included: results
     written before pdrop's default became the next layer's attention are run again."""
-    from research.run import fingerprint, scorer_settings, stale_reason
+    from research.resume import fingerprint, scorer_settings, stale_reason
 
     cfg = load_config([write(tmp_path, "scorers: [pdrop]\nschedules: [{name: layers, layers: [1, 3]}]\n"
                                        "budgets: [40]\n")])
