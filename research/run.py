@@ -57,8 +57,6 @@ SUMMARY_COLUMNS = [
     "computed_avg_tokens", "skipped_images", "adjacent_miou", "shift_layers", "relevant_recall", "eval_s", "analysis_s",
     "status", "error",
 ]
-TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "eval_s",
-                  "analysis_s"}
 
 
 @dataclasses.dataclass

@@ -15,10 +15,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tiny import TIMING_COLUMNS
 
 from research.config import ConfigError, load_config
 from research.distributed import RANK_ZERO_PID, RankShare, batches, collective, gather_predictions
-from research.run import TIMING_COLUMNS, run
+from research.run import run
 from research.storage import StopSweep
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +40,27 @@ def test_no_module_imports_one_that_imports_it_back():
         if start in reached:
             cycles.append(start)
     assert not cycles, f"modules in an import cycle: {sorted(cycles)}"
+
+
+USED_OUTSIDE_THE_CODE = {  # public names no project module uses, and what they are for
+    "stop_string_table": "writes the README's stop-string table (tests/test_benchmarks.py checks the README)",
+    "tokenize": "the shapes vocabulary's word split (tests/test_shapes_data.py checks questions against WORDS)",
+}
+
+
+def test_every_public_definition_is_used_by_the_code_or_registered():
+    """No dead code: each top-level public name is read by some project module, filed in a registry
+    (``@X.register``), a module's ``main``, or listed above with what it is for."""
+    modules = [*ROOT.glob("research/**/*.py"), *ROOT.glob("scorers/*.py"), *ROOT.glob("schedules/*.py")]
+    texts = [path.read_text() for path in modules]
+    unused = []
+    for path, text in zip(modules, texts):
+        for node in ast.parse(text).body:
+            registered = any("register" in ast.unparse(d) for d in getattr(node, "decorator_list", []))
+            targets = node.targets if isinstance(node, ast.Assign) else [node]
+            for name in [getattr(t, "name", getattr(t, "id", "")) for t in targets]:
+                uses = sum(len(re.findall(rf"\b{name}\b", t)) for t in texts)
+                if name and not name.startswith("_") and name != "main" and not registered and \
+                        name not in USED_OUTSIDE_THE_CODE and uses == 1:
+                    unused.append(f"{path.relative_to(ROOT)}:{name}")
+    assert not unused, f"defined but never used: {unused}"

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import TIMING_COLUMNS
 
 from research.config import ConfigError, load_config
-from research.run import TIMING_COLUMNS, main, run
+from research.run import main, run
 from research.sweep import plan_sweep
 
 FAST = ["data.limit=6", "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1",
