@@ -7,7 +7,6 @@ import json
 import logging
 import resource
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from research.data.benchmark import Scoring, cut_at_stop
 from research.data.images import decodable, sample_image
 from research.pruning import PruningEngine
+from research.pruning.timing import Timer
 from research.report.figures import token_overlay
 from research.report.flops import flops_for_model
 from research.storage import write_atomic
@@ -114,29 +114,6 @@ class JsonlPredictionWriter(Callback):
         write_atomic(self.path, "".join(line + "\n" for line in lines))
 
 
-class _Clock:
-    """Wall time of a block: CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self) -> _Clock:
-        if self.cuda:
-            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.begin.record()
-        else:
-            self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cuda:
-            self.end.record()
-            torch.cuda.synchronize()
-            self.seconds = self.begin.elapsed_time(self.end) / 1000
-        else:
-            self.seconds = time.perf_counter() - self.start
-
-
 @torch.no_grad()
 def measure_latency(module: SweepModule, samples: Sequence[Any], decode_tokens: int, warmup: int = 2) -> dict:
     """Batch-1 prefill latency (median, p90), decode time per token, scoring time and peak memory."""
@@ -146,9 +123,10 @@ def measure_latency(module: SweepModule, samples: Sequence[Any], decode_tokens: 
     prefill, decode, scoring = [], [], []
     for timed, sample in [(False, s) for s in samples[:warmup]] + [(True, s) for s in samples]:
         inputs = module.inputs([sample])
-        with module.engine() as engine, _Clock(device) as clock:
+        clock, total = Timer(), Timer()
+        with module.engine() as engine, clock.span(device):
             module.model(**inputs, logits_to_keep=1)
-        with module.engine(), _Clock(device) as total:
+        with module.engine(), total.span(device):
             module.model.generate(
                 **inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False
             )

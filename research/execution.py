@@ -60,7 +60,7 @@ def run_sweep(cfg: RunConfig, directory: Path, output: SweepOutput, num_layers: 
     histograms.update(calibrate(cfg, directory, adapter, processor, histograms, output))
     combos = plan_sweep(cfg, num_layers, num_vision, histograms)
 
-    keys = {(t.name, c.name): fingerprint(cfg, c, weights, t) for t in tasks for c in combos}
+    keys = {(t.name, c.name): fingerprint(cfg, c, weights, t, adapter_class) for t in tasks for c in combos}
     files = {(t.name, c.name): output.result_file(c.name, t.subdir) for t in tasks for c in combos}
     previous = {pair: read_json(path, "result") for pair, path in files.items()}
     stale = {f"{c.name}{f' on {t.name}' if t.subdir else ''}": stale_reason(previous[t.name, c.name],

@@ -1,4 +1,4 @@
-"""Files a run writes and later reads: atomic writes, tolerant reads, fingerprints and a directory lock.
+"""Files a run writes and later reads: atomic writes, tolerant reads, the weights' digest and a directory lock.
 
 * Every file a later run reads is replaced atomically (temporary file, flush, fsync, rename): a kill
   leaves the old complete file or the new one, never a truncated one.
@@ -16,12 +16,10 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import inspect
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,18 +89,6 @@ def read_json(path: Path, what: str) -> dict | None:
         return None
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def source_digest(obj: Any) -> str:
-    """Hash of the source file defining ``obj`` (read from disk now, so an edit shows at once)."""
-    try:
-        return file_digest(Path(inspect.getsourcefile(obj) or ""))
-    except (OSError, TypeError):
-        return "unknown"
-
-
 def weights_digest(directory: Path, chunk: int = 1 << 20) -> str:
     """A cheap fingerprint of a checkpoint: config.json, and each weight file's size, first and last MiB.
 
@@ -165,16 +151,3 @@ class OutputLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
-
-
-@contextlib.contextmanager
-def partial_file(path: Path) -> Iterator[Path]:
-    """Write to ``<path>.partial``; on success it replaces ``path``, on failure it is removed."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        yield partial
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise

@@ -69,16 +69,8 @@ def open_tasks(cfg: RunConfig) -> list[Task]:
 
 
 def chance_accuracy(dataset: Any, samples: list) -> float | None:
-    """The accuracy of answering uniformly at random among a question's answers, if the dataset knows them.
-
-    A dataset exposes it as ``chance_accuracy(samples)``; for ``shapes`` it is computed here from its
-    ``ANSWER_CHOICES`` per question type (kept out of ``research/data/shapes.py``: editing that file would
-    change every finished combination's dataset fingerprint). ``None`` when unknown.
-    """
+    """The accuracy of answering uniformly at random among a question's answers, if the dataset knows them
+    (``dataset.chance_accuracy(samples)``, e.g. ``shapes``); ``None`` when unknown."""
     if callable(getattr(dataset, "chance_accuracy", None)):
         return dataset.chance_accuracy(samples)
-    from research.data.shapes import ANSWER_CHOICES, ShapesVQA
-
-    if isinstance(dataset, ShapesVQA) and samples:
-        return sum(1.0 / len(ANSWER_CHOICES[s.qtype]) for s in samples) / len(samples)
     return None

@@ -19,13 +19,13 @@ from transformers import CLIPModel
 
 from research.data.shapes import QTYPES, ShapesVQA, oracle_keep, random_keep
 from research.models import LlavaAdapter
+from research.models.registry import shapes_path
 from research.shapes_model.evaluate import baselines, predict, report
 from research.shapes_model.grounding import measure, table
 from research.shapes_model.modeling import ShapesModelConfig
 from research.shapes_model.train import TrainConfig, train
 from research.shapes_model.vocab import build_processor
 
-SHIPPED = Path(__file__).parent / "assets" / "shapes"
 # MODEL_CARD.md's hand-written notes (what was tried, sweeps) start at this line; a retrain into the same
 # directory regenerates the measured sections above it and keeps the notes.
 NOTES = "<!-- Notes: written by hand, kept when research.train_offline_model rewrites this card. -->"
@@ -152,7 +152,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the offline default shapes model from a seed.")
-    parser.add_argument("--out", type=Path, default=SHIPPED)
+    parser.add_argument("--out", type=Path, default=shapes_path())
     parser.add_argument("--eval-limit", type=int, default=None, help="test samples to evaluate (default: all)")
     parser.add_argument("--clip", type=Path, default=None, help="a trained CLIP pair (skips phase 1)")
     for f in fields(TrainConfig):

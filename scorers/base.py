@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -43,6 +44,20 @@ def softmax_dtype(name: str, signals: Signals | None) -> torch.dtype | None:
     if signals is None or name == "float32" or signals.dtype == torch.float32:
         return None  # one float32 computation, shared through the memo
     return signals.dtype
+
+
+@dataclass
+class SoftmaxDtypeOption:
+    """A scorer parameter: ``dtype``, what the softmax weights are averaged over heads in (see
+    :func:`softmax_dtype`); checked when the scorer is made."""
+
+    dtype: str = "model"  # model | float32: dtype of the softmax weights before the head mean
+
+    def __post_init__(self) -> None:
+        softmax_dtype(self.dtype, None)  # validates the name
+
+    def head_mean_dtype(self, signals: Signals) -> torch.dtype | None:
+        return softmax_dtype(self.dtype, signals)
 
 
 SCORERS: Registry[type[Scorer]] = Registry("scorer")

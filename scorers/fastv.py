@@ -33,27 +33,26 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from research.pruning.signals import Signals
-from scorers.base import SCORERS, Scorer, softmax_dtype
+from scorers.base import SCORERS, Scorer, SoftmaxDtypeOption
 
 QUERIES = ("last", "all")
 
 
 @SCORERS.register("fastv")
 @dataclass
-class FastV(Scorer):
+class FastV(Scorer, SoftmaxDtypeOption):
     """Score = head-mean attention to each vision token from the last token (``query="last"``) or,
     averaged, from all other non-padding tokens (``query="all"``), at the layer the engine prunes after."""
 
     query: str = "last"
-    dtype: str = "model"  # model | float32: dtype of the softmax weights before the head mean
 
     def __post_init__(self) -> None:
         if self.query not in QUERIES:
             raise ValueError(f"fastv query {self.query!r} unknown; choose one of {list(QUERIES)}")
-        softmax_dtype(self.dtype, None)  # validates the name
+        super().__post_init__()
 
     def score(self, signals: Signals) -> Tensor:
-        dtype = softmax_dtype(self.dtype, signals)
+        dtype = self.head_mean_dtype(signals)
         if self.query == "last":
             return signals.last_to_vision(dtype).float()  # [B, V]
         return signals.all_to_vision(dtype)  # [B, V]

@@ -42,25 +42,24 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from research.pruning.signals import Signals
-from scorers.base import SCORERS, Scorer, softmax_dtype
+from scorers.base import SCORERS, Scorer, SoftmaxDtypeOption
 
 ATTENTION = ("next", "same")
 
 
 @SCORERS.register("pdrop")
 @dataclass
-class PDrop(Scorer):
+class PDrop(Scorer, SoftmaxDtypeOption):
     """Score = head-mean attention from the last instruction token to each vision token, computed by
     the first layer that runs on the kept tokens (``attention="next"``) or the one pruned after (``"same"``)."""
 
     attention: str = "next"
-    dtype: str = "model"  # model | float32: dtype of the softmax weights before the head mean
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION:
             raise ValueError(f"pdrop attention {self.attention!r} unknown; choose one of {list(ATTENTION)}")
-        softmax_dtype(self.dtype, None)  # validates the name
+        super().__post_init__()
 
     def score(self, signals: Signals) -> Tensor:
         source = signals.next_layer if self.attention == "next" else signals
-        return source.last_to_vision(softmax_dtype(self.dtype, source)).float()  # [B, V]
+        return source.last_to_vision(self.head_mean_dtype(source)).float()  # [B, V]

@@ -280,3 +280,15 @@ def test_a_result_from_other_scorer_defaults_is_not_reused(tmp_path):
     assert stale_reason({"status": "ok", "fingerprint": key}, key) is None
     older_default = {**key, "scorer settings": "written with attention=same"}
     assert stale_reason({"status": "ok", "fingerprint": older_default}, key) == "scorer settings changed"
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop"])
+def test_fastv_and_pdrop_share_one_dtype_option(name):
+    """``dtype`` is declared and checked once (scorers.base.SoftmaxDtypeOption), for both baselines."""
+    from scorers.base import SoftmaxDtypeOption
+
+    scorer = SCORERS.get(name)
+    assert issubclass(scorer, SoftmaxDtypeOption) and "dtype" not in vars(scorer).get("__annotations__", {})
+    assert scorer().dtype == "model"
+    with pytest.raises(ValueError, match=r"^dtype 'half' unknown; choose one of \['model', 'float32'\]$"):
+        scorer(dtype="half")

@@ -15,10 +15,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tiny import TIMING_COLUMNS
 
 from research.config import ConfigError, load_config
 from research.distributed import RANK_ZERO_PID, RankShare, batches, collective, gather_predictions
-from research.report.summary import TIMING_COLUMNS
 from research.run import run
 from research.storage import StopSweep
 

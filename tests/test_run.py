@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import TIMING_COLUMNS
 
 from research.config import ConfigError, load_config
-from research.report.summary import TIMING_COLUMNS
 from research.run import main, run
 from research.sweep import plan_sweep
 

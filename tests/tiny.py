@@ -15,6 +15,9 @@ VOCAB_SIZE = 64
 IMAGE_SIZE = 32
 PATCH_SIZE = 4
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 64
+# summary columns that vary between identical runs (wall times, memory): left out when comparing summaries
+TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "eval_s",
+                  "analysis_s"}
 
 
 def tiny_llava(

@@ -131,7 +131,6 @@ def exact_match(prediction: str, reference: str) -> float:
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")
-MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 def mme_parse(prediction: str) -> str:

@@ -376,6 +376,11 @@ class ShapesVQA:
             raise IndexError(f"index {index} out of range for {self.size} samples")
         return make_sample(self.split, index)
 
+    @staticmethod
+    def chance_accuracy(samples: list[Sample]) -> float | None:
+        """Accuracy of answering uniformly at random among each question type's answers (``ANSWER_CHOICES``)."""
+        return sum(1.0 / len(ANSWER_CHOICES[s.qtype]) for s in samples) / len(samples) if samples else None
+
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(self.size))
 

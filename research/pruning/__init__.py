@@ -8,3 +8,8 @@ __all__ = [
     "INTERFACE", "POSITION_MODES", "ForwardRecord", "InterfaceSignals", "PruningEngine", "PruningPlan",
     "Signals", "TokenLayout",
 ]
+
+ENGINE_NUMERICS = 1
+"""The version of what the engine computes (kept sets, signals, attention, positions, cache surgery). Results
+record it and a re-run recomputes those of another version (``research/resume.py``): bump it by hand in a change
+that alters any number a combination produces, not in a refactor."""

@@ -61,6 +61,7 @@ from research.pruning.signals import (
     gather_seq,
     read_layout,
 )
+from research.pruning.timing import Timer
 
 FILLER = torch.iinfo(torch.long).max  # key column of a filler slot: beyond any mask, so always masked out
 
@@ -116,36 +117,6 @@ class _Stage:
     call_kwargs: dict | None = None  # sliced layer kwargs for the current call
 
 
-class _Timer:
-    """Accumulates wall time on CPU; CUDA events (read lazily) on GPU."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._events: list[tuple[Any, Any]] = []
-
-    def start(self, device: torch.device) -> Any:
-        if device.type == "cuda":
-            begin = torch.cuda.Event(enable_timing=True)
-            begin.record()
-            return begin
-        return time.perf_counter()
-
-    def stop(self, token: Any) -> None:
-        if isinstance(token, float):
-            self.seconds += time.perf_counter() - token
-        else:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events.append((token, end))
-
-    def total(self) -> float:
-        if self._events:
-            torch.cuda.synchronize()
-            self.seconds += sum(b.elapsed_time(e) for b, e in self._events) / 1000.0
-            self._events.clear()
-        return self.seconds
-
-
 class _ForwardState:
     """Per-prefill state, kept through the cached decode steps that follow it."""
 
@@ -166,7 +137,7 @@ class _ForwardState:
         self.captured: dict[str, Tensor] = {}
         self.capture_paused = False  # the engine itself is running projections (next-layer signals)
         self.memo: dict = {}
-        self.timer = _Timer()
+        self.timer = Timer()
         self.record = ForwardRecord(tokens_per_layer=[])
         self.recorded = False
         self.hook_seconds = 0.0
@@ -354,7 +325,7 @@ class PruningEngine:
     def _finish_prefill(self) -> None:
         st = self._state
         if st is not None and not st.recorded:
-            st.record.scoring_seconds = st.timer.total()
+            st.record.scoring_seconds = st.timer.seconds
             st.record.hook_seconds = st.hook_seconds
             self.records.append(st.record)
             st.recorded = True
@@ -442,10 +413,9 @@ class PruningEngine:
         if self._is_no_op(st, stage=0):
             self._record_no_op(st, stage=0)
             return
-        timer = st.timer.start(kwargs["inputs_embeds"].device)
-        signals = Signals(layout=st.layout, interface=st.interface, layer_idx=INTERFACE, stage=0, memo=st.memo)
-        cut, selected, selected_valid = self._select(st, signals, stage=0)
-        st.timer.stop(timer)
+        with st.timer.span(kwargs["inputs_embeds"].device):
+            signals = Signals(layout=st.layout, interface=st.interface, layer_idx=INTERFACE, stage=0, memo=st.memo)
+            cut, selected, selected_valid = self._select(st, signals, stage=0)
         st.layout = st.layout.keep(cut.kept, cut.filler, selected, selected_valid)
         st.interface_cut = cut
         st.base_len = cut.kept.shape[1]  # decoder layer 0 sees the pruned sequence
@@ -494,9 +464,8 @@ class PruningEngine:
             if self._is_no_op(st, stage_idx):
                 self._record_no_op(st, stage_idx)
                 return None  # nothing to prune: the stage is a no-op
-            timer = st.timer.start(hidden.device)
-            cut, selected, selected_valid = self._select(st, signals, stage_idx)
-            st.timer.stop(timer)
+            with st.timer.span(hidden.device):
+                cut, selected, selected_valid = self._select(st, signals, stage_idx)
             st.layout = st.layout.keep(cut.kept, cut.filler, selected, selected_valid)
             st.stages.append(_Stage(layer_idx, st.stages[-1].cut.then(cut) if st.stages else cut))
             hidden = gather_seq(hidden, cut.kept)

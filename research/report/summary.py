@@ -24,10 +24,6 @@ SUMMARY_COLUMNS = [
 ]
 
 
-TIMING_COLUMNS = {"prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "eval_s",
-                  "analysis_s"}
-
-
 def combination_columns(combo: Combination) -> dict[str, Any]:
     """The summary columns that describe a combination (scorer, schedule, layers, budget, keep, positions and
     the reported and computed average tokens)."""

@@ -28,6 +28,7 @@ import torch
 
 from research.data.shapes import NUM_PATCHES, Sample, ShapesVQA, oracle_keep
 from research.models import LlavaAdapter
+from research.models.registry import shapes_path
 from research.pruning import PruningEngine, PruningPlan
 from scorers import SCORERS
 
@@ -142,10 +143,8 @@ def table(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from research.train_offline_model import SHIPPED
-
     parser = argparse.ArgumentParser(description="Grounding of each scorer's kept tokens on the shapes model.")
-    parser.add_argument("--model", type=Path, default=SHIPPED)
+    parser.add_argument("--model", type=Path, default=shapes_path())
     parser.add_argument("--samples", type=int, default=GROUNDING_SAMPLES)
     parser.add_argument("--keep", type=int, default=GROUNDING_KEEP)
     parser.add_argument("--write", action="store_true", help="store the result in the model's metrics.json")
