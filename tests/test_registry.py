@@ -148,7 +148,7 @@ from research.models.llava import LlavaAdapter
 @register
 class DroppedAdapter(LlavaAdapter):
     family = "dropped_family"
-    model_class = "VipLlavaForConditionalGeneration"
+    model_class = "DroppedForConditionalGeneration"
 ''',
 }
 
