@@ -1,7 +1,7 @@
 """Prefill latency benchmark: ``python -m research.bench [--family F] [--json PATH]``.
 
 A mid-size random-weight model of the family (default ``llava15``; text hidden 1024, 16 layers, about
-576 image tokens, ~40 question tokens; built by the family adapter's ``random_model("mid")``) is timed
+576 image tokens, ~40 question tokens; built by ``research.models.testing.random_model(family, "mid")``) is timed
 on CPU prefill:
 
 * vanilla;
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from research.models import FAMILIES, VLMAdapter, adapter_for
+from research.models.testing import random_inputs, random_model
 from research.pruning import PruningEngine, PruningPlan
 from schedules import solve_budget
 from scorers import SCORERS
@@ -40,12 +41,12 @@ IMAGE_SIZES = {"qwen2_vl": (672, 672), "qwen2_5_vl": (672, 672), "llava_next": (
 
 def bench_model(family: str = "llava15") -> nn.Module:
     """The family's mid-size random-weight model (16 layers, hidden 1024)."""
-    return FAMILIES.get(family).random_model(size="mid", seed=0)
+    return random_model(family, size="mid", seed=0)
 
 
 def bench_inputs(model: nn.Module, family: str = "llava15", question_tokens: int = 40) -> dict[str, torch.Tensor]:
     size = IMAGE_SIZES.get(family)
-    return FAMILIES.get(family).random_inputs(model, [question_tokens], image_sizes=[size] if size else None)
+    return random_inputs(model, [question_tokens], image_sizes=[size] if size else None)
 
 
 class _Stop(Exception):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
-from collections.abc import Callable
+import pkgutil
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -74,3 +76,20 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+def discover(package: str, path: Iterable[str], skip: Iterable[str] = ()) -> list[str]:
+    """Import every public module of ``package`` (its ``__path__``), sorted, so their decorators register them.
+
+    A package's ``__init__`` calls it: a new component is one new file, with no import line to add. Private
+    modules (``_name``) and those named in ``skip`` (not components, or imported by the ``__init__`` itself)
+    are left alone. Returns the imported module names.
+    """
+    skip, names = set(skip), sorted(info.name for info in pkgutil.iter_modules(path))
+    unknown = sorted(skip - set(names))
+    if unknown:
+        raise ValueError(f"skip names no module of {package}: {unknown}; its modules: {names}")
+    chosen = [f"{package}.{name}" for name in names if not name.startswith("_") and name not in skip]
+    for module in chosen:
+        importlib.import_module(module)
+    return chosen

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig
 
 from research.models import FAMILIES, UnsupportedModel, adapter_for, family_of_config
+from research.models.testing import random_config, random_inputs, random_model
 from research.pruning import PruningEngine, PruningPlan
 from scorers import SCORERS
 
@@ -51,7 +52,7 @@ def scorer_for(plan: PruningPlan):
 
 @cache
 def model(family: str, attention: str = "sdpa"):
-    return FAMILIES.get(family).random_model(num_layers=4, num_kv_heads=2, attn_implementation=attention)
+    return random_model(family, num_layers=4, num_kv_heads=2, attn_implementation=attention)
 
 
 BATCHES = ["padded", "unpadded", "no_mask"]
@@ -68,13 +69,12 @@ def inputs(family: str, size: int = 3, kind: str = "padded") -> dict[str, torch.
     """
     sizes = IMAGE_SIZES.get(family)
     sizes = sizes and sizes[:size]
-    adapter = FAMILIES.get(family)
-    batch = adapter.random_inputs(model(family), QUESTIONS[:size], image_sizes=sizes)
+    batch = random_inputs(model(family), QUESTIONS[:size], image_sizes=sizes)
     if kind == "padded":
         return batch
     counts = (batch["input_ids"] == model(family).config.image_token_id).sum(1).tolist()
     lengths = [QUESTIONS[0] + max(counts) - n for n in counts]  # every row: the same image + question length
-    batch = adapter.random_inputs(model(family), lengths, image_sizes=sizes)
+    batch = random_inputs(model(family), lengths, image_sizes=sizes)
     assert bool(batch["attention_mask"].all())
     if kind == "no_mask":
         batch = {key: value for key, value in batch.items() if key != "attention_mask"}
@@ -368,7 +368,7 @@ def save_llava_next_checkpoint(path):
 
     tokenizer = build_tokenizer()
     adapter = FAMILIES.get("llava_next")
-    config = adapter.random_config("tiny", 4, 2)
+    config = random_config(adapter.family, "tiny", 4, 2)
     config.text_config.vocab_size = len(tokenizer)
     config.text_config.pad_token_id, config.text_config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
     config.text_config.eos_token_id = tokenizer.eos_token_id
@@ -466,7 +466,7 @@ def qwen3_internvl(attention: str = "eager"):
     """InternVL3.5 in transformers' format: an InternVL with a Qwen3 LLM, whose attention normalises each
     head's queries and keys (``q_norm`` / ``k_norm``) between the projections and the rotary embedding."""
     adapter = FAMILIES.get("internvl")
-    config = adapter.random_config("tiny", 4, 2)
+    config = random_config(adapter.family, "tiny", 4, 2)
     sizes = text_sizes(config)
     config.text_config = AutoConfig.for_model("qwen3", **sizes,
                                               head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
@@ -491,7 +491,7 @@ def test_attention_signals_equal_transformers_eager_attention_weights(family):
     attention transformers computes: its eager weights, head-averaged, from the same forward."""
     m = eager_model(family)
     adapter = FAMILIES.get("internvl" if family == "internvl_qwen3" else family)
-    batch = adapter.random_inputs(m, QUESTIONS, image_sizes=IMAGE_SIZES.get(family))
+    batch = random_inputs(m, QUESTIONS, image_sizes=IMAGE_SIZES.get(family))
     seen: dict[tuple[str, int], torch.Tensor] = {}
 
     def observe(signals):
@@ -511,7 +511,7 @@ def test_attention_signals_equal_transformers_eager_attention_weights(family):
 def mistral_llava_next(window: int):
     """A LLaVA-NeXT whose LLM is a Mistral attending within a sliding window of ``window`` tokens."""
     adapter = FAMILIES.get("llava_next")
-    config = adapter.random_config("tiny", 4, 2)
+    config = random_config(adapter.family, "tiny", 4, 2)
     config.text_config = AutoConfig.for_model("mistral", **text_sizes(config), sliding_window=window)
     torch.manual_seed(0)
     return adapter.model_type()(config).eval()
@@ -533,7 +533,7 @@ def test_a_sliding_window_shorter_than_the_image_is_refused_before_loading(tmp_p
 
 def test_a_sequence_longer_than_the_sliding_window_is_refused_before_pruning():
     mistral = mistral_llava_next(90)
-    batch = FAMILIES.get("llava_next").random_inputs(mistral, QUESTIONS, image_sizes=IMAGE_SIZES["llava_next"])
+    batch = random_inputs(mistral, QUESTIONS, image_sizes=IMAGE_SIZES["llava_next"])
     length = batch["input_ids"].shape[1]
     assert length > 90
     for plan in (LAYER_PLAN, INTERFACE_PLAN):
@@ -548,7 +548,7 @@ def test_a_sequence_longer_than_the_sliding_window_is_refused_before_pruning():
 def test_a_sliding_window_longer_than_prompt_and_answer_prunes_like_a_full_window():
     """The window never binds, so the pruned model equals the same model without one (same weights)."""
     windowed, full = mistral_llava_next(200), mistral_llava_next(4096)
-    batch = FAMILIES.get("llava_next").random_inputs(full, QUESTIONS, image_sizes=IMAGE_SIZES["llava_next"])
+    batch = random_inputs(full, QUESTIONS, image_sizes=IMAGE_SIZES["llava_next"])
     outputs = []
     for m in (windowed, full):
         with torch.no_grad(), PruningEngine(m, scorer_for(INTERFACE_PLAN), INTERFACE_PLAN):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from research.models import FAMILIES
-from research.models.llava import left_pad
+from research.models.testing import left_pad, random_model
 
 IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
@@ -27,9 +26,8 @@ def tiny_llava(
     seed: int = 0,
 ) -> nn.Module:
     """A 6-layer LLaVA-1.5 with 64 image tokens; ``num_kv_heads < 4`` gives grouped-query attention."""
-    return FAMILIES.get("llava15").random_model(
-        num_layers=num_layers, num_kv_heads=num_kv_heads, attn_implementation=attn_implementation, seed=seed
-    )
+    return random_model("llava15", num_layers=num_layers, num_kv_heads=num_kv_heads,
+                        attn_implementation=attn_implementation, seed=seed)
 
 
 def tiny_inputs(question_lengths: list[int], seed: int = 0, prefix_length: int = 3) -> dict[str, torch.Tensor]:

@@ -1,8 +1,15 @@
-"""Model families: one adapter module each, registered by name in ``FAMILIES`` (see ``base``)."""
+"""Model families: one adapter module each, registered by name in ``FAMILIES`` (see ``base``).
 
-# Importing the modules registers their families.
-from research.models import internvl, llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl  # noqa: E402,F401,I001
-from research.models.base import (
+Importing the package imports every module in it (:func:`research.registry.discover`): a new family is one new
+file. Random-weight models and inputs of every family (tests, benchmarks) are in ``research.models.testing``.
+"""
+
+from research.registry import discover
+
+# ``registry`` names a model per family, so it comes after them; ``testing`` is imported by those who use it.
+discover(__name__, __path__, skip=("registry", "testing"))
+
+from research.models.base import (  # noqa: E402
     FAMILIES,
     UnsupportedModel,
     VisionLayout,

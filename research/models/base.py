@@ -261,33 +261,6 @@ class VLMAdapter:
         """The prompt for a processor without a chat template (LLaVA-1.5's format)."""
         return f"USER: <image>\n{question} ASSISTANT:"
 
-    # ---- random-weight instances (tests, benchmarks) ---------------------------------------------
-    @classmethod
-    def random_config(cls, size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
-        """The config of a random-weight model (``size``: tiny | mid; see :func:`random_text_sizes`)."""
-        raise NotImplementedError
-
-    @classmethod
-    def random_model(cls, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
-                     attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
-        """A random-weight model of this family built from its config classes, ready for tests: eval mode,
-        the attention backend set, greedy decoding that never stops early."""
-        torch.manual_seed(seed)
-        model = cls.model_type()(cls.random_config(size, num_layers, num_kv_heads))
-        model.config._attn_implementation = attn_implementation
-        model.set_attn_implementation(attn_implementation)
-        model.eval()
-        model.generation_config.pad_token_id = model.config.text_config.pad_token_id
-        model.generation_config.eos_token_id = None  # generated lengths stay comparable
-        return model
-
-    @classmethod
-    def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,
-                      image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
-        """Left-padded inputs ``[BOS, prefix, <image tokens>, question]`` per row for a random model;
-        ``image_sizes`` (families whose images set their token count) gives each row's image size."""
-        raise NotImplementedError
-
 
 def sliding_window_refusal(model_class: str, window: int, prompt: str) -> str:
     """One line: a sliding window the engine cannot prune under (it would count it on the pruned slots)."""
@@ -299,20 +272,6 @@ def sliding_window_refusal(model_class: str, window: int, prompt: str) -> str:
 def flat_heads(x: torch.Tensor) -> torch.Tensor:
     """Queries or keys ``[B, S, H, hd]`` (a per-head norm's output) as ``[B, S, H*hd]``; 3-D ones unchanged."""
     return x.flatten(-2) if x.dim() == 4 else x
-
-
-def random_text_sizes(size: str, num_layers: int | None = None, num_kv_heads: int | None = None) -> dict[str, Any]:
-    """Keyword arguments of a random-weight LLM config: ``tiny`` (tests) or ``mid`` (benchmarks: hidden 1024,
-    16 layers, LLaMA-7B's MLP ratio); special ids pad 0, BOS 1, EOS 2."""
-    tiny = size == "tiny"
-    hidden = 64 if tiny else 1024
-    heads = 4 if tiny else 16
-    return dict(
-        vocab_size=64 if tiny else 1000, hidden_size=hidden, intermediate_size=2 * hidden if tiny else 2816,
-        num_hidden_layers=num_layers or (6 if tiny else 16), num_attention_heads=heads,
-        num_key_value_heads=num_kv_heads or heads, max_position_embeddings=4096,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
 
 
 def register(cls: type[VLMAdapter]) -> type[VLMAdapter]:

@@ -6,14 +6,9 @@ saliency."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch import nn
-
-from research.models.base import VisionLayout, VLMAdapter, random_text_sizes, register
-from research.models.llava import left_padded
+from research.models.base import VisionLayout, VLMAdapter, register
 
 
 @register
@@ -38,25 +33,3 @@ class InternVLAdapter(VLMAdapter):
 
     def fallback_prompt(self, question: str) -> str:
         return f"<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
-
-    @classmethod
-    def random_config(cls, size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
-        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
-
-        tiny = size == "tiny"
-        side = 16 if tiny else 224
-        vision = InternVLVisionConfig(hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
-                                      num_hidden_layers=2, num_attention_heads=4, image_size=[side, side],
-                                      patch_size=[2, 2] if tiny else [14, 14])
-        text = Qwen2Config(**random_text_sizes(size, num_layers, num_kv_heads))
-        return InternVLConfig(vision_config=vision, text_config=text, image_token_id=3, downsample_ratio=0.5)
-
-    @classmethod
-    def random_inputs(cls, model: nn.Module, question_lengths: Sequence[int], seed: int = 0,
-                      image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
-        side = model.config.vision_config.image_size
-        side = side[0] if isinstance(side, (list, tuple)) else side
-        g = torch.Generator().manual_seed(seed)
-        pixels = torch.randn((len(question_lengths), 3, side, side), generator=g)
-        counts = [cls.tile_tokens(model.config)] * len(question_lengths)
-        return left_padded(model, counts, question_lengths, g) | {"pixel_values": pixels}

@@ -1,0 +1,239 @@
+"""Random-weight models of every family and their inputs, for tests and benchmarks (``research.bench``).
+
+Built from transformers' config classes (nothing is downloaded), in two sizes: ``tiny`` (tests) and ``mid``
+(benchmarks: text hidden 1024, 16 layers). One config function and one inputs function per family, registered
+under its name; a family's adapter module carries none of this.
+
+>>> model = random_model("llava15", num_layers=2)
+>>> batch = random_inputs(model, [5, 9])  # left-padded [BOS, prefix, <image tokens>, question] rows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from research.models.base import FAMILIES, family_of_class
+from research.registry import Registry
+
+# (size, num_layers, num_kv_heads) -> the family's transformers config
+RANDOM_CONFIGS: Registry[Callable[[str, int | None, int | None], Any]] = Registry("random-model config")
+# (model, question_lengths, generator, image_sizes) -> the model's inputs
+RANDOM_INPUTS: Registry[Callable[..., dict[str, torch.Tensor]]] = Registry("random-model inputs")
+
+
+def random_config(family: str, size: str = "tiny", num_layers: int | None = None,
+                  num_kv_heads: int | None = None) -> Any:
+    """The config of a random-weight model of ``family`` (``size``: tiny | mid; see :func:`random_text_sizes`)."""
+    if size not in ("tiny", "mid"):
+        raise ValueError(f"random model size {size!r} unknown; choose one of ['mid', 'tiny']")
+    return RANDOM_CONFIGS.get(family)(size, num_layers, num_kv_heads)
+
+
+def random_model(family: str, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
+                 attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
+    """A random-weight model of ``family`` ready for tests: eval mode, the attention backend set, greedy
+    decoding that never stops early."""
+    torch.manual_seed(seed)
+    model = FAMILIES.get(family).model_type()(random_config(family, size, num_layers, num_kv_heads))
+    model.config._attn_implementation = attn_implementation
+    model.set_attn_implementation(attn_implementation)
+    model.eval()
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    model.generation_config.eos_token_id = None  # generated lengths stay comparable
+    return model
+
+
+def random_inputs(model: nn.Module, question_lengths: Sequence[int], seed: int = 0,
+                  image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded inputs ``[BOS, prefix, <image tokens>, question]`` per row for a random model of any family;
+    ``image_sizes`` (families whose images set their token count) gives each row's image size in pixels."""
+    family = family_of_class(type(model).__name__).family
+    generator = torch.Generator().manual_seed(seed)
+    return RANDOM_INPUTS.get(family)(model, question_lengths, generator, image_sizes)
+
+
+def random_text_sizes(size: str, num_layers: int | None = None, num_kv_heads: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of a random-weight LLM config: ``tiny`` (tests) or ``mid`` (benchmarks: hidden 1024,
+    16 layers, LLaMA-7B's MLP ratio); special ids pad 0, BOS 1, EOS 2."""
+    tiny = size == "tiny"
+    hidden = 64 if tiny else 1024
+    heads = 4 if tiny else 16
+    return dict(
+        vocab_size=64 if tiny else 1000, hidden_size=hidden, intermediate_size=2 * hidden if tiny else 2816,
+        num_hidden_layers=num_layers or (6 if tiny else 16), num_attention_heads=heads,
+        num_key_value_heads=num_kv_heads or heads, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def left_padded(model: nn.Module, image_counts: Sequence[int], question_lengths: Sequence[int],
+                generator: torch.Generator, prefix_length: int = 3, before: Sequence[int] = (),
+                after: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask`` of rows ``[BOS, prefix, before, image*n, after, question]``,
+    left-padded; random text ids avoid every special id of the model's config."""
+    config = model.config
+    pad, bos = config.text_config.pad_token_id, config.text_config.bos_token_id
+    special = {getattr(config, key, None) for key in dir(config) if key.endswith(("token_id", "token_index"))}
+    vocab = config.text_config.vocab_size
+    allowed = torch.tensor([i for i in range(4, min(vocab, 64)) if i not in special])
+    rows = []
+    for count, n in zip(image_counts, question_lengths):
+        prefix = allowed[torch.randint(len(allowed), (prefix_length,), generator=generator)]
+        question = allowed[torch.randint(len(allowed), (n,), generator=generator)]
+        image = torch.full((count,), config.image_token_id)
+        rows.append(torch.cat([torch.tensor([bos]), prefix, torch.tensor(list(before), dtype=torch.long), image,
+                               torch.tensor(list(after), dtype=torch.long), question]))
+    return left_pad(rows, pad)
+
+
+def left_pad(rows: Sequence[torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask`` [B, S] of token rows of different lengths, padded on the left."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = r
+        attention_mask[i, width - len(r):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _side(size: int | Sequence[int]) -> int:
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
+# ---- per family ---------------------------------------------------------------------------------------------
+@RANDOM_CONFIGS.register("llava15")
+def llava_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tiny = size == "tiny"
+    vision = CLIPVisionConfig(
+        hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512, num_hidden_layers=2,
+        num_attention_heads=4, image_size=32 if tiny else 336, patch_size=4 if tiny else 14, projection_dim=32,
+    )
+    text = LlamaConfig(**random_text_sizes(size, num_layers, num_kv_heads))
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=3, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
+@RANDOM_CONFIGS.register("internvl")
+def internvl_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    tiny = size == "tiny"
+    side = 16 if tiny else 224
+    vision = InternVLVisionConfig(hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
+                                  num_hidden_layers=2, num_attention_heads=4, image_size=[side, side],
+                                  patch_size=[2, 2] if tiny else [14, 14])
+    text = Qwen2Config(**random_text_sizes(size, num_layers, num_kv_heads))
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=3, downsample_ratio=0.5)
+
+
+@RANDOM_INPUTS.register("llava15")
+@RANDOM_INPUTS.register("internvl")
+def one_tile_inputs(model: nn.Module, question_lengths: Sequence[int], generator: torch.Generator,
+                    image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Rows of one square image each, as many image tokens as the config fixes."""
+    side = _side(model.config.vision_config.image_size)
+    count = family_of_class(type(model).__name__).vision_layout(model.config).image_tokens
+    pixels = torch.randn((len(question_lengths), 3, side, side), generator=generator)
+    return left_padded(model, [count] * len(question_lengths), question_lengths, generator) | {"pixel_values": pixels}
+
+
+@RANDOM_CONFIGS.register("llava_next")
+def llava_next_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    tiny = size == "tiny"
+    view = 16 if tiny else 112
+    vision = CLIPVisionConfig(hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
+                              num_hidden_layers=2, num_attention_heads=4, image_size=view,
+                              patch_size=4 if tiny else 7, projection_dim=32)
+    text = LlamaConfig(**random_text_sizes(size, num_layers, num_kv_heads))
+    pinpoints = [[view, 2 * view], [2 * view, view], [2 * view, 2 * view]]
+    return LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                           image_token_id=3, vision_feature_layer=-2)
+
+
+@RANDOM_CONFIGS.register("llava_onevision")
+def llava_onevision_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    next_config = llava_next_config(size, num_layers, num_kv_heads)
+    v = next_config.vision_config
+    vision = SiglipVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                                num_hidden_layers=2, num_attention_heads=4, image_size=v.image_size,
+                                patch_size=v.patch_size)
+    text = Qwen2Config(**random_text_sizes(size, num_layers, num_kv_heads))
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                image_grid_pinpoints=next_config.image_grid_pinpoints, image_token_id=3,
+                                video_token_id=5, vision_feature_layer=-1)
+
+
+@RANDOM_INPUTS.register("llava_next")
+@RANDOM_INPUTS.register("llava_onevision")
+def anyres_inputs(model: nn.Module, question_lengths: Sequence[int], generator: torch.Generator,
+                  image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Rows whose images have ``image_sizes`` (default: all the base view's size); their token counts
+    are the model's own (``get_image_features``), so rows of different sizes differ."""
+    view = model.config.vision_config.image_size
+    sizes = torch.tensor(list(image_sizes) if image_sizes else [(view, view)] * len(question_lengths))
+    most_crops = max((h // view) * (w // view) for h, w in model.config.image_grid_pinpoints)
+    pixels = torch.randn((len(question_lengths), 1 + most_crops, 3, view, view), generator=generator)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output
+    counts = [len(f) for f in features]
+    return left_padded(model, counts, question_lengths, generator) | {"pixel_values": pixels, "image_sizes": sizes}
+
+
+@RANDOM_CONFIGS.register("qwen2_vl")
+def qwen2_vl_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    from transformers import Qwen2VLConfig
+
+    tiny = size == "tiny"
+    text = random_text_sizes(size, num_layers, num_kv_heads)
+    half = text["hidden_size"] // text["num_attention_heads"] // 2  # rotary frequencies, split over t / h / w
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
+                               "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
+    vision = dict(depth=2, embed_dim=32 if tiny else 256, hidden_size=text["hidden_size"], num_heads=4,
+                  patch_size=2 if tiny else 14, spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=3, video_token_id=4,
+                         vision_start_token_id=5, vision_end_token_id=6)
+
+
+@RANDOM_CONFIGS.register("qwen2_5_vl")
+def qwen2_5_vl_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    base = qwen2_vl_config(size, num_layers, num_kv_heads)
+    tiny = size == "tiny"
+    vision = dict(depth=2, hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
+                  out_hidden_size=base.text_config.hidden_size, num_heads=4, patch_size=2 if tiny else 14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=8 if tiny else 112,
+                  fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(text_config=base.text_config.to_dict(), vision_config=vision, image_token_id=3,
+                            video_token_id=4, vision_start_token_id=5, vision_end_token_id=6)
+
+
+@RANDOM_INPUTS.register("qwen2_vl")
+@RANDOM_INPUTS.register("qwen2_5_vl")
+def merged_patch_inputs(model: nn.Module, question_lengths: Sequence[int], generator: torch.Generator,
+                        image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Rows whose images are ``image_sizes`` pixels (default 16x16 tiny / 224x224 mid): each one's
+    patch grid ``(1, h / patch, w / patch)`` and ``h * w / (patch * merge)^2`` image tokens."""
+    vision = model.config.vision_config
+    patch, merge, temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    default = 8 * patch * merge // 2 if patch == 2 else 16 * patch
+    sizes = list(image_sizes) if image_sizes else [(default, default)] * len(question_lengths)
+    grids = torch.tensor([(1, h // patch, w // patch) for h, w in sizes])
+    counts = [int(t * h * w) // merge**2 for t, h, w in grids.tolist()]
+    pixels = torch.randn((int(grids.prod(1).sum()), 3 * temporal * patch * patch), generator=generator)
+    config = model.config
+    inputs = left_padded(model, counts, question_lengths, generator, before=[config.vision_start_token_id],
+                         after=[config.vision_end_token_id])
+    types = (inputs["input_ids"] == config.image_token_id).long()  # 1 = image token
+    return inputs | {"pixel_values": pixels, "image_grid_thw": grids, "mm_token_type_ids": types}
