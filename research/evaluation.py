@@ -22,6 +22,7 @@ from research.pruning import PruningEngine
 from research.pruning.timing import Timer
 from research.report.figures import token_overlay
 from research.report.flops import flops_for_model
+from research.report.runs import log_hparams
 from research.storage import write_atomic
 from research.sweep import Combination
 
@@ -164,29 +165,6 @@ def kept_patches(module: SweepModule, samples: Sequence[Any]) -> list[list[np.nd
 def overlay_caption(sample: Any, prediction: str | None) -> str:
     """``Q: <question> | A: <answer> | prediction: <prediction>`` (``-`` when the sample was not predicted)."""
     return f"Q: {sample.question} | A: {sample.answer} | prediction: {prediction if prediction is not None else '-'}"
-
-
-def combination_hparams(combo: Combination, num_vision: int) -> dict[str, Any]:
-    """The HParams-table columns of a combination: scorer, schedule, budget, layers, keep, positions and the
-    scorer's and schedule's own parameters (``scorer.<name>``, ``schedule.<name>``, as strings)."""
-    hparams: dict[str, Any] = {
-        "scorer": combo.scorer_label, "schedule": combo.schedule, "budget": combo.budget or float(num_vision),
-        "layers": str(combo.locations), "keep": str(combo.keep), "positions": combo.positions,
-    }
-    for prefix, params in (("scorer", combo.scorer_params), ("schedule", combo.schedule_params)):
-        for name, value in sorted(params.items()):
-            hparams[f"{prefix}.{name}"] = value if isinstance(value, str) else json.dumps(value, default=str)
-    return hparams
-
-
-def log_hparams(logger: Any, combo: Combination, num_vision: int, metrics: dict[str, float]) -> None:
-    """The combination's HParams entry with ``metrics`` written once, as the scalars ``metrics/<name>``, and its
-    ``hparams.yaml`` (Lightning writes that file only once, before anything is logged: rewritten here)."""
-    from lightning.pytorch.core.saving import save_hparams_to_yaml
-
-    logger.log_hyperparams(combination_hparams(combo, num_vision), {f"metrics/{k}": v for k, v in metrics.items()},
-                           step=0)
-    save_hparams_to_yaml(Path(logger.log_dir) / "hparams.yaml", logger.hparams)
 
 
 class TensorBoardReport(Callback):

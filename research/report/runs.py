@@ -3,9 +3,11 @@ replacing a run that is logged again (so each value is there once)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -47,8 +49,6 @@ def run_directory(out: Path, combo: Combination, subdir: str = "") -> Path:
 def log_failure(out: Path, combo: Combination, num_vision: int, error: str, subdir: str = "") -> None:
     """A failed combination's trace in its TensorBoard run: the text ``status`` with the error, the scalar
     ``metrics/failed`` = 1 and its HParams entry (so the failure shows in the HParams table too)."""
-    from research.evaluation import log_hparams
-
     try:
         logger = run_logger(out, combo, subdir)
         logger.experiment.add_text("status", f"failed: {error}", 0)
@@ -62,3 +62,26 @@ def remove_run(path: Path) -> None:
     """Remove the TensorBoard run at ``path`` before it is logged again, so it holds each value once even after a
     killed or an earlier run logged into it (rank 0 only: :meth:`research.output.SweepOutput.replace_run`)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def combination_hparams(combo: Combination, num_vision: int) -> dict[str, Any]:
+    """The HParams-table columns of a combination: scorer, schedule, budget, layers, keep, positions and the
+    scorer's and schedule's own parameters (``scorer.<name>``, ``schedule.<name>``, as strings)."""
+    hparams: dict[str, Any] = {
+        "scorer": combo.scorer_label, "schedule": combo.schedule, "budget": combo.budget or float(num_vision),
+        "layers": str(combo.locations), "keep": str(combo.keep), "positions": combo.positions,
+    }
+    for prefix, params in (("scorer", combo.scorer_params), ("schedule", combo.schedule_params)):
+        for name, value in sorted(params.items()):
+            hparams[f"{prefix}.{name}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return hparams
+
+
+def log_hparams(logger: Any, combo: Combination, num_vision: int, metrics: dict[str, float]) -> None:
+    """The combination's HParams entry with ``metrics`` written once, as the scalars ``metrics/<name>``, and its
+    ``hparams.yaml`` (Lightning writes that file only once, before anything is logged: rewritten here)."""
+    from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+    logger.log_hyperparams(combination_hparams(combo, num_vision), {f"metrics/{k}": v for k, v in metrics.items()},
+                           step=0)
+    save_hparams_to_yaml(Path(logger.log_dir) / "hparams.yaml", logger.hparams)
