@@ -30,15 +30,21 @@ class RandomScorer(Scorer):
 
     def score(self, signals: Signals) -> Tensor:
         rank = signals.layout.vision_rank  # [B, V] each token's index among its image's tokens
-        prompts = signals.interface.input_ids  # [B, S0] the model's input
-        real = signals.interface.layout.valid  # [B, S0] False on padding
-        size = int(rank.max()) + 1
+        size = signals.interface.layout.vision.shape[1]  # the batch's most image tokens: above every rank
         # CPU generators keep 32 bits of a seed: seed, stage and prompt are chained into one CRC-32
         stage_key = zlib.crc32(f"random/{self.seed}/{signals.stage}".encode())
         draws = []
-        for ids, valid in zip(prompts.cpu(), real.cpu()):
-            generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(ids[valid].numpy().tobytes(), stage_key))
-            # a longer CPU draw starts with the shorter one: the batch's largest rank changes no row's scores
+        for prompt in self._prompts(signals):
+            generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(prompt, stage_key))
+            # a longer CPU draw starts with the shorter one: the batch's size changes no row's scores
             draws.append(torch.rand(size, generator=generator))  # [R] one score per rank
         table = torch.stack(draws).to(rank.device)  # [B, R]
         return table.gather(1, rank)  # [B, V]
+
+    @staticmethod
+    def _prompts(signals: Signals) -> list[bytes]:
+        """Each row's unpadded ``input_ids`` as bytes, read from the device once per forward (every stage's)."""
+        if "random/prompts" not in signals.memo:
+            ids, valid = signals.interface.input_ids.cpu(), signals.interface.layout.valid.cpu()  # [B, S0]
+            signals.memo["random/prompts"] = [row[keep].numpy().tobytes() for row, keep in zip(ids, valid)]
+        return signals.memo["random/prompts"]

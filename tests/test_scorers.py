@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel
 
 from research.models import adapter_for
 from research.pruning import PruningEngine, PruningPlan
-from research.pruning.signals import InterfaceSignals, TokenLayout, read_layout
+from research.pruning.signals import InterfaceSignals, TokenLayout
 from research.shapes_model.vocab import build_tokenizer
 from scorers import SCORERS, Scorer
 from scorers.atp import atp_scores
@@ -130,8 +130,9 @@ def test_random_scorer_seed_changes_the_draw():
 
     stub = Stub()
     stub.layout = layout
-    prompts = torch.tensor([[1, 5, 6, 7], [1, 5, 6, 8]])  # two samples: different prompts
-    stub.interface = InterfaceSignals(torch.zeros(2, 4, 8), read_layout(prompts, 5, None), input_ids=prompts)
+    stub.memo = {}
+    prompts = torch.stack([torch.arange(64), torch.arange(64).flip(0)])  # two samples: different prompts
+    stub.interface = InterfaceSignals(torch.zeros(2, 64, 8), layout, input_ids=prompts)
     draws = [SCORERS.get("random")(seed=s).score(stub) for s in (0, 0, 1)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     assert not torch.equal(draws[0][0], draws[0][1])  # each sample its own draw
