@@ -3,52 +3,33 @@ dataset, split and N, logged to the ``calibration`` TensorBoard run."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from research.config import RunConfig, dataset_names
+from research.experiment import Experiment
 from research.output import SweepOutput
-from research.storage import read_json
-from research.sweep import calibration_split, needs_calibration
 from research.tasks import open_dataset
 
 
-def cached_histograms(cfg: RunConfig, directory: Path) -> dict[int, list[int]]:
-    """Shift histograms of changepoint entries already calibrated on this model, dataset and N."""
-    from research.analysis.collect import shift_cache_file
+def calibrate(experiment: Experiment, adapter: Any, processor: Any, output: SweepOutput) -> dict[int, list[int]]:
+    """The shift histogram of every calibrating changepoint entry (by schedule index): the one cached when the
+    experiment was resolved, or derived now (and cached); each logged with the layers it gives."""
+    from research.analysis.collect import attention_shift_histogram
 
-    found = {}
-    for index, samples in needs_calibration(cfg):
-        path = shift_cache_file(Path(cfg.output_dir) / ".cache", directory, dataset_names(cfg)[0],
-                                calibration_split(cfg), samples)
-        cached = read_json(path, "calibration cache")
-        if cached is not None and isinstance(cached.get("histogram"), list):
-            found[index] = cached["histogram"]
-    return found
-
-
-def calibrate(cfg: RunConfig, directory: Path, adapter: Any, processor: Any, known: dict[int, list[int]],
-              output: SweepOutput) -> dict[int, list[int]]:
-    """Derive (and cache, and log) the shift histogram of every changepoint entry not cached yet."""
-    from research.analysis.collect import attention_shift_histogram, shift_cache_file
-    from research.config import entry
-    from schedules import SCHEDULES
-
-    derived = {}
-    split = calibration_split(cfg)
+    data, histograms = experiment.data, {}
     output.replace_run(output.tensorboard("calibration"))  # every entry is logged below, cached or derived
-    for index, samples in needs_calibration(cfg):
-        path = shift_cache_file(output.cache, directory, dataset_names(cfg)[0], split, samples)
-        if index in known:
-            histogram = known[index]
-            output.say(f"changepoint schedule: reusing the calibration cached in {path}")
+    for calibration in experiment.calibrations:
+        histogram = calibration.cached
+        if histogram is not None:
+            output.print(f"changepoint schedule: reusing the calibration cached in {calibration.cache_file}")
         else:
-            calibration = list(open_dataset(cfg, dataset_names(cfg)[0], split, samples))
-            histogram = attention_shift_histogram(adapter, processor, calibration, cfg.eval.batch_size).tolist()
-            output.write_json(path, {"histogram": histogram, "samples": samples, "model": str(directory),
-                                     "data": [cfg.data.name, split]})
-        derived[index] = histogram
-        name, params = entry(cfg.schedules[index])  # the entry's own level / early_fraction / spike_factor
-        layers = SCHEDULES.get(name)(**{**params, "histogram": histogram}).propose(len(histogram))
-        output.log_calibration(index, histogram, layers, samples, split)
-    return derived
+            samples = list(open_dataset(data, data.names[0], data.calibration_split, calibration.samples))
+            histogram = attention_shift_histogram(adapter, processor, samples, experiment.eval.batch_size).tolist()
+            if calibration.cache_file is not None:
+                output.write_json(calibration.cache_file, {
+                    "histogram": histogram, "samples": calibration.samples,
+                    "model": str(experiment.model.directory), "data": [data.names[0], data.calibration_split]})
+        schedule = calibration.schedule
+        histograms[schedule.index] = histogram
+        layers = schedule.build(histogram).propose(len(histogram))  # the entry's own level, spike factor, ...
+        output.log_calibration(schedule.index, histogram, layers, calibration.samples, data.calibration_split)
+    return histograms

@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from research.specs import ConfigError, parse_schedules, parse_scorers
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "dataset_names", "experiment_names"]
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 DTYPES = ("float32", "float16", "bfloat16")
 ATTENTION = ("sdpa", "eager")
 ANALYSES = ("text_dynamics", "attention_shifts")  # research.analysis.collect runs them
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # model.device_map: accelerate's sharding (optional extra)
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; its message is one line naming the value and the valid choices."""
 
 
 @dataclass
@@ -168,55 +166,12 @@ def import_user_modules(modules: list[str]) -> None:
             raise ConfigError(f"imports: cannot import {module!r} ({error})") from None
 
 
-def entry(spec: Any) -> tuple[str, dict]:
-    """(name, parameters) of a registry entry given as a name or a mapping ``{name: ..., **params}``."""
-    if isinstance(spec, (DictConfig, ListConfig)):
-        spec = OmegaConf.to_container(spec)
-    if isinstance(spec, str):
-        return spec, {}
-    if isinstance(spec, dict) and "name" in spec:
-        params = {k: v for k, v in spec.items() if k != "name"}
-        return str(spec["name"]), params
-    raise ConfigError(f"an entry must be a name or a mapping with a 'name' key, got {spec!r}")
-
-
-SCORER_PROTOCOL = ("schedules", "positions")  # keys of a scorer entry that are not scorer parameters
-
-
-def scorer_entry(spec: Any) -> tuple[str, dict, dict]:
-    """(name, parameters, protocol) of a scorer entry: ``protocol`` holds the entry's own ``schedules``
-    and ``positions`` (which override the experiment's for this scorer), the rest are its parameters."""
-    name, params = entry(spec)
-    protocol = {key: params.pop(key) for key in SCORER_PROTOCOL if key in params}
-    return name, params, protocol
-
-
-def label(name: str, params: dict) -> str:
-    """Short readable label of an entry: ``layers[1-10-20]``, ``layers[before-8-16-24]`` (``prune_before``),
-    ``random(seed=3)``."""
-    if not params:
-        return name
-    if name == "layers" and "layers" in params and set(params) <= {"layers", "scale_from", "prune_before"}:
-        before = "before-" if params.get("prune_before") else ""
-        scale = f"/{params['scale_from']}" if params.get("scale_from") is not None else ""
-        return f"layers[{before}{'-'.join(str(x) for x in params['layers'])}{scale}]"
-    values = ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(params.items()))
-    return f"{name}({values})"
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of a label: ``layers[1-10-20]`` -> ``layers1-10-20``, ``/32`` -> ``_of32``."""
-    text = text.replace("/", "_of")
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", re.sub(r"[\[\]()]", "", text)).strip("_")
-
-
 def validate(cfg: RunConfig) -> None:
     """Check every name and value that can be checked without loading weights."""
     from research.data import DATASETS
     from research.models import MODELS
     from research.pruning.plan import POSITION_MODES
-    from schedules import COUNTING, SCHEDULES
-    from scorers import SCORERS
+    from schedules import COUNTING
 
     choices = {"counting": (cfg.counting, COUNTING), "positions": (cfg.positions, POSITION_MODES),
                "model.dtype": (cfg.model.dtype, DTYPES),
@@ -225,12 +180,8 @@ def validate(cfg: RunConfig) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"unknown {key} {value!r}; choose one of {list(valid)}")
-    for spec in cfg.scorers:
-        name, params, protocol = scorer_entry(spec)
-        _check_entry(SCORERS, {"name": name, **params})
-        _check_protocol(name, protocol, SCORERS.get(name).pre_llm, SCHEDULES, POSITION_MODES)
-    for spec in cfg.schedules:
-        _check_entry(SCHEDULES, spec)
+    parse_scorers(cfg.scorers, cfg.positions, POSITION_MODES)
+    parse_schedules(cfg.schedules)
     for registry, name in [(MODELS, cfg.model.name)] + [(DATASETS, name) for name in dataset_names(cfg)]:
         if name not in registry:
             raise ConfigError(registry.unknown_message(name))
@@ -298,102 +249,3 @@ def check_writable(directory: Path) -> None:
     except OSError as error:
         raise ConfigError(f"output_dir {str(directory)!r} cannot be written ({error.strerror or error}); "
                           "choose a writable directory") from None
-
-
-def _check_entry(registry: Any, spec: Any) -> None:
-    """The entry names a registered item that accepts its parameters."""
-    name, params = entry(spec)
-    if name not in registry:
-        raise ConfigError(registry.unknown_message(name))
-    try:
-        registry.get(name)(**params)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{registry.kind} {name!r}: {error}") from None
-
-
-def _check_protocol(scorer: str, protocol: dict, pre_llm: bool, schedules: Any, positions: tuple) -> None:
-    """A scorer entry's own ``schedules`` / ``positions``."""
-    if "positions" in protocol and protocol["positions"] not in positions:
-        raise ConfigError(f"scorer {scorer!r}: unknown positions {protocol['positions']!r}; "
-                          f"choose one of {list(positions)}")
-    if "schedules" not in protocol:
-        return
-    specs = protocol["schedules"]
-    if pre_llm:
-        raise ConfigError(f"scorer {scorer!r} prunes once before the LLM: schedules do not apply to it")
-    if not isinstance(specs, list) or not specs:
-        raise ConfigError(f"scorer {scorer!r}: schedules must be a non-empty list of schedule entries, got {specs!r}")
-    for spec in specs:
-        _check_entry(schedules, spec)
-        name, params = entry(spec)
-        if name == "changepoint" and params.get("layers") is None and params.get("histogram") is None:
-            raise ConfigError(f"scorer {scorer!r}: a calibrated changepoint schedule belongs in the experiment's "
-                              "schedules, not a scorer's own (give it layers: [...] here)")
-
-
-def model_directory(cfg: RunConfig) -> Path:
-    """The local checkpoint directory of ``cfg.model`` (must hold config.json)."""
-    from research.models import MODELS
-
-    try:
-        path = MODELS.get(cfg.model.name)(cfg.model.path)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model path {str(path)!r} holds no config.json: expected a local Hugging Face checkpoint")
-    if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"model path {str(path)!r} holds no *.safetensors weights: expected a local Hugging Face "
-                          "checkpoint (config.json + *.safetensors)")
-    return path
-
-
-def model_family(cfg: RunConfig, path: Path) -> Any:
-    """The adapter class of the checkpoint in ``path`` (from its config.json; no weights), after checking
-    that it can run every scorer and the positions of ``cfg``: one line naming what the family lacks."""
-    from research.models import FAMILIES, UnsupportedModel
-    from research.models.registry import checkpoint_family
-    from scorers import SCORERS
-
-    try:
-        adapter = checkpoint_family(path, cfg.model.name)
-    except UnsupportedModel as error:
-        raise ConfigError(str(error)) from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        first = " ".join(str(error).split())[:300]
-        raise ConfigError(f"{path / 'config.json'} is not a usable model config ({type(error).__name__}: {first})"
-                          ) from None
-    for spec in cfg.scorers:
-        name, _, protocol = scorer_entry(spec)
-        if SCORERS.get(name).needs_cls_saliency and not adapter.has_cls_saliency:
-            raise ConfigError(
-                f"scorer {name!r} ranks by the vision tower's CLS attention, which {adapter.family} "
-                f"({adapter.model_class}) does not map onto its image tokens; drop it or use a model of family "
-                f"{[f for f in FAMILIES.names() if FAMILIES.get(f).has_cls_saliency]}"
-            )
-        positions = protocol.get("positions", cfg.positions)
-        if positions == "compact" and adapter.position_axes > 1:
-            raise ConfigError(f"positions=compact renumbers 1-D positions; {adapter.family}'s multimodal rotary "
-                              f"positions have {adapter.position_axes} axes: use positions=original")
-    return adapter
-
-
-def model_shape(path: Path, adapter: Any | None = None) -> tuple[int, int]:
-    """(decoder layers, image tokens a budget is planned against) of a checkpoint, read through
-    ``transformers.AutoConfig`` (which fills the defaults a config.json may leave out), without loading
-    weights. Families whose image sets its token count give their nominal count (``VisionLayout``)."""
-    from transformers import AutoConfig
-
-    from research.models.registry import checkpoint_family
-
-    try:
-        raw = json.loads((path / "config.json").read_text())
-        missing = [key for key in ("text_config", "vision_config") if key not in raw]
-        if missing:  # AutoConfig would silently fill in a 7B LLaMA and a default vision tower
-            raise KeyError(f"no {' or '.join(missing)}")
-        adapter = adapter or checkpoint_family(path)
-        layout = adapter.vision_layout(AutoConfig.from_pretrained(path, local_files_only=True))
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
-        first = " ".join(str(error).split())[:300]
-        raise ConfigError(f"{path / 'config.json'} is not a usable model config ({type(error).__name__}: {first})"
-                          ) from None
-    return layout.num_layers, layout.nominal_tokens

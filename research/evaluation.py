@@ -27,11 +27,11 @@ from research.storage import write_atomic
 from research.sweep import Combination
 
 
-class SweepModule(L.LightningModule):
+class CombinationModule(L.LightningModule):
     """Answers batches of samples (greedy generation) with the engine set up for one combination."""
 
     def __init__(
-        self, adapter: Any, processor: Any, combo: Combination, positions: str, max_new_tokens: int, num_vision: int,
+        self, adapter: Any, processor: Any, combo: Combination, max_new_tokens: int, num_vision: int,
         until: Sequence[str] = (),
     ) -> None:
         super().__init__()
@@ -40,7 +40,7 @@ class SweepModule(L.LightningModule):
             self.__dict__["model"] = adapter.model
         else:
             self.model = adapter.model
-        self.plan = None if combo.is_vanilla else combo.plan(positions)
+        self.plan = None if combo.is_vanilla else combo.plan()
         self.scorer = None if combo.is_vanilla else combo.make_scorer()
         # until: the task's stop strings (lmms-eval's); answers are cut where the family's lmms-eval wrapper cuts
         self.max_new_tokens, self.until = max_new_tokens, adapter.stop_strings(until)
@@ -107,7 +107,7 @@ class JsonlPredictionWriter(Callback):
         super().__init__()
         self.path, self.scoring = path, scoring
 
-    def on_predict_end(self, trainer: L.Trainer, module: SweepModule) -> None:
+    def on_predict_end(self, trainer: L.Trainer, module: CombinationModule) -> None:
         lines = []
         for row in module.rows:
             score = self.scoring.sample_score(row)
@@ -116,7 +116,7 @@ class JsonlPredictionWriter(Callback):
 
 
 @torch.no_grad()
-def measure_latency(module: SweepModule, samples: Sequence[Any], decode_tokens: int, warmup: int = 2) -> dict:
+def measure_latency(module: CombinationModule, samples: Sequence[Any], decode_tokens: int, warmup: int = 2) -> dict:
     """Batch-1 prefill latency (median, p90), decode time per token, scoring time and peak memory."""
     device = module.model.device
     if device.type == "cuda":
@@ -150,7 +150,7 @@ def measure_latency(module: SweepModule, samples: Sequence[Any], decode_tokens: 
 
 
 @torch.no_grad()
-def kept_patches(module: SweepModule, samples: Sequence[Any]) -> list[list[np.ndarray]]:
+def kept_patches(module: CombinationModule, samples: Sequence[Any]) -> list[list[np.ndarray]]:
     """Per sample, per stage: the image-token indices (patch order) kept after that stage."""
     if module.plan is None or not samples:  # eval.overlays=0: no forward at all
         return [[] for _ in samples]
@@ -176,7 +176,7 @@ class TensorBoardReport(Callback):
         self.scoring, self.vanilla_accuracy, self.vanilla_flops = scoring, vanilla_accuracy, vanilla_flops
         self.latency_samples, self.overlay_samples, self.decode_tokens = latency_samples, overlay_samples, decode_tokens
 
-    def on_predict_end(self, trainer: L.Trainer, module: SweepModule) -> None:
+    def on_predict_end(self, trainer: L.Trainer, module: CombinationModule) -> None:
         combo, rows = module.combo, module.rows
         if not rows:
             return  # nothing evaluated (every image undecodable): the combination fails, no metrics

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from research.distributed import is_rank_zero
+from research.experiment import Experiment
 from research.storage import OutputLock, remove_stale_temporaries, write_atomic, write_json
 
 
@@ -33,8 +34,8 @@ class SweepOutput:
     writes: bool = field(default_factory=is_rank_zero)  # rank 0 (or a single process) writes; the others do not
 
     @classmethod
-    def of(cls, output_dir: str | Path, experiment: str) -> SweepOutput:
-        return cls(Path(output_dir) / experiment, Path(output_dir) / ".cache")
+    def of(cls, experiment: Experiment) -> SweepOutput:
+        return cls(experiment.output_dir, experiment.cache_dir)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[SweepOutput]:
@@ -48,17 +49,18 @@ class SweepOutput:
             yield self
 
     # ---- where things go -----------------------------------------------------------------------
-    def result_file(self, name: str, subdir: str = "") -> Path:
-        return self.directory / "results" / subdir / f"{name}.json"
+    def result_file(self, name: str, folder: str = "") -> Path:
+        return self.directory / "results" / folder / f"{name}.json"
 
-    def predictions_file(self, name: str, subdir: str = "") -> Path:
-        return self.directory / "predictions" / subdir / f"{name}.jsonl"
+    def predictions_file(self, name: str, folder: str = "") -> Path:
+        return self.directory / "predictions" / folder / f"{name}.jsonl"
 
     def tensorboard(self, run: str = "") -> Path:
         return self.directory / "tensorboard" / run
 
     # ---- rank 0's writes -----------------------------------------------------------------------
-    def say(self, line: str) -> None:
+    def print(self, line: str) -> None:
+        """A line on the terminal (rank 0 only)."""
         if self.writes:
             print(line, flush=True)
 
@@ -78,7 +80,7 @@ class SweepOutput:
             remove_run(path)
         return path
 
-    def log_failure(self, combo: Any, num_vision: int, error: str, subdir: str = "", anew: bool = False) -> None:
+    def log_failure(self, combo: Any, num_vision: int, error: str, folder: str = "", anew: bool = False) -> None:
         """A failed combination's TensorBoard trace (``anew``: replacing what an earlier run logged there)."""
         from research.report.runs import log_failure, run_directory
 
@@ -86,8 +88,8 @@ class SweepOutput:
             return
         if anew:
             logging.getLogger(__name__).error("combination %s not run: %s", combo.name, error)
-            self.replace_run(run_directory(self.directory, combo, subdir))
-        log_failure(self.directory, combo, num_vision, error, subdir)
+            self.replace_run(run_directory(self.directory, combo, folder))
+        log_failure(self.directory, combo, num_vision, error, folder)
 
     def write_summary(self, rows: list[dict], columns: list[str] | None = None) -> None:
         """``summary.csv`` / ``summary.md``: one dataset's layout, or (``columns``) the several-benchmark one."""

@@ -38,7 +38,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from research.config import RunConfig, dataset_names
+from research.experiment import Experiment
 from research.sweep import Combination
 
 FORMAT = "2"  # 1: whole source files were hashed; 2: what decides the numbers (this module)
@@ -47,12 +47,11 @@ PROJECT_PACKAGES = ("research", "scorers", "schedules")
 VERSIONED_BY_HAND = "research.pruning"  # the engine: ENGINE_NUMERICS, not its code
 
 
-def fingerprint(cfg: RunConfig, combo: Combination, weights: str, task: Any = None,
-                adapter: type | None = None) -> dict[str, str]:
+def fingerprint(experiment: Experiment, combo: Combination, weights: str, task: Any = None) -> dict[str, str]:
     """Everything a finished combination's result depends on, by part (a re-run names the parts that changed).
 
-    ``task`` is the dataset it ran on (``None``: the first configured one, not opened); ``adapter`` the model
-    family's adapter class (``None``: not known, hashed as ``-``).
+    ``task`` is the dataset it ran on (``None``: the first configured one, not opened). The model adapter is the
+    family's (``-`` for a model planned for a shape alone).
     """
     from research.data import DATASETS
     from research.data.benchmark import DEFAULT_MAX_NEW_TOKENS
@@ -60,23 +59,22 @@ def fingerprint(cfg: RunConfig, combo: Combination, weights: str, task: Any = No
     from scorers import SCORERS
 
     if task is None:  # the first dataset, not opened: its settings as configured (shapes: split test)
-        name = dataset_names(cfg)[0]
-        data = {"name": name, "split": cfg.data.split or "test", "limit": cfg.data.limit,
-                "calibration_split": cfg.data.calibration_split}
-        tokens = cfg.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        data, tokens = experiment.data.settings, experiment.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     else:
-        name, data, tokens = task.name, task.data_key, task.max_new_tokens
-    keys = {"model": cfg.model, "data": data, "eval": {**dataclasses.asdict(cfg.eval), "max_new_tokens": tokens},
-            "seed": cfg.seed, "positions": cfg.positions, "counting": cfg.counting}
+        data, tokens = task.data_key, task.max_new_tokens
+    keys = {"model": experiment.model.settings, "data": data,
+            "eval": {**dataclasses.asdict(experiment.eval), "max_new_tokens": tokens}, "seed": experiment.seed,
+            "positions": experiment.positions, "counting": experiment.counting}
     config = json.dumps(OmegaConf.to_container(OmegaConf.structured(keys)), sort_keys=True)
     plan = {"locations": combo.locations, "keep": combo.keep, "positions": combo.positions,
             "relative": combo.relative}
+    adapter = experiment.model.adapter
     return {
         "format": FORMAT,
         "config": _digest(config),
         "weights": weights,
         "engine": str(ENGINE_NUMERICS),
-        "dataset": code_digest(DATASETS.get(name)),
+        "dataset": code_digest(DATASETS.get(data["name"])),
         "model adapter": "-" if adapter is None else code_digest(adapter),
         "scorer": "-" if combo.is_vanilla else code_digest(SCORERS.get(combo.scorer)),
         "scorer settings": _digest(json.dumps(scorer_settings(combo))),

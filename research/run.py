@@ -16,23 +16,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from research.calibration import cached_histograms
-from research.config import (
-    ConfigError,
-    RunConfig,
-    load_config,
-    model_directory,
-    model_family,
-    model_shape,
-)
+from research.config import ConfigError, RunConfig, load_config
 from research.distributed import is_rank_zero, watch_rank_zero
-from research.execution import finished_line, run_sweep
+from research.execution import run_sweep
+from research.experiment import resolve
 from research.output import SweepOutput
 from research.report.summary import compact_table
-from research.stopping import StopSignal, stop_on_signals
-from research.storage import (
-    StopSweep,
-)
+from research.stopping import StopSignal, finished_line, stop_on_signals
+from research.storage import StopSweep
 from research.sweep import plan_sweep
 from research.tasks import chance_accuracy, open_tasks
 
@@ -40,17 +31,15 @@ from research.tasks import chance_accuracy, open_tasks
 def run(cfg: RunConfig) -> list[dict]:
     """Run (or resume) every combination on every dataset; return the summary rows (vanilla first)."""
     watch_rank_zero()  # in a copy started for trainer.devices > 1: stop with one line if rank 0 dies
-    directory = model_directory(cfg)
-    adapter_class = model_family(cfg, directory)
-    num_layers, num_vision = model_shape(directory, adapter_class)
-    output = SweepOutput.of(cfg.output_dir, cfg.experiment)  # only rank 0 writes (research.output)
-    histograms = cached_histograms(cfg, directory)
-    plan_sweep(cfg, num_layers, num_vision, histograms, allow_pending=True)  # every check before the model loads
+    experiment = resolve(cfg)  # every entry parsed, the checkpoint inspected, the cached calibrations found
+    plan_sweep(experiment, {c.schedule.index: c.cached for c in experiment.calibrations if c.cached},
+               allow_pending=True)  # every budget solved before the model loads
+    output = SweepOutput.of(experiment)  # only rank 0 writes (research.output)
     # The lock comes before the data and the model load, so a second run into this directory is told at once.
     with output.locked():
-        tasks = open_tasks(cfg)
-        rows = run_sweep(cfg, directory, output, num_layers, num_vision, histograms, tasks, adapter_class)
-        if cfg.analysis is None and not tasks[0].subdir:
+        tasks = open_tasks(experiment)
+        rows = run_sweep(experiment, output, tasks)
+        if experiment.analysis is None and not experiment.data.per_benchmark:
             task = tasks[0]
             try:
                 output.log_summary_figures(rows, len(task.samples), chance_accuracy(task.dataset, task.samples))

@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -40,6 +41,13 @@ class StopSignal(BaseException):
         """``stopped by SIGTERM: <progress>; run the same command again to resume``."""
         progress = f": {self.progress}" if self.progress else " before any combination ran"
         return f"stopped by {signal.Signals(self.signum).name}{progress}; run the same command again to resume"
+
+
+def finished_line(results: list[dict], out: Path, total: int | None = None) -> str:
+    """``3 of 11 combinations finished (kept in <out>/results)``: the results (or summary rows) with status ok,
+    of ``total`` (default: all of them)."""
+    finished = sum(r.get("status") == "ok" for r in results)
+    return f"{finished} of {len(results) if total is None else total} combinations finished (kept in {out / 'results'})"
 
 
 @contextlib.contextmanager

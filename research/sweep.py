@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from research.config import ConfigError, RunConfig, entry, label, scorer_entry, slug
+from research.experiment import Experiment
 from research.pruning import PruningPlan
-from schedules import SCHEDULES, solve_budget
+from research.specs import ConfigError, ScheduleSpec, label, slug
+from schedules import solve_budget
 from scorers import SCORERS
 
 INTERFACE_SCHEDULE = "interface"  # pre-LLM scorers prune once, before the LLM, whatever the schedules
@@ -66,31 +67,8 @@ def is_fraction(budget: float) -> bool:
     return 0 < budget < 1
 
 
-def calibration_split(cfg: RunConfig) -> str:
-    """The split a changepoint schedule calibrates on: ``data.calibration_split``, else one other than
-    the evaluated split (``val``, or ``train`` when ``val`` is evaluated), so layers are not chosen on the
-    samples they are scored on."""
-    if cfg.data.calibration_split:
-        return cfg.data.calibration_split
-    return "train" if cfg.data.split == "val" else "val"
-
-
-def needs_calibration(cfg: RunConfig) -> list[tuple[int, int]]:
-    """(index in cfg.schedules, samples) of changepoint entries that must derive their layers.
-
-    Only the experiment's schedules calibrate; a scorer's own ``schedules`` may not (config validation)."""
-    pending = []
-    for index, spec in enumerate(cfg.schedules):
-        name, params = entry(spec)
-        if name == "changepoint" and params.get("layers") is None and params.get("histogram") is None:
-            pending.append((index, int(params.get("samples", 200))))
-    return pending
-
-
-def plan_sweep(
-    cfg: RunConfig, num_layers: int, num_vision: int, histograms: dict[int, list[int]] | None = None,
-    allow_pending: bool = False,
-) -> list[Combination]:
+def plan_sweep(experiment: Experiment, histograms: dict[int, list[int]] | None = None,
+               allow_pending: bool = False) -> list[Combination]:
     """Every combination, budgets solved; impossible budgets and bad locations raise ConfigError.
 
     ``histograms`` gives calibrated shift histograms of changepoint entries (by schedule index);
@@ -100,58 +78,53 @@ def plan_sweep(
     the rest of the sweep still runs.
     """
     histograms = histograms or {}
-    pending = {index for index, _ in needs_calibration(cfg)} - set(histograms)
+    pending = {c.schedule.index for c in experiment.calibrations} - set(histograms)
     if pending and not allow_pending:
         raise ConfigError(f"changepoint schedule(s) {sorted(pending)} have no shift histogram yet")
+    num_layers, num_vision = experiment.model.num_layers, experiment.model.num_vision
     full = float(num_vision)
-    combos = [Combination("vanilla", "-", None, [], [], full, full, positions=cfg.positions)]
-    for scorer_spec in cfg.scorers:
-        scorer, scorer_params, protocol = scorer_entry(scorer_spec)
-        positions = protocol.get("positions", cfg.positions)
-        own = {"scorer_params": scorer_params, "positions": positions, "own_positions": "positions" in protocol}
-        scorer_class = SCORERS.get(scorer)
+    combos = [Combination("vanilla", "-", None, [], [], full, full, positions=experiment.positions)]
+    calibrated_on = f"@{experiment.data.calibration_split}"  # where a calibrated schedule's layers came from
+    for scorer in experiment.scorers:
+        own = {"scorer_params": scorer.params, "positions": scorer.positions, "own_positions": scorer.own_positions}
+        scorer_class = scorer.component
+        schedules: list[tuple[str, ScheduleSpec | None, bool]] = []  # (label, spec, calibrated)
         if scorer_class.pre_llm:
-            schedules = [(INTERFACE_SCHEDULE, {}, None, False, "")]
-        elif "schedules" in protocol:  # the scorer's own protocol replaces the experiment's schedules
-            schedules = []
-            for spec in protocol["schedules"]:
-                name, params = entry(spec)
-                schedules.append((label(name, params), params, SCHEDULES.get(name)(**params), False, name))
-        else:
-            schedules = []
-            for index, spec in enumerate(cfg.schedules):
-                if index in pending:
+            schedules = [(INTERFACE_SCHEDULE, None, False)]
+        else:  # the scorer's own protocol replaces the experiment's schedules
+            for spec in scorer.own_schedules or experiment.schedules:
+                calibrated = spec.index in histograms
+                if spec.calibrates and not calibrated:
                     continue
-                name, params = entry(spec)
-                extra = {"histogram": histograms[index]} if index in histograms else {}
-                schedule = SCHEDULES.get(name)(**params, **extra)
-                calibrated_on = f"@{calibration_split(cfg)}" if index in histograms else ""  # where layers came from
-                schedules.append((label(name, params) + calibrated_on, params, schedule, index in histograms, name))
-        for schedule_label, schedule_params, schedule, calibrated, schedule_name in schedules:
-            for budget in cfg.budgets:
+                schedules.append((spec.label + (calibrated_on if calibrated else ""), spec, calibrated))
+        for schedule_label, spec, calibrated in schedules:
+            schedule = None if spec is None else spec.build(histograms.get(spec.index) if calibrated else None)
+            schedule_params, schedule_name = ({}, "") if spec is None else (spec.params, spec.name)
+            for budget in experiment.budgets:
                 relative = is_fraction(budget)
                 tokens = budget * num_vision if relative else budget
                 try:
                     if schedule is None:
-                        solved = solve_budget([-1], num_layers, num_vision, tokens, counting=cfg.counting)
+                        solved = solve_budget([-1], num_layers, num_vision, tokens, counting=experiment.counting)
                     else:
-                        solved = schedule.solve(num_layers, num_vision, tokens, counting=cfg.counting)
+                        solved = schedule.solve(num_layers, num_vision, tokens, counting=experiment.counting)
                 except ValueError as error:
-                    message = f"{scorer} x {schedule_label} at budget {budget:g}: {error}"
+                    message = f"{scorer.name} x {schedule_label} at budget {budget:g}: {error}"
                     if not calibrated:
                         raise ConfigError(message) from None
-                    combos.append(Combination(scorer, schedule_label, float(budget), schedule_params=schedule_params,
-                                              error=message, schedule_name=schedule_name, **own))
+                    combos.append(Combination(scorer.name, schedule_label, float(budget),
+                                              schedule_params=schedule_params, error=message,
+                                              schedule_name=schedule_name, **own))
                     continue
                 if solved.locations and solved.locations[0] < 0 and scorer_class.needs_llm_attention:
                     able = [n for n in SCORERS.names() if not SCORERS.get(n).needs_llm_attention]
                     raise ConfigError(
-                        f"scorer {scorer!r} cannot prune at location -1 (before the LLM) in {schedule_label}: it "
-                        f"reads attention inside the LLM; use locations >= 0 or one of {able}"
+                        f"scorer {scorer.name!r} cannot prune at location -1 (before the LLM) in {schedule_label}: "
+                        f"it reads attention inside the LLM; use locations >= 0 or one of {able}"
                     )
                 keep = [k / num_vision for k in solved.keep] if relative else list(solved.keep)
                 combos.append(Combination(
-                    scorer, schedule_label, float(budget), list(solved.locations), keep,
+                    scorer.name, schedule_label, float(budget), list(solved.locations), keep,
                     solved.reported_avg, solved.computed_avg, schedule_params=schedule_params,
                     schedule_name=schedule_name, relative=relative, **own,
                 ))

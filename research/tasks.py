@@ -6,8 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from research.config import ConfigError, RunConfig
-from research.sweep import calibration_split, needs_calibration
+from research.experiment import DataSpec, Experiment
+from research.specs import ConfigError
 
 
 @dataclasses.dataclass
@@ -20,51 +20,49 @@ class Task:
     scoring: Any  # research.data.benchmark.Scoring
     max_new_tokens: int
     until: tuple[str, ...]
-    subdir: str  # "" for a sweep over one dataset given by name; else the dataset's name (results/<subdir>/...)
+    folder: str  # where its results, predictions and runs go: "" (one dataset by name), or its name (several)
     data_key: dict  # the data settings its results depend on (part of the fingerprint)
 
 
-def open_dataset(cfg: RunConfig, name: str, split: str | None, size: int | None) -> Any:
+def open_dataset(data: DataSpec, name: str, split: str | None, size: int | None) -> Any:
     """Dataset ``name`` at ``split`` (None: its own), first ``size`` samples; a benchmark read from a snapshot
     gets ``data.paths.<name>`` / ``data.root`` and ``data.options.<name>``. Bad data is one ConfigError line."""
     from research.data import DATASETS
     from research.data.benchmark import SnapshotBenchmark
 
     factory = DATASETS.get(name)
-    options = dict(cfg.data.options.get(name) or {})
+    options = data.options.get(name, {})
     try:
         if isinstance(factory, type) and issubclass(factory, SnapshotBenchmark):
-            return factory(path=cfg.data.paths.get(name), root=cfg.data.root, split=split, size=size, **options)
+            return factory(path=data.paths.get(name), root=data.root, split=split, size=size, **options)
         return factory(split=split or "test", size=size, **options)
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"data {name!r}: {str(error).splitlines()[0]}") from None
 
 
-def open_tasks(cfg: RunConfig) -> list[Task]:
-    """Every dataset of ``data.name``, opened and checked (text fields read, no image decoded)."""
-    from research.config import dataset_names
+def open_tasks(experiment: Experiment) -> list[Task]:
+    """Every dataset of the experiment, opened and checked (text fields read, no image decoded); the split a
+    changepoint entry calibrates on is opened too, so a bad one fails before the model loads."""
     from research.data.benchmark import DEFAULT_MAX_NEW_TOKENS, scoring_of
 
-    names = dataset_names(cfg)
-    several = not isinstance(cfg.data.name, str)
+    data = experiment.data
+    if experiment.calibrations:
+        open_dataset(data, data.names[0], data.calibration_split, 1)
     tasks = []
-    for name in names:
-        dataset = open_dataset(cfg, name, cfg.data.split, cfg.data.limit)
+    for name in data.names:
+        dataset = open_dataset(data, name, data.split, data.limit)
         samples = list(dataset)
         if not samples:
-            raise ConfigError(f"dataset {name!r} split {getattr(dataset, 'split', cfg.data.split)!r} has no samples "
-                              f"to evaluate (data.limit={cfg.data.limit})")
-        key: dict[str, Any] = {"name": name, "split": getattr(dataset, "split", cfg.data.split or "test"),
-                               "limit": cfg.data.limit, "calibration_split": cfg.data.calibration_split}
+            raise ConfigError(f"dataset {name!r} split {getattr(dataset, 'split', data.split)!r} has no samples "
+                              f"to evaluate (data.limit={data.limit})")
+        key: dict[str, Any] = {**data.settings, "name": name, "split": getattr(dataset, "split", data.split or "test")}
         if hasattr(dataset, "directory"):
             key["path"] = str(Path(dataset.directory).resolve())
-        if cfg.data.options.get(name):
-            key["options"] = dict(cfg.data.options[name])
-        tokens = cfg.eval.max_new_tokens or getattr(dataset, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        if data.options.get(name):
+            key["options"] = data.options[name]
+        tokens = experiment.eval.max_new_tokens or getattr(dataset, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         tasks.append(Task(name, dataset, samples, scoring_of(dataset), tokens, tuple(getattr(dataset, "until", ())),
-                          name if several else "", key))
-    if needs_calibration(cfg):
-        open_dataset(cfg, names[0], calibration_split(cfg), 1)  # a bad calibration split fails before the model
+                          name if data.per_benchmark else "", key))
     return tasks
 
 

@@ -16,12 +16,11 @@ import textwrap
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN_ID, tiny_inputs, tiny_llava
+from tiny import IMAGE_TOKEN_ID, plan, shaped, tiny_inputs, tiny_llava
 
 from research.config import ConfigError, load_config
 from research.pruning import PruningEngine, PruningPlan
 from research.pruning.signals import Signals, TokenLayout
-from research.sweep import plan_sweep
 from schedules import SCHEDULES
 from scorers import SCORERS
 
@@ -216,7 +215,7 @@ def test_layers_prune_before_rescales_pyramiddrops_stage_boundaries():
 
 
 def test_paper_baselines_runs_each_method_under_its_own_protocol():
-    combos = plan_sweep(load_config(["experiment=paper_baselines"]), 8, 144)  # the shipped model: 8 layers
+    combos = plan(load_config(["experiment=paper_baselines"]), 8, 144)  # the shipped model: 8 layers
     protocol = {(c.scorer, c.budget): (c.locations, c.positions, len(c.keep)) for c in combos if not c.is_vanilla}
     for budget in (48.0, 32.0):
         assert protocol[("text_prior", budget)] == ([0, 3, 5], "original", 3)  # AdaptInfer [1, 10, 20] of 32
@@ -224,7 +223,7 @@ def test_paper_baselines_runs_each_method_under_its_own_protocol():
         assert protocol[("pdrop", budget)] == ([1, 3, 5], "compact", 3)  # before 8, 16, 24 of 32
     pdrop = [c for c in combos if c.scorer == "pdrop"]
     assert all(c.keep[1] * 2 in range(c.keep[0] - 1, c.keep[0] + 2) for c in pdrop)  # lambda = 0.5
-    main = plan_sweep(load_config(["experiment=main_table"]), 8, 144)
+    main = plan(load_config(["experiment=main_table"]), 8, 144)
     assert {len(c.locations) for c in main if c.scorer == "fastv"} == {1}  # FastV prunes once
 
 
@@ -242,7 +241,7 @@ def test_a_scorer_entry_carries_its_own_schedules_and_positions(tmp_path):
         schedules: [{name: layers, layers: [0, 3]}]
         budgets: [40]
         """)])
-    combos = {c.scorer: c for c in plan_sweep(cfg, 8, 144)}
+    combos = {c.scorer: c for c in plan(cfg, 8, 144)}
     assert combos["text_prior"].locations == [0, 3] and combos["text_prior"].positions == "original"
     fastv = combos["fastv"]
     assert fastv.locations == [2] and fastv.positions == "compact" and fastv.scorer_params == {"query": "all"}
@@ -274,9 +273,9 @@ def test_a_result_from_other_scorer_defaults_is_not_reused(tmp_path):
 
     cfg = load_config([write(tmp_path, "scorers: [pdrop]\nschedules: [{name: layers, layers: [1, 3]}]\n"
                                        "budgets: [40]\n")])
-    combo = plan_sweep(cfg, 8, 144)[1]
+    combo = plan(cfg, 8, 144)[1]
     assert scorer_settings(combo) == {"attention": "next", "dtype": "model"}
-    key = fingerprint(cfg, combo, weights="w")
+    key = fingerprint(shaped(cfg), combo, weights="w")
     assert stale_reason({"status": "ok", "fingerprint": key}, key) is None
     older_default = {**key, "scorer settings": "written with attention=same"}
     assert stale_reason({"status": "ok", "fingerprint": older_default}, key) == "scorer settings changed"

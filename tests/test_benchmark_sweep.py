@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from research.config import load_config
 from research.data.fixtures import WRITERS
+from research.experiment import resolve
 from research.report.summary import summarise_benchmarks
 from research.run import main, run
 from research.sweep import Combination
@@ -133,10 +134,11 @@ def test_bad_data_exits_2_with_one_line_and_no_output_directory(micro_model, exp
 def test_the_shapes_fingerprint_settings_are_unchanged(experiment, micro_model, tmp_path):
     """The default dataset's data and eval settings hash as before benchmarks existed: finished shapes results
     are reused (the fingerprint hashed ``cfg.data`` = name, split, limit, calibration_split, and max_new_tokens 3)."""
-    task = open_tasks(load_config(args(experiment, micro_model, tmp_path, "data.limit=2", "eval.max_new_tokens=3")))[0]
+    task = open_tasks(resolve(load_config(args(experiment, micro_model, tmp_path, "data.limit=2",
+                                                "eval.max_new_tokens=3"))))[0]
     assert task.data_key == {"name": "shapes", "split": "test", "limit": 2, "calibration_split": None}
-    default = open_tasks(load_config([f"experiment={experiment}", "data.limit=2"]))[0]
-    assert default.max_new_tokens == 3 and default.until == () and default.subdir == ""
+    default = open_tasks(resolve(load_config([f"experiment={experiment}", "data.limit=2"])))[0]
+    assert default.max_new_tokens == 3 and default.until == () and default.folder == ""
 
 
 def test_table1_average_ratio_is_the_mean_of_the_benchmark_ratios():

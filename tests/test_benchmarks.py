@@ -153,7 +153,7 @@ def test_stop_strings_are_lmms_evals(name):
 
 @pytest.mark.parametrize("family", sorted(CUT))
 def test_an_answer_is_cut_where_lmms_evals_wrapper_for_the_family_cuts_it(root, family):
-    from research.evaluation import SweepModule
+    from research.evaluation import CombinationModule
     from research.models import FAMILIES
     from research.sweep import Combination
 
@@ -168,11 +168,11 @@ def test_an_answer_is_cut_where_lmms_evals_wrapper_for_the_family_cuts_it(root, 
     row = {"prediction": mmbench_cut, "answer": question.answer, "target": question.target}
     assert mmbench.sample_score(row) == float(mmbench_cut == "square")  # uncut: both options named, read as "A"
 
-    class Stub:  # what SweepModule reads of an adapter when it is built
+    class Stub:  # what CombinationModule reads of an adapter when it is built
         model = torch.nn.Linear(1, 1)
         stop_strings = adapter.stop_strings
 
-    module = SweepModule(Stub(), None, Combination("vanilla", "-", None), "original", 16, 64, gqa.until)
+    module = CombinationModule(Stub(), None, Combination("vanilla", "-", None), 16, 64, gqa.until)
     assert module.until == adapter.stop_strings(gqa.until)
 
 

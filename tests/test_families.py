@@ -322,18 +322,20 @@ def clip_dir_for(family: str):
 @pytest.mark.parametrize("scorer", SCORERS.names())
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, scorer, tmp_path):
-    from research.config import ConfigError, ModelConfig, RunConfig, model_family
+    from research.config import ConfigError, ModelConfig, RunConfig
+    from research.experiment import resolve
 
     adapter, scorer_class = FAMILIES.get(family), SCORERS.get(scorer)
-    model(family).config.save_pretrained(tmp_path)  # config.json alone: the check must not need weights
+    model(family).config.save_pretrained(tmp_path)  # config.json and an empty weights file: nothing is loaded
+    (tmp_path / "model.safetensors").touch()
     cfg = RunConfig(scorers=[scorer], model=ModelConfig(name=family, path=str(tmp_path)))
     if scorer_class.needs_cls_saliency and not adapter.has_cls_saliency:
         with pytest.raises(ConfigError, match=f"scorer '{scorer}' ranks by the vision tower's CLS attention, which "
                                               f"{family} .* does not map onto its image tokens") as caught:
-            model_family(cfg, tmp_path)
+            resolve(cfg)
         assert "\n" not in str(caught.value)
         return
-    assert model_family(cfg, tmp_path) is adapter
+    assert resolve(cfg).model.adapter is adapter
     params = {"clip_path": clip_dir_for(family)} if scorer == "atp" else {}
     plan = PruningPlan.of([-1], [0.5], relative=True) if scorer_class.pre_llm else LAYER_PLAN
     batch = inputs(family)
@@ -349,11 +351,12 @@ def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, 
 
 
 def test_budget_fractions_are_solved_on_the_nominal_count_and_kept_per_row():
+    from tiny import plan
+
     from research.config import RunConfig
-    from research.sweep import plan_sweep
 
     cfg = RunConfig(scorers=["text_prior"], schedules=[{"name": "layers", "layers": [1, 3]}], budgets=[0.25, 36])
-    fraction, tokens = plan_sweep(cfg, 6, 144)[1:]
+    fraction, tokens = plan(cfg, 6, 144)[1:]
     assert fraction.relative and not tokens.relative
     assert [k * 144 for k in fraction.keep] == pytest.approx(tokens.keep)
     plan = fraction.plan()
@@ -431,18 +434,20 @@ def test_no_model_class_is_named_outside_the_adapters():
 
 
 def test_model_name_must_match_the_checkpoint_family_or_be_auto(tmp_path):
-    from research.config import ConfigError, ModelConfig, RunConfig, model_family
+    from research.config import ConfigError, ModelConfig, RunConfig
+    from research.experiment import resolve
 
     model("qwen2_vl").config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()  # the checks read config.json alone
     for name in ("auto", "qwen2_vl"):
         cfg = RunConfig(scorers=["text_prior"], model=ModelConfig(name=name, path=str(tmp_path)))
-        assert model_family(cfg, tmp_path) is FAMILIES.get("qwen2_vl")
+        assert resolve(cfg).model.adapter is FAMILIES.get("qwen2_vl")
     cfg = RunConfig(scorers=["text_prior"], model=ModelConfig(name="llava15", path=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"model=llava15 but .* \(family qwen2_vl\); use model=qwen2_vl or model=a"):
-        model_family(cfg, tmp_path)
+        resolve(cfg)
     cfg = RunConfig(scorers=["text_prior"], positions="compact", model=ModelConfig(name="auto", path=str(tmp_path)))
     with pytest.raises(ConfigError, match="positions=compact renumbers 1-D positions; qwen2_vl's multimodal"):
-        model_family(cfg, tmp_path)
+        resolve(cfg)
 
 
 @pytest.mark.parametrize("order", ["name-first", "path-first"])
@@ -518,14 +523,16 @@ def mistral_llava_next(window: int):
 
 
 def test_a_sliding_window_shorter_than_the_image_is_refused_before_loading(tmp_path):
-    from research.config import ConfigError, ModelConfig, RunConfig, model_family
+    from research.config import ConfigError, ModelConfig, RunConfig
+    from research.experiment import resolve
 
     mistral = mistral_llava_next(24)  # the tiny LLaVA-NeXT's images give up to 80 tokens
     mistral.config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()  # the check reads config.json alone
     cfg = RunConfig(scorers=["fastv"], model=ModelConfig(name="llava_next", path=str(tmp_path)))
     expected = "attends within a sliding window of 24 tokens, shorter than 80 image tokens"
     with pytest.raises(ConfigError, match=expected) as caught:
-        model_family(cfg, tmp_path)
+        resolve(cfg)
     assert "\n" not in str(caught.value)
     with pytest.raises(UnsupportedModel, match=expected):
         PruningEngine(mistral, SCORERS.get("fastv")(), LAYER_PLAN)

@@ -137,7 +137,7 @@ KILLER = """\
 
     WHERE, _, COUNT = os.environ["KILL_AT"].partition(":")  # result:N (inside the N-th result's rename) or batch:1
     seen = []
-    real_replace, real_step = os.replace, evaluation.SweepModule.predict_step
+    real_replace, real_step = os.replace, evaluation.CombinationModule.predict_step
 
     def replace(source, destination, **kwargs):
         if WHERE == "result" and Path(destination).parent.name == "results":
@@ -152,7 +152,7 @@ KILLER = """\
         return real_step(self, batch, batch_idx)
 
     os.replace = replace
-    evaluation.SweepModule.predict_step = predict_step
+    evaluation.CombinationModule.predict_step = predict_step
     """
 
 
@@ -230,7 +230,7 @@ def test_the_lock_is_taken_before_the_data_or_the_model_loads(micro_model, exper
             fcntl.flock(lock, fcntl.LOCK_UN)
             return False
 
-    def open_tasks(cfg):
+    def open_tasks(experiment):
         held.append((out / "life" / ".lock").is_file() and lock_held())
         raise Loaded
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from tiny import plan, shaped
 
 import research.pruning
 from research.config import load_config
 from research.resume import FORMAT_CHANGED, code_digest, fingerprint, resume_line, stale_reason
-from research.sweep import plan_sweep
 
 SCORER = '''\
 """A user's scorer."""
@@ -114,7 +114,7 @@ def sweep(tmp_path, monkeypatch):
     experiment.write_text("imports: [fp_sweep_scorer]\nscorers: [fp_sweep]\n"
                           "schedules: [{name: layers, layers: [1, 3]}]\nbudgets: [40]\n")
     cfg = load_config([f"experiment={experiment}"])
-    return cfg, plan_sweep(cfg, 8, 144)[1], path
+    return shaped(cfg), plan(cfg, 8, 144)[1], path
 
 
 def test_a_result_is_reused_after_an_unrelated_edit_and_recomputed_after_its_score_changes(sweep):

@@ -7,6 +7,7 @@ to disk once; the runs use a handful of samples so each takes seconds.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,11 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny import TIMING_COLUMNS
+from tiny import TIMING_COLUMNS, plan
 
 from research.config import ConfigError, load_config
 from research.run import main, run
-from research.sweep import plan_sweep
 
 FAST = ["data.limit=6", "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1",
         "eval.analysis_samples=4"]
@@ -194,7 +194,7 @@ UNREACHABLE = ["schedules=[{name: changepoint}, {name: layers, layers: [0, 2]}]"
 
 def test_unreachable_budget_of_calibrated_layers_is_a_failed_combination(micro_model, experiment, tmp_path):
     cfg = load_config(args(experiment, micro_model, tmp_path, *UNREACHABLE))
-    combos = {c.name: c for c in plan_sweep(cfg, 4, 144, histograms={0: PEAK_AT_2})}
+    combos = {c.name: c for c in plan(cfg, 4, 144, histograms={0: PEAK_AT_2})}
     failed = [c for c in combos.values() if c.error]
     assert [c.name for c in failed] == ["text_prior__changepoint_val__b20"]
     assert "unreachable for locations [2]" in failed[0].error and "\n" not in failed[0].error
@@ -204,7 +204,7 @@ def test_unreachable_budget_of_calibrated_layers_is_a_failed_combination(micro_m
     explicit = load_config(args(experiment, micro_model, tmp_path, "schedules=[{name: changepoint, layers: [2]}]",
                                 "budgets=[20]"))
     with pytest.raises(ConfigError, match="unreachable for locations \\[2\\]"):
-        plan_sweep(explicit, 4, 144)  # layers the user wrote down are bad input: stop before loading
+        plan(explicit, 4, 144)  # layers the user wrote down are bad input: stop before loading
 
 
 @pytest.mark.slow
@@ -283,7 +283,7 @@ def test_model_shape_reads_defaults_a_real_config_json_leaves_out(tmp_path):
     """llava-hf/llava-1.5-7b-hf's config.json has no text_config.num_hidden_layers (Llama's default: 32)."""
     import json
 
-    from research.config import model_shape
+    from research.models.registry import inspect_checkpoint
 
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "llava", "image_token_index": 32000, "vision_feature_select_strategy": "default",
@@ -292,7 +292,9 @@ def test_model_shape_reads_defaults_a_real_config_json_leaves_out(tmp_path):
                           "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096,
                           "num_hidden_layers": 24, "projection_dim": 768},
     }))
-    assert model_shape(tmp_path) == (32, 576)
+    (tmp_path / "model.safetensors").touch()
+    layout = inspect_checkpoint("auto", tmp_path).layout
+    assert (layout.num_layers, layout.nominal_tokens) == (32, 576)
 
 
 def test_help_lists_experiments_and_config_keys(capsys):
@@ -305,28 +307,33 @@ def test_help_lists_experiments_and_config_keys(capsys):
 def test_every_shipped_experiment_loads_and_plans(name):
     """A shipped experiment that no longer validates fails CI (no weights: the default model's shape, or for an
     experiment written for LLaVA-1.5-7B its 32 layers and 576 image tokens)."""
-    from research.config import model_directory, model_shape
+    from research.experiment import resolve
+    from research.sweep import plan_sweep
 
     cfg = load_config([f"experiment={name}"])
-    shape = {"llava15": (32, 576)}.get(cfg.model.name) or model_shape(model_directory(cfg))
-    plan_sweep(cfg, *shape, allow_pending=True)
+    if cfg.model.name == "llava15":
+        plan(cfg, 32, 576, allow_pending=True)
+    else:
+        plan_sweep(resolve(cfg), allow_pending=True)
 
 
 def test_schedules_differing_only_in_scale_from_are_different_combinations(micro_model, experiment, tmp_path):
     cfg = load_config(args(experiment, micro_model, tmp_path, "scorers=[text_prior]", "budgets=[48]",
                            "schedules=[{name: layers, layers: [1, 10, 20]}, "
                            "{name: layers, layers: [1, 10, 20], scale_from: 32}]"))
-    combos = plan_sweep(cfg, 32, 144)
+    combos = plan(cfg, 32, 144)
     assert [c.name for c in combos[1:]] == ["text_prior__layers1-10-20__b48", "text_prior__layers1-10-20_of32__b48"]
 
 
 def test_changepoint_calibrates_on_a_split_other_than_the_evaluated_one(micro_model, experiment, tmp_path):
-    from research.sweep import calibration_split
+    from research.experiment import resolve
 
-    base = args(experiment, micro_model, tmp_path)
-    assert calibration_split(load_config(base)) == "val"  # the test split is evaluated
-    assert calibration_split(load_config([*base, "data.split=val"])) == "train"
-    assert calibration_split(load_config([*base, "data.calibration_split=train"])) == "train"
+    def calibration_split(extra):
+        return resolve(load_config([*args(experiment, micro_model, tmp_path), *extra])).data.calibration_split
+
+    assert calibration_split([]) == "val"  # the test split is evaluated
+    assert calibration_split(["data.split=val"]) == "train"
+    assert calibration_split(["data.calibration_split=train"]) == "train"
 
 
 # ---- nothing lost, nothing stale ------------------------------------------------------------------------------
@@ -475,15 +482,16 @@ def test_an_undecodable_image_is_skipped_and_counted(micro_model, experiment, tm
 
 
 def test_a_damaged_calibration_cache_is_recomputed_with_a_warning(micro_model, experiment, tmp_path, caplog):
-    from research.analysis.collect import shift_cache_file
-    from research.calibration import cached_histograms
-    from research.sweep import calibration_split
+    from research.experiment import resolve
 
     cfg = load_config(args(experiment, micro_model, tmp_path, "schedules=[{name: changepoint, samples: 4}]"))
-    path = shift_cache_file(tmp_path / ".cache", micro_model, "shapes", calibration_split(cfg), 4)
+    path = resolve(cfg).calibrations[0].cache_file
+    parts = [str(micro_model.resolve()).encode(), (micro_model / "config.json").read_bytes(), b"shapes", b"val", b"4"]
+    assert path.name == f"attention_shifts-{hashlib.sha256(b'|'.join(parts)).hexdigest()[:16]}.json"  # as before
     path.parent.mkdir(parents=True)
     path.write_text("")  # a kill inside a non-atomic write
-    assert cached_histograms(cfg, micro_model) == {}
+    [calibration] = resolve(cfg).calibrations
+    assert calibration.cache_file == path and calibration.cached is None
     assert "ignoring unreadable calibration cache" in caplog.text
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -163,7 +165,7 @@ def test_calibration_prints_and_logs_the_layers_of_the_entrys_own_parameters(tmp
     import research.analysis.collect as collect
     from research.calibration import calibrate
     from research.config import load_config
-    from research.models.registry import shapes_path
+    from research.experiment import resolve
     from research.output import SweepOutput
     from research.sweep import plan_sweep
     from schedules.changepoint import changepoint_layers
@@ -176,8 +178,10 @@ def test_calibration_prints_and_logs_the_layers_of_the_entrys_own_parameters(tmp
                         lambda writer, counts, layers, tag: logged.__setitem__(tag, layers))
     cfg = load_config([f"output_dir={tmp_path}", "scorers=[text_prior]", "budgets=[100]",
                        "schedules=[{name: changepoint, samples: 2, level: 0.6, early_fraction: 0.5}]"])
-    output = SweepOutput.of(tmp_path, cfg.experiment)
-    histograms = calibrate(cfg, shapes_path(), None, None, {}, output)  # the model is not run
-    assert [c.locations for c in plan_sweep(cfg, len(histogram), 144, histograms) if not c.is_vanilla] == [[2]]
+    experiment = resolve(cfg)
+    histograms = calibrate(experiment, None, None, SweepOutput.of(experiment))  # the model is not run
+    four_layers = dataclasses.replace(experiment.model, num_layers=len(histogram))
+    four_layers = dataclasses.replace(experiment, model=four_layers)
+    assert [c.locations for c in plan_sweep(four_layers, histograms) if not c.is_vanilla] == [[2]]
     assert logged == {"changepoint_0": [2]}
     assert "prune after layers [2]" in capsys.readouterr().out

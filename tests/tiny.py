@@ -51,3 +51,19 @@ def row(inputs: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         "attention_mask": inputs["attention_mask"][i][keep][None],
         "pixel_values": inputs["pixel_values"][i : i + 1],
     }
+
+
+def plan(cfg, num_layers: int, num_vision: int, histograms=None, allow_pending: bool = False):
+    """The combinations of ``cfg`` planned for a model of this shape, without its checkpoint."""
+    from research.experiment import ModelSpec, resolve
+    from research.sweep import plan_sweep
+
+    experiment = resolve(cfg, ModelSpec.of_shape(cfg.model, num_layers, num_vision))
+    return plan_sweep(experiment, histograms, allow_pending)
+
+
+def shaped(cfg, num_layers: int = 8, num_vision: int = 144):
+    """``cfg`` resolved for a model of this shape, without its checkpoint (plans and fingerprints)."""
+    from research.experiment import ModelSpec, resolve
+
+    return resolve(cfg, ModelSpec.of_shape(cfg.model, num_layers, num_vision))

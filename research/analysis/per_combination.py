@@ -82,7 +82,7 @@ def relevant_masks(samples: Sequence[Any], num_vision: int) -> Tensor | None:
 
 @torch.no_grad()
 def observe_combination(module: Any, samples: Sequence[Any], batch_size: int) -> dict[str, Any]:
-    """Run the three observers over ``samples`` on the combination of ``module`` (a ``SweepModule``); returns the
+    """Run the three observers over ``samples`` on the combination of ``module`` (a ``CombinationModule``); returns the
     figures' data, their headline values and the wall time."""
     from schedules.changepoint import changepoint_layers
 

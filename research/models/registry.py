@@ -1,18 +1,20 @@
 """Models by name: ``shapes`` is the shipped offline default; every family name loads a local checkpoint.
 
 ``model=qwen2_vl model.path=/data/Qwen2-VL-7B-Instruct``: the family is read from the checkpoint's
-``config.json`` (:func:`checkpoint_family`) and must match the name given (``model=auto`` accepts any).
+``config.json`` (:func:`inspect_checkpoint`) and must match the name given (``model=auto`` accepts any).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from research.models.base import FAMILIES, UnsupportedModel, VLMAdapter, family_of_config
+from research.models.base import FAMILIES, UnsupportedModel, VisionLayout, VLMAdapter, family_of_config
 from research.registry import Registry
 
 MODELS: Registry[Any] = Registry("model")
@@ -40,18 +42,55 @@ for _name in [AUTO, *FAMILIES.names()]:
     MODELS.register(_name)(_local_checkpoint(_name))
 
 
-def checkpoint_family(path: Path, name: str = AUTO) -> type[VLMAdapter]:
-    """The adapter for the checkpoint in ``path``, from its ``config.json`` alone (no weights).
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint's ``config.json`` says, read once and without weights: its family and its shape."""
 
-    Raises UnsupportedModel (one line) for a class no family covers, or one other than ``name``'s.
+    directory: Path
+    adapter: type[VLMAdapter]
+    layout: VisionLayout  # decoder layers, image tokens a budget is planned against
+
+    def cache_key(self, *parts: str) -> str:
+        """A key for what is derived from this checkpoint and ``parts``: it follows the checkpoint's path and its
+        config.json (a shift histogram's cache, per dataset, split and N)."""
+        config = (self.directory / "config.json").read_bytes()
+        return hashlib.sha256(b"|".join([str(self.directory.resolve()).encode(), config,
+                                         *(part.encode() for part in parts)])).hexdigest()[:16]
+
+
+def inspect_checkpoint(name: str, path: str | Path | None = None) -> Checkpoint:
+    """The family and shape of model ``name``'s checkpoint (``path``: a local directory) from its ``config.json``,
+    read once and then through ``transformers.AutoConfig`` (which fills the defaults a config.json may leave out).
+
+    Raises UnsupportedModel, one line: no checkpoint there, a class no family covers or one other than ``name``'s,
+    or a config.json that is not a usable model config (AutoConfig would silently fill in a 7B LLaMA and a default
+    vision tower where ``text_config`` or ``vision_config`` is missing).
     """
-    raw = json.loads((path / "config.json").read_text())
-    adapter = family_of_config(raw)
-    if name not in (AUTO, "shapes") and name in FAMILIES and adapter.family != name:
-        raise UnsupportedModel(f"model={name} but {path / 'config.json'} holds a {adapter.model_class} "
-                               f"(family {adapter.family}); use model={adapter.family} or model=auto")
-    adapter.check_config(_auto_config(path))
-    return adapter
+    directory = MODELS.get(name)(str(path) if path is not None else None)
+    if not (directory / "config.json").is_file():
+        raise UnsupportedModel(f"model path {str(directory)!r} holds no config.json: expected a local Hugging Face "
+                               "checkpoint")
+    if not any(directory.glob("*.safetensors")):
+        raise UnsupportedModel(f"model path {str(directory)!r} holds no *.safetensors weights: expected a local "
+                               "Hugging Face checkpoint (config.json + *.safetensors)")
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+        adapter = family_of_config(raw)
+        if name not in (AUTO, "shapes") and name in FAMILIES and adapter.family != name:
+            raise UnsupportedModel(f"model={name} but {directory / 'config.json'} holds a {adapter.model_class} "
+                                   f"(family {adapter.family}); use model={adapter.family} or model=auto")
+        missing = [key for key in ("text_config", "vision_config") if key not in raw]
+        if missing:
+            raise KeyError(f"no {' or '.join(missing)}")
+        config = _auto_config(directory)
+        adapter.check_config(config)
+        return Checkpoint(directory, adapter, adapter.vision_layout(config))
+    except UnsupportedModel:
+        raise
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+        first = " ".join(str(error).split())[:300]
+        raise UnsupportedModel(f"{directory / 'config.json'} is not a usable model config ({type(error).__name__}: "
+                               f"{first})") from None
 
 
 def _auto_config(path: Path) -> Any:
@@ -68,7 +107,7 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> tuple[VLMAdapter, Any]:
     """(adapter, processor) of the model called ``name``; never downloads."""
-    directory = MODELS.get(name)(path)
-    return checkpoint_family(directory, name).from_pretrained(
-        directory, dtype=dtype, attn_implementation=attn_implementation, device=device
+    checkpoint = inspect_checkpoint(name, path)
+    return checkpoint.adapter.from_pretrained(
+        checkpoint.directory, dtype=dtype, attn_implementation=attn_implementation, device=device
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from research.config import slug
+from research.specs import slug
 from research.sweep import Combination
 
 
@@ -34,23 +34,23 @@ def run_name(combo: Combination) -> str:
     return "/".join([slug(combo.scorer_label), slug(combo.schedule), slug(budget)])
 
 
-def run_logger(out: Path, combo: Combination, subdir: str = "") -> TensorBoardLogger:
+def run_logger(out: Path, combo: Combination, folder: str = "") -> TensorBoardLogger:
     """The TensorBoard logger of one combination: its run directory ``<out>/tensorboard/<run_name(combo)>``
     (``<out>/tensorboard/<benchmark>/<run_name(combo)>`` in a sweep over several benchmarks)."""
-    version = f"{subdir}/{run_name(combo)}" if subdir else run_name(combo)
+    version = f"{folder}/{run_name(combo)}" if folder else run_name(combo)
     return TensorBoardLogger(save_dir=out, name="tensorboard", version=version, default_hp_metric=False)
 
 
-def run_directory(out: Path, combo: Combination, subdir: str = "") -> Path:
+def run_directory(out: Path, combo: Combination, folder: str = "") -> Path:
     """The directory of :func:`run_logger`'s run."""
-    return out / "tensorboard" / subdir / run_name(combo)
+    return out / "tensorboard" / folder / run_name(combo)
 
 
-def log_failure(out: Path, combo: Combination, num_vision: int, error: str, subdir: str = "") -> None:
+def log_failure(out: Path, combo: Combination, num_vision: int, error: str, folder: str = "") -> None:
     """A failed combination's trace in its TensorBoard run: the text ``status`` with the error, the scalar
     ``metrics/failed`` = 1 and its HParams entry (so the failure shows in the HParams table too)."""
     try:
-        logger = run_logger(out, combo, subdir)
+        logger = run_logger(out, combo, folder)
         logger.experiment.add_text("status", f"failed: {error}", 0)
         log_hparams(logger, combo, num_vision, {"failed": 1})
         logger.finalize("failed")
