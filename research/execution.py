@@ -1,5 +1,5 @@
-"""The sweep proper: load the model, calibrate, then every combination in its own Lightning predict loop on
-every dataset, reusing finished results; a failing combination is recorded and the others run."""
+"""The sweep proper (:class:`Sweep`): load the model, calibrate, then every combination in its own Lightning
+predict loop on every dataset, reusing finished results; a failing combination is recorded and the others run."""
 
 from __future__ import annotations
 
@@ -27,73 +27,102 @@ from research.sweep import Combination, plan_sweep
 from research.tasks import Task
 
 
-def run_sweep(experiment: Experiment, output: SweepOutput, tasks: list[Task]) -> list[dict]:
-    """The sweep proper, inside the output directory's lock: combinations in order, each on every dataset."""
-    out = output.directory
-    output.write_text(out / "config.yaml", experiment.config_yaml)
-    L.seed_everything(experiment.seed, verbose=False)
-    adapter, processor = experiment.model.load()
-    if experiment.analysis is not None:
+class Sweep:
+    """One resolved experiment's sweep, inside its output directory's lock (``research.run``): the model loaded
+    once, the changepoint entries calibrated, then every combination on every dataset, each in its own Lightning
+    predict loop, reusing the results that finished before. What has finished is kept on the object, so a stop
+    (a failed write, SIGTERM) says what is kept."""
+
+    def __init__(self, experiment: Experiment, output: SweepOutput, tasks: list[Task]) -> None:
+        self.experiment, self.output, self.tasks = experiment, output, tasks
+        self.results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}  # dataset -> combination -> result
+        # dataset -> the vanilla combination's (accuracy, FLOPs): the references of the pruned ones
+        self.vanilla: dict[str, tuple[float | None, float | None]] = {t.name: (None, None) for t in tasks}
+        self.running: Path | None = None  # the TensorBoard run being written, until its result is
+        self.total = 0  # combinations x datasets
+
+    def run(self) -> list[dict]:
+        """The summary rows (vanilla first), or ``[result]`` of an attention analysis."""
+        experiment, output = self.experiment, self.output
+        output.write_text(output.directory / "config.yaml", experiment.config_yaml)
+        L.seed_everything(experiment.seed, verbose=False)
+        adapter, processor = experiment.model.load()
+        if experiment.analysis is not None:
+            return [self.analyse(adapter, processor)]
+        combos = plan_sweep(experiment, calibrate(experiment, adapter, processor, output))
+        self.total = len(combos) * len(self.tasks)
+        try:
+            self.run_combinations(combos, adapter, processor)
+            return self.summarise(combos)
+        except StopSweep as error:
+            kept = sum(r["status"] == "ok" for r in self.finished())  # written ones only
+            raise StopSweep(f"{error}; kept {kept} finished combination(s) in {output.directory / 'results'}"
+                            ) from error
+        except StopSignal as stop:
+            if self.running is not None:  # the stopped combination's half-written run
+                output.replace_run(self.running)
+            raise StopSignal(stop.signum, finished_line(self.finished(), output.directory, self.total)) from None
+
+    def finished(self) -> list[dict]:
+        return [result for task in self.tasks for result in self.results[task.name].values()]
+
+    def analyse(self, adapter: Any, processor: Any) -> dict:
+        """``analysis=text_dynamics|attention_shifts`` on the first dataset, instead of a sweep."""
         from research.analysis.collect import run_analysis
 
-        output.replace_run(output.tensorboard(experiment.analysis))
-        result = run_analysis(experiment.analysis, adapter, processor, tasks[0].samples, out,
-                              experiment.eval.batch_size)
+        name = self.experiment.analysis
+        self.output.replace_run(self.output.tensorboard(name))
+        result = run_analysis(name, adapter, processor, self.tasks[0].samples, self.output.directory,
+                              self.experiment.eval.batch_size)
         if "changepoint_layers" in result:
-            print(f"changepoint schedule derived from {result['samples']} samples: layers "
-                  f"{result['changepoint_layers']} (histogram {result['histogram']})")
-        return [result]
-    combos = plan_sweep(experiment, calibrate(experiment, adapter, processor, output))
+            self.output.print(f"changepoint schedule derived from {result['samples']} samples: layers "
+                              f"{result['changepoint_layers']} (histogram {result['histogram']})")
+        return result
 
-    weights = weights_digest(experiment.model.directory)
-    keys = {(t.name, c.name): fingerprint(experiment, c, weights, t) for t in tasks for c in combos}
-    files = {(t.name, c.name): output.result_file(c.name, t.folder) for t in tasks for c in combos}
-    previous = {pair: read_json(path, "result") for pair, path in files.items()}
-    stale = {f"{c.name}{f' on {t.name}' if t.folder else ''}": stale_reason(previous[t.name, c.name],
-             keys[t.name, c.name]) for c in combos for t in tasks if not c.error}
-    output.print(resume_line(stale))
-
-    results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
-    vanilla: dict[str, tuple[float | None, float | None]] = {t.name: (None, None) for t in tasks}
-    running: Path | None = None  # the TensorBoard run being written, until its result is
-    try:
+    def run_combinations(self, combos: list[Combination], adapter: Any, processor: Any) -> None:
+        """Each combination on each dataset, in order: reused when it finished before with the same fingerprint,
+        recorded as failed when its plan could not be solved, run otherwise."""
+        experiment, output = self.experiment, self.output
+        weights = weights_digest(experiment.model.directory)
+        pairs = [(task, combo) for combo in combos for task in self.tasks]
+        keys = {(t.name, c.name): fingerprint(experiment, c, weights, t) for t, c in pairs}
+        files = {(t.name, c.name): output.result_file(c.name, t.folder) for t, c in pairs}
+        previous = {pair: read_json(path, "result") for pair, path in files.items()}
+        stale = {pair: stale_reason(previous[pair], keys[pair]) for pair in keys}
+        output.print(resume_line({f"{c.name}{f' on {t.name}' if t.folder else ''}": stale[t.name, c.name]
+                                  for t, c in pairs if not c.error}))
         for index, combo in enumerate(combos, 1):
-            for task in tasks:
+            for task in self.tasks:
                 pair = (task.name, combo.name)
-                title = combination_title(combo) + (f" on {task.name}" if task.folder else "")
-                label = f"[{index}/{len(combos)}] {title}"
+                label = f"[{index}/{len(combos)}] {combination_title(combo)}" + (f" on {task.name}"
+                                                                                  if task.folder else "")
                 if combo.error:
-                    running = run_directory(out, combo, task.folder)
+                    self.running = run_directory(output.directory, combo, task.folder)
                     output.log_failure(combo, experiment.model.num_vision, combo.error, task.folder, anew=True)
                     result = {"combination": combo.__dict__, "fingerprint": keys[pair], "status": "failed",
                               "error": combo.error}
-                elif stale[f"{combo.name}{f' on {task.name}' if task.folder else ''}"] is None:
+                elif stale[pair] is None:
                     output.print(f"{label}: reused (finished earlier, unchanged)")
                     result = previous[pair]
                 else:
-                    running = output.replace_run(run_directory(out, combo, task.folder))  # a killed run's: anew
-                    result = run_combination(experiment, combo, adapter, processor, task, vanilla[task.name], output,
-                                             keys[pair], label)
+                    self.running = output.replace_run(run_directory(output.directory, combo, task.folder))
+                    result = run_combination(experiment, combo, adapter, processor, task, self.vanilla[task.name],
+                                             output, keys[pair], label)
                     output.write_json(files[pair], result)
-                results[task.name][combo.name] = result
-                running = None
+                self.results[task.name][combo.name] = result
+                self.running = None
                 if combo.is_vanilla and result["status"] == "ok":
-                    vanilla[task.name] = (result["accuracy"], result["flops"])
-        if experiment.data.per_benchmark:
-            rows = summarise_benchmarks(combos, results, tasks)
-            output.write_summary(rows, benchmark_columns(tasks))
+                    self.vanilla[task.name] = (result["accuracy"], result["flops"])
+
+    def summarise(self, combos: list[Combination]) -> list[dict]:
+        """``summary.csv`` / ``summary.md``: one dataset's layout, or Table 1's over several benchmarks."""
+        if self.experiment.data.per_benchmark:
+            rows = summarise_benchmarks(combos, self.results, self.tasks)
+            self.output.write_summary(rows, benchmark_columns(self.tasks))
             return rows
-        rows = summarise(combos, results[tasks[0].name])
-        output.write_summary(rows)
+        rows = summarise(combos, self.results[self.tasks[0].name])
+        self.output.write_summary(rows)
         return rows
-    except StopSweep as error:
-        kept = sum(r["status"] == "ok" for t in tasks for r in results[t.name].values())  # written ones only
-        raise StopSweep(f"{error}; kept {kept} finished combination(s) in {out / 'results'}") from error
-    except StopSignal as stop:
-        if running is not None:  # the stopped combination's half-written run
-            output.replace_run(running)
-        finished = [r for t in tasks for r in results[t.name].values()]
-        raise StopSignal(stop.signum, finished_line(finished, out, len(combos) * len(tasks))) from None
 
 
 def run_combination(

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from research.config import ConfigError, RunConfig, load_config
 from research.distributed import is_rank_zero, watch_rank_zero
-from research.execution import run_sweep
+from research.execution import Sweep
 from research.experiment import resolve
 from research.output import SweepOutput
 from research.report.summary import compact_table
@@ -38,7 +38,7 @@ def run(cfg: RunConfig) -> list[dict]:
     # The lock comes before the data and the model load, so a second run into this directory is told at once.
     with output.locked():
         tasks = open_tasks(experiment)
-        rows = run_sweep(experiment, output, tasks)
+        rows = Sweep(experiment, output, tasks).run()
         if experiment.analysis is None and not experiment.data.per_benchmark:
             task = tasks[0]
             try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,14 +52,6 @@ def observe_dataset(adapter: Any, processor: Any, samples: Sequence[Any], observ
                         enable_model_summary=False, callbacks=[bar])
     trainer.predict(ObserverModule(adapter, processor, observe), DataLoader(list(samples), batch_size=batch_size,
                                                                            collate_fn=list), return_predictions=False)
-
-
-def shift_cache_file(cache_dir: Path, model_dir: Path, data: str, split: str, samples: int) -> Path:
-    """Cache of a shift histogram, keyed by the model (path and config), the dataset and N."""
-    config = (model_dir / "config.json").read_bytes()
-    key = hashlib.sha256(b"|".join([str(model_dir.resolve()).encode(), config, data.encode(), split.encode(),
-                                    str(samples).encode()])).hexdigest()[:16]
-    return cache_dir / f"attention_shifts-{key}.json"
 
 
 def attention_shift_histogram(adapter: Any, processor: Any, samples: Sequence[Any], batch_size: int,

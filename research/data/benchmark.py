@@ -104,7 +104,9 @@ class SnapshotBenchmark:
         self.directory = snapshot_folder(self.name, self.folder, root, path)
         self.samples = self.load(size)
 
-    def what(self) -> str:
+    @property
+    def description(self) -> str:
+        """``benchmark 'gqa' split 'val'``: how errors name this benchmark."""
         return f"benchmark {self.name!r} split {self.split!r}"
 
     def load(self, size: int | None) -> list[BenchmarkSample]:
@@ -112,13 +114,13 @@ class SnapshotBenchmark:
         files = shard_files(self.directory, self.splits[self.split], self.split)
         present = set(pq.ParquetFile(files[0]).schema_arrow.names)
         columns = self.fields + tuple(f for f in self.optional_fields if f in present)
-        table = read_columns(files, columns, self.what())
+        table = read_columns(files, columns, self.description)
         rows = table.slice(0, size).to_pylist() if size is not None else table.to_pylist()
         images = self.images(files)
         return [self.make_sample(row, index, ImageRef(images, index)) for index, row in enumerate(rows)]
 
     def images(self, files: Sequence[Any]) -> ImageColumn:
-        return ImageColumn(files, self.image_field, self.what())
+        return ImageColumn(files, self.image_field, self.description)
 
     def make_sample(self, row: dict, index: int, image: ImageRef) -> BenchmarkSample:
         raise NotImplementedError
@@ -138,7 +140,7 @@ class SnapshotBenchmark:
     def score(self, rows: Sequence[dict]) -> dict[str, float]:
         """Mean per-sample score x100 as ``accuracy`` (the default; MME, POPE and MMBench aggregate their own)."""
         if not rows:
-            raise ValueError(f"{self.what()}: no predictions to score")
+            raise ValueError(f"{self.description}: no predictions to score")
         return {"accuracy": 100.0 * sum(self.sample_score(r) for r in rows) / len(rows)}
 
     def __repr__(self) -> str:

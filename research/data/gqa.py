@@ -26,16 +26,16 @@ class GQA(SnapshotBenchmark):
 
     def load(self, size: int | None) -> list[BenchmarkSample]:
         files = shard_files(self.directory, self.splits[self.split], self.split)
-        questions = read_columns(files, self.fields, self.what())
+        questions = read_columns(files, self.fields, self.description)
         rows = questions.slice(0, size).to_pylist() if size is not None else questions.to_pylist()
         image_files = shard_files(self.directory, IMAGES_CONFIG[self.split], self.split)
-        ids = read_columns(image_files, ("id",), f"{self.what()} images").column("id").to_pylist()
+        ids = read_columns(image_files, ("id",), f"{self.description} images").column("id").to_pylist()
         row_of = {image_id: row for row, image_id in enumerate(ids)}  # the join, once
         missing = sorted({r["imageId"] for r in rows} - row_of.keys())
         if missing:
-            raise SnapshotError(f"{self.what()}: {len(missing)} imageId(s) of the questions are not in "
+            raise SnapshotError(f"{self.description}: {len(missing)} imageId(s) of the questions are not in "
                                 f"{IMAGES_CONFIG[self.split]} (e.g. {missing[0]!r}); expected every image present")
-        images = ImageColumn(image_files, self.image_field, f"{self.what()} images")
+        images = ImageColumn(image_files, self.image_field, f"{self.description} images")
         return [BenchmarkSample(str(r["id"]), ImageRef(images, row_of[r["imageId"]]), self.prompt(r["question"]),
                                 r["answer"], r["answer"]) for r in rows]
 

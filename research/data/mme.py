@@ -55,5 +55,5 @@ class MME(SnapshotBenchmark):
         incomplete = sum(1 for n in counts.values() if n != 2)
         log_dropped(self.name, len(records) - len(complete), f"{incomplete} image(s) without both questions")
         if not complete:
-            raise ValueError(f"{self.what()}: no image has both of its questions answered")
+            raise ValueError(f"{self.description}: no image has both of its questions answered")
         return {**mme_scores(complete), "incomplete_pairs": float(incomplete)}
