@@ -32,7 +32,7 @@ def their_raters(embeds: torch.Tensor, image: slice) -> torch.Tensor:
     return torch.where(m_v_t > m_v_t.mean())[0]
 
 
-def their_cluster_and_merge(x: torch.Tensor, cluster_num: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def their_cluster_and_merge(x: torch.Tensor, cluster_num: int, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``utils.cluster_and_merge`` for one sample ``x`` [N, C]: (merged [c, C], cluster of each token [N])."""
     n, c = x.shape
     dist_matrix = (x[:, None, :] - x[None, :, :]).norm(dim=-1, p=2) / (c**0.5)
