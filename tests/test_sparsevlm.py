@@ -294,3 +294,25 @@ def test_sparsevlm_declares_it_needs_one_axis_positions():
     """Its protocol renumbers positions (their code, prefill and decode): the harness refuses families whose
     rotary positions have several axes before loading (qwen2_vl, qwen2_5_vl)."""
     assert SCORERS.get("sparsevlm").needs_compact_positions is True
+
+
+def test_overlay_patches_leave_out_the_padding_of_rows_that_keep_fewer():
+    """Rank-adaptive counts differ per row: the overlay's per-row patches are that row's own, none negative."""
+    from types import SimpleNamespace
+
+    from research.evaluation import kept_patches
+    from research.models import adapter_for
+
+    model, inputs = tiny_llava(), tiny_inputs(QUESTIONS)
+    plan = PruningPlan.of([1, 3], [24, 10], positions="compact")
+    scorer = SCORERS.get("sparsevlm")(variant="v1", scale=20.0, bias=3.0)
+    module = SimpleNamespace(plan=plan, model=model, adapter=adapter_for(model), inputs=lambda samples: inputs,
+                             engine=lambda: PruningEngine(model, scorer, plan))
+    with torch.no_grad():
+        patches = kept_patches(module, [None] * 3)
+    with torch.no_grad(), PruningEngine(model, scorer, plan) as engine:
+        model(**inputs)
+    counts = [(k >= 0).sum(1).tolist() for k in engine.last.kept]
+    assert len({tuple(c) for c in counts}) > 1 or len(set(counts[0])) > 1  # rows keep different numbers
+    assert [[len(p) for p in row] for row in patches] == [list(c) for c in zip(*counts)]
+    assert all((p >= 0).all() and (p < 64).all() for row in patches for p in row)
