@@ -158,8 +158,9 @@ def kept_patches(module: CombinationModule, samples: Sequence[Any]) -> list[list
     with module.engine() as engine:
         module.model(**inputs, logits_to_keep=1)
     first = (inputs["input_ids"] == module.adapter.image_token_id).int().argmax(1, keepdim=True)
-    stages = [(kept - first).cpu().numpy() for kept in engine.last.kept]
-    return [[stage[i] for stage in stages] for i in range(len(samples))]
+    stages = [(kept - first).masked_fill(kept < 0, -1).cpu().numpy() for kept in engine.last.kept]
+    # -1 pads rows that keep fewer tokens than the batch's most (sparsevlm's rank-adaptive counts)
+    return [[stage[i][stage[i] >= 0] for stage in stages] for i in range(len(samples))]
 
 
 def overlay_caption(sample: Any, prediction: str | None) -> str:

@@ -4,6 +4,10 @@ Raters are chosen ONCE, before the LLM, from the original embeddings: the releva
 token t to the image is ``r_t = mean_v softmax_t(H_v H_q^T / sqrt(D))[v, t]``, and tokens with
 ``r_t`` at or above the mean over the question are raters. At every pruning layer the vision
 tokens are scored by the raters' mean text-to-vision attention.
+
+This is the simplified ablation of SparseVLM: its rater idea only, with the plan's counts, no rank-adaptive
+counts and no recycling of the dropped tokens; ``sparsevlm`` (scorers/sparsevlm.py) is the method as its
+authors' code runs it.
 """
 
 from __future__ import annotations

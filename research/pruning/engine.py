@@ -20,6 +20,16 @@ No transformers code is copied or patched. The hooks, per forward of the multimo
   tokens. In decode the kept set is fixed; mask columns are remapped to ``kept ∪ new tokens``
   for each stage's KV cache (DynamicCache, StaticCache and no cache alike).
 
+Merging after a decoder layer (SparseVLM's recycling): a scorer may also define ``keep_counts(signals,
+planned) -> list[int]`` (each row's count for the stage, instead of the plan's) and ``merge_groups(signals,
+vision_hidden, is_kept) -> [B, V] long | None`` (a group id >= 0 for dropped vision tokens to merge, -1
+elsewhere). Each group becomes ONE token, the mean of its members' layer outputs, that sits in the slot of
+its last member (its anchor): the anchor's position id (``compact``: its rank among the remaining slots),
+its attention-mask row and column and its KV-cache entry in every later layer, so a group of one token is
+that token itself, and no token before a member can see the merged token. It stays a vision token for later
+stages; ``ForwardRecord.kept`` lists it (by its anchor) and ``ForwardRecord.merged`` names the anchors. A
+scorer without these methods (or returning None) prunes exactly as before.
+
 Tokens keep their original rotary positions unless the plan says ``positions="compact"``; position
 ids are sliced on their last axis, so multimodal ``[3, B, S]`` positions (Qwen2-VL) work alike. Rows
 may hold different numbers of image tokens and keep different numbers: a shorter pruned row is padded
@@ -74,6 +84,8 @@ class ForwardRecord:
     # per stage: [B, k] input_ids indices of kept vision tokens; -1 pads rows that kept fewer
     kept: list[Tensor] = field(default_factory=list)
     locations: list[int] = field(default_factory=list)  # the stage of each entry of ``kept``
+    # location -> [B, g] input_ids indices of the anchors of the merged tokens that stage made (-1 pads)
+    merged: dict[int, Tensor] = field(default_factory=dict)
     scoring_seconds: float = 0.0  # time spent computing signals, scores and top-k
     hook_seconds: float = 0.0  # host time inside the engine's hooks during prefill (scoring included)
 
@@ -137,6 +149,7 @@ class _ForwardState:
         self.captured: dict[str, Tensor] = {}
         self.capture_paused = False  # the engine itself is running projections (next-layer signals)
         self.memo: dict = {}
+        self.recycled: tuple[Tensor, Tensor] | None = None  # ([B, S] anchor slots, [B, S, D] their merged states)
         self.timer = Timer()
         self.record = ForwardRecord(tokens_per_layer=[])
         self.recorded = False
@@ -465,9 +478,12 @@ class PruningEngine:
                 self._record_no_op(st, stage_idx)
                 return None  # nothing to prune: the stage is a no-op
             with st.timer.span(hidden.device):
-                cut, selected, selected_valid = self._select(st, signals, stage_idx)
+                cut, selected, selected_valid = self._select(st, signals, stage_idx, hidden)
             st.layout = st.layout.keep(cut.kept, cut.filler, selected, selected_valid)
             st.stages.append(_Stage(layer_idx, st.stages[-1].cut.then(cut) if st.stages else cut))
+            if st.recycled is not None:  # merged tokens replace their anchors' states
+                anchor, merged = st.recycled
+                hidden, st.recycled = torch.where(anchor[..., None], merged, hidden), None
             hidden = gather_seq(hidden, cut.kept)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -517,8 +533,9 @@ class PruningEngine:
         st.record.locations.append(self.plan.locations[stage])
 
     def _is_no_op(self, st: _ForwardState, stage: int) -> bool:
-        """True if every row keeps all its remaining vision tokens at ``stage`` (and nothing is replayed)."""
-        if self.replay is not None:
+        """True if every row keeps all its remaining vision tokens at ``stage`` (and nothing is replayed, and the
+        scorer does not set its own counts)."""
+        if self.replay is not None or hasattr(self.scorer, "keep_counts"):
             return False
         return all(k >= r for k, r in zip(self._keep_counts(st, stage), st.remaining))
 
@@ -532,9 +549,12 @@ class PruningEngine:
         means = [sum(layer) / len(layer) for layer in zip(*per_row)]
         return [int(m) if m == int(m) else m for m in means]
 
-    def _select(self, st: _ForwardState, signals: Signals, stage: int) -> tuple[_Cut, Tensor, Tensor]:
+    def _select(
+        self, st: _ForwardState, signals: Signals, stage: int, hidden: Tensor | None = None
+    ) -> tuple[_Cut, Tensor, Tensor]:
         """The cut of the current sequence, the kept vision entries' indices [B, k] (ascending) and
-        their validity [B, k] (rows that keep fewer than the batch's most are padded)."""
+        their validity [B, k] (rows that keep fewer than the batch's most are padded). After a decoder layer
+        (``hidden`` [B, S, D], its output) a scorer may set the counts and merge dropped tokens (module doc)."""
         layout = st.layout
         valid = layout.vision_valid  # [B, V]
         if self.replay is not None:
@@ -543,11 +563,16 @@ class PruningEngine:
             keep = is_kept.sum(1).tolist()
         else:
             keep = self._keep_counts(st, stage)
+            if hidden is not None and hasattr(self.scorer, "keep_counts"):
+                keep = [min(max(int(k), 0), r) for k, r in zip(self.scorer.keep_counts(signals, keep), st.remaining)]
             scores = checked_scores(self.scorer, self.scorer.score(signals), layout.vision.shape, valid)  # [B, V]
             top = scores.masked_fill(~valid, float("-inf")).topk(max(keep), dim=1).indices
             rank = torch.arange(top.shape[1], device=top.device)
             within = rank[None, :] < torch.tensor(keep, device=top.device)[:, None]  # [B, k]: a row's first keep_b
             is_kept = torch.zeros_like(valid).scatter_(1, top, within)
+            if hidden is not None and hasattr(self.scorer, "merge_groups"):
+                is_kept = self._recycle(st, signals, hidden, is_kept, stage)
+                keep = is_kept.sum(1).tolist()
         k = max(keep)
         selected = torch.argsort((~is_kept).to(torch.uint8), dim=1, stable=True)[:, :k]  # ascending
         selected_valid = torch.arange(k, device=selected.device)[None, :] < is_kept.sum(1, keepdim=True)
@@ -558,7 +583,56 @@ class PruningEngine:
         dropped = dropped.scatter_(1, layout.vision_scatter_index(), valid & ~is_kept)[:, : layout.seq_len]  # [B, S]
         st.record.kept.append(layout.vision_orig.gather(1, selected).masked_fill(~selected_valid, -1))
         st.record.locations.append(self.plan.locations[stage])
+        if self.replay is None and hidden is not None and (
+                hasattr(self.scorer, "keep_counts") or hasattr(self.scorer, "merge_groups")):
+            self._record_counts(st, self.plan.locations[stage])
         return _cut(dropped, new_len, has_fillers=len(set(dropped_counts)) > 1), selected, selected_valid
+
+    def _recycle(self, st: _ForwardState, signals: Signals, hidden: Tensor, is_kept: Tensor, stage: int) -> Tensor:
+        """Merge the groups the scorer names among the dropped vision tokens: ``is_kept`` [B, V] plus each
+        group's anchor (its last member). The anchors' merged states wait in ``st.recycled`` for the cut."""
+        layout = st.layout
+        valid = layout.vision_valid
+        vision_hidden = gather_seq(hidden, layout.vision)  # [B, V, D]
+        groups = self.scorer.merge_groups(signals, vision_hidden, is_kept)
+        if groups is None:
+            return is_kept
+        name = getattr(self.scorer, "registry_name", None) or type(self.scorer).__name__
+        if not isinstance(groups, Tensor) or groups.shape != valid.shape or groups.is_floating_point():
+            raise ValueError(f"scorer {name} returned merge groups {getattr(groups, 'shape', type(groups).__name__)}"
+                             f", expected an integer tensor {list(valid.shape)} (group id, -1 = not merged)")
+        member = groups >= 0
+        if bool((member & (is_kept | ~valid)).any()):
+            raise ValueError(f"scorer {name} merges kept or padding vision tokens: only dropped ones may be merged")
+        if not bool(member.any()):
+            return is_kept
+        slot = torch.where(member, groups + 1, 0)  # [B, V]: column 0 collects the tokens in no group
+        num_groups = int(slot.max()) + 1
+        sums = vision_hidden.new_zeros(*slot.shape[:1], num_groups, hidden.shape[-1], dtype=torch.float32)
+        sums = sums.scatter_add(1, slot[..., None].expand_as(vision_hidden), vision_hidden.float())
+        sizes = torch.zeros_like(slot[:, :num_groups]).scatter_add(1, slot, torch.ones_like(slot))
+        means = (sums / sizes.clamp(min=1)[..., None]).to(hidden.dtype)  # [B, G+1, D]
+        index = torch.arange(slot.shape[1], device=slot.device).expand_as(slot)
+        last = torch.full_like(sizes, -1).scatter_reduce(1, slot, index, reduce="amax")  # [B, G+1] anchor index
+        anchor = member & (index == last.gather(1, slot))  # [B, V]
+        scatter = layout.vision_scatter_index()
+        at_slots = torch.zeros(hidden.shape[0], layout.seq_len + 1, dtype=torch.bool, device=hidden.device)
+        at_slots = at_slots.scatter_(1, scatter, anchor)[:, : layout.seq_len]  # [B, S]
+        merged = hidden.new_zeros(hidden.shape[0], layout.seq_len + 1, hidden.shape[-1])
+        merged = merged.scatter(1, scatter[..., None].expand_as(vision_hidden), means.gather(
+            1, slot[..., None].expand_as(vision_hidden)))[:, : layout.seq_len]  # [B, S, D]
+        st.recycled = (at_slots, merged)
+        order = torch.argsort((~anchor).to(torch.uint8), dim=1, stable=True)[:, : int(anchor.sum(1).max())]
+        st.record.merged[self.plan.locations[stage]] = layout.vision_orig.gather(1, order).masked_fill(
+            ~anchor.gather(1, order), -1)
+        return is_kept | anchor
+
+    def _record_counts(self, st: _ForwardState, location: int) -> None:
+        """Vision tokens the layers after ``location`` run on, as this stage left them (the scorer set the
+        counts or merged tokens, so the plan's counts are not what ran)."""
+        mean = sum(st.remaining) / len(st.remaining)
+        for layer in range(location + 1, len(st.record.tokens_per_layer)):
+            st.record.tokens_per_layer[layer] = int(mean) if mean == int(mean) else mean
 
     def _make_layer_input_hook(self, layer_idx: int) -> Any:
         """Before decoder layer ``layer_idx``: layer 0 keeps the call's kwargs that every layer receives;
