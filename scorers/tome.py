@@ -24,8 +24,11 @@ CLIP encoder layer of LLaVA's vision tower). The two differ; ``reading`` picks o
 The budget: the plan's interface keep count ``k`` is what the tower ends with (every LLM layer sees ``k``, so
 the average retained tokens are ``k``). With ``r=None`` (default) the solver spreads the ``n - k`` merges over
 the merging layers as ToMe's constant ``r``: ``(n - k) // L`` each, one more in each of the last
-``(n - k) mod L`` layers (``research.pruning.token_merge.solve_r``), refusing a ``k`` that ToMe's cap (half the
-tokens per layer) makes unreachable. An explicit ``r`` (int, or a per-layer list) with ``r_step`` (the second
+``(n - k) mod L`` layers (``research.pruning.token_merge.solve_r``); where ToMe's cap (half the tokens per layer)
+stops a constant ``r`` short of ``k`` (a shallow tower, a small ``k``), each layer merges as many as the cap allows
+until ``k`` (a decreasing schedule), and a ``k`` below what halving in every layer leaves is refused. On
+LLaVA-1.5 (577 tokens, 23 merging layers) the constant ``r`` reaches every ``k`` from 24 to 576
+(``k=64``: ``r=22`` in 17 layers, 23 in the last 6). An explicit ``r`` (int, or a per-layer list) with ``r_step`` (the second
 entry of either codebase's 2-tuple ``r``: ToMe's ``(r, inflection)``, LightCompress's ``(start, step)``,
 by ``reading``) is given per tower layer, as both codebases do, and must end at ``k``.
 
