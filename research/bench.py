@@ -256,7 +256,9 @@ def tower_merge_summary(times: dict[str, list[float]], scoring: dict[str, list[f
     tower = statistics.median(times["deep_tower:tower"])
     out = {}
     for variant in times:
-        if not variant.startswith("deep_tower:") or variant.count(":") != 1 or variant == "deep_tower:vanilla":
+        if not variant.startswith("deep_tower:") or variant.count(":") != 1:
+            continue
+        if variant in ("deep_tower:vanilla", "deep_tower:tower"):
             continue
         name = variant.split(":", 1)[1]
         out[name] = {
