@@ -8,7 +8,11 @@ on CPU prefill:
 * the engine installed at full budget (hooks only: their overhead);
 * every registered LLM scorer at average budgets 192 and 64, pruning after layers [1, 8];
 * the ceiling: the same model, no pruning hooks, its decoder layers run one by one on physically
-  shorter inputs with the same per-layer token counts as ``text_prior`` at each budget.
+  shorter inputs with the same per-layer token counts as ``text_prior`` at each budget;
+* scorers that merge inside the vision tower (``tome``), where the family can: the mid model's tower has 2
+  layers, too few to merge 576 tokens down to 192, so they run on its twin with a CLIP-L-deep tower (24
+  layers, features from the 23rd as LLaVA-1.5's), against that twin's own vanilla prefill; the tower alone
+  (``get_image_features``: tower + projector) is timed merged and unmerged too, its own speed-up.
 
 Variants are interleaved in every repetition and summarised by medians, as ratios to vanilla
 (absolute times on a shared machine are noise; ratios within one run are not).
@@ -42,6 +46,20 @@ IMAGE_SIZES = {"qwen2_vl": (672, 672), "qwen2_5_vl": (672, 672), "llava_next": (
 def bench_model(family: str = "llava15") -> nn.Module:
     """The family's mid-size random-weight model (16 layers, hidden 1024)."""
     return random_model(family, size="mid", seed=0)
+
+
+def deep_tower_model(family: str = "llava15", tower_layers: int = 24) -> nn.Module:
+    """The family's mid model with a ``tower_layers``-deep vision tower (CLIP ViT-L's depth), for the scorers
+    that merge inside it."""
+    from research.models.testing import random_config
+
+    config = random_config(family, "mid")
+    config.vision_config.num_hidden_layers = tower_layers
+    torch.manual_seed(0)
+    model = FAMILIES.get(family).model_type()(config)
+    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
+    return model.eval()
 
 
 def bench_inputs(model: nn.Module, family: str = "llava15", question_tokens: int = 40) -> dict[str, torch.Tensor]:
@@ -139,6 +157,10 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
             lambda p=plan: ceiling_forward(adapter, inputs, p.tokens_per_layer(num_layers, num_vision))
         )
 
+    tower_merging = [n for n in SCORERS.names() if SCORERS.get(n).needs_vision_merging]
+    if tower_merging and FAMILIES.get(family).supports_vision_merging:
+        variants.update(tower_merge_variants(family, tower_merging, scoring))
+
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -151,6 +173,8 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
     vanilla = statistics.median(times["vanilla"])
     rows = {}
     for variant, samples in times.items():
+        if variant.startswith("deep_tower:"):
+            continue  # another model: summarised against its own vanilla (tower_merge_summary)
         median = statistics.median(samples)
         scored = scoring.get(variant)
         rows[variant] = {
@@ -170,7 +194,12 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
         "hook_overhead_end_to_end": statistics.median(paired) - 1,
         "scoring_overhead": ours["scoring_fraction_of_vanilla"],
     }
+    if "deep_tower:vanilla" in times:
+        summary_tower = tower_merge_summary(times, scoring)
+    else:
+        summary_tower = {}
     return {
+        "vision_tower_merging": summary_tower,
         "setup": {
             "family": family, "model_class": type(model).__name__, "image_tokens": num_vision,
             "threads": threads, "repetitions": repetitions, "locations": LOCATIONS,
@@ -180,6 +209,65 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
         "variants": rows,
         "text_prior@64": summary,
     }
+
+
+def tower_merge_variants(family: str, scorers: list[str], scoring: dict) -> dict[str, Callable[[], object]]:
+    """Prefill of the deep-tower twin, vanilla and with each tower-merging scorer at each budget, and its
+    tower alone (``get_image_features``), unmerged and merged."""
+    model = deep_tower_model(family)
+    inputs = bench_inputs(model, family)
+    pixels = inputs["pixel_values"]
+
+    def prefill(variant: str, scorer: str | None, budget: int) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad():
+                if scorer is None:
+                    return model(**inputs, use_cache=False, logits_to_keep=1)
+                with PruningEngine(model, SCORERS.get(scorer)(), PruningPlan.of([-1], [budget])) as engine:
+                    model(**inputs, use_cache=False, logits_to_keep=1)
+                scoring.setdefault(variant, []).append(engine.last.scoring_seconds)
+
+        return call
+
+    def tower(scorer: str | None, budget: int) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad():
+                if scorer is None:
+                    return model.model.get_image_features(pixel_values=pixels)
+                with PruningEngine(model, SCORERS.get(scorer)(), PruningPlan.of([-1], [budget])):
+                    return model.model.get_image_features(pixel_values=pixels)
+
+        return call
+
+    variants = {"deep_tower:vanilla": prefill("deep_tower:vanilla", None, 0),
+                "deep_tower:tower": tower(None, 0)}
+    for scorer in scorers:
+        for budget in BUDGETS:
+            variants[f"deep_tower:{scorer}@{budget}"] = prefill(f"deep_tower:{scorer}@{budget}", scorer, budget)
+            variants[f"deep_tower:tower:{scorer}@{budget}"] = tower(scorer, budget)
+    return variants
+
+
+def tower_merge_summary(times: dict[str, list[float]], scoring: dict[str, list[float]]) -> dict:
+    """Per tower-merging variant: prefill speed-up over the twin's vanilla, scoring + merging share of that
+    vanilla (the engine's timed scoring; the merge itself runs inside the tower's layers and is in the
+    speed-up), and the tower's own speed-up."""
+    vanilla = statistics.median(times["deep_tower:vanilla"])
+    tower = statistics.median(times["deep_tower:tower"])
+    out = {}
+    for variant in times:
+        if not variant.startswith("deep_tower:") or variant.count(":") != 1:
+            continue
+        if variant in ("deep_tower:vanilla", "deep_tower:tower"):
+            continue
+        name = variant.split(":", 1)[1]
+        out[name] = {
+            "prefill_speedup": vanilla / statistics.median(times[variant]),
+            "scoring_fraction_of_vanilla": statistics.median(scoring[variant]) / vanilla,
+            "tower_speedup": tower / statistics.median(times[f"deep_tower:tower:{name}"]),
+            "tower_fraction_of_vanilla_prefill": tower / vanilla,
+        }
+    return out
 
 
 def format_report(result: dict) -> str:
@@ -197,6 +285,11 @@ def format_report(result: dict) -> str:
         f"hooks at full budget: {100 * s['hook_overhead']:.3f}% of vanilla prefill spent inside them, "
         f"{100 * s['hook_overhead_end_to_end']:+.2f}% end to end (paired median; machine noise is larger)"
     )
+    for name, row in result.get("vision_tower_merging", {}).items():
+        lines.append(f"{name} (24-layer tower twin): prefill speed-up {row['prefill_speedup']:.2f}x, scoring "
+                     f"{100 * row['scoring_fraction_of_vanilla']:.2f}% of vanilla prefill, tower speed-up "
+                     f"{row['tower_speedup']:.2f}x (the tower is {100 * row['tower_fraction_of_vanilla_prefill']:.1f}% "
+                     "of vanilla prefill)")
     return "\n".join(lines)
 
 

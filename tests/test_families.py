@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig
 
 from research.models import FAMILIES, UnsupportedModel, adapter_for, family_of_config
+from research.models.base import vision_merging_refusal
 from research.models.testing import random_config, random_inputs, random_model
 from research.pruning import PruningEngine, PruningPlan
 from scorers import SCORERS
@@ -334,6 +335,14 @@ def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, 
                                               f"{family} .* does not map onto its image tokens") as caught:
             resolve(cfg)
         assert "\n" not in str(caught.value)
+        return
+    if scorer_class.needs_vision_merging and not adapter.supports_vision_merging:
+        with pytest.raises(ConfigError) as caught:
+            resolve(cfg)  # refused before loading, from config.json alone
+        assert str(caught.value) == vision_merging_refusal(adapter, scorer)  # one line
+        with pytest.raises(UnsupportedModel) as caught:  # and by the engine, for a model built by hand
+            forward(family, inputs(family), scorer=scorer_class(), plan=PruningPlan.of([-1], [0.5], relative=True))
+        assert str(caught.value) == vision_merging_refusal(adapter, scorer)
         return
     assert resolve(cfg).model.adapter is adapter
     params = {"clip_path": clip_dir_for(family)} if scorer == "atp" else {}

@@ -91,6 +91,9 @@ def test_scorer_contract(tiny, tiny_clip_dir, name):
         def __init__(self, inner: Scorer) -> None:
             self.inner = inner
 
+        def __getattr__(self, name: str):  # what the engine reads of a scorer (e.g. needs_vision_merging)
+            return getattr(self.inner, name)
+
         def score(self, signals):
             scores = self.inner.score(signals)
             assert scores.shape == (3, signals.num_vision)

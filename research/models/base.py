@@ -61,6 +61,10 @@ class VLMAdapter:
     family: ClassVar[str]  # registry name, e.g. "llava15"
     model_class: ClassVar[str]  # the transformers class it adapts, e.g. "LlavaForConditionalGeneration"
     has_cls_saliency: ClassVar[bool] = False  # vision_attention() gives CLS attention over the image tokens
+    # Its vision tower's token sequence can be merged (ToMe) and handed to the LLM as a shorter image span
+    # (``vision_merge_sites``); otherwise ``no_vision_merging`` says why not, in a few words.
+    supports_vision_merging: ClassVar[bool] = False
+    no_vision_merging: ClassVar[str] = "its image tokens are not the vision tower's token sequence one to one"
     position_axes: ClassVar[int] = 1  # rows of position_ids ([B, S]: 1; multimodal rotary [3, B, S]: 3)
     # Where an answer is cut, as lmms-eval 0.7.3's model wrapper for the family cuts it (README: "Where an answer
     # is cut"): the wrapper, whether it cuts at the task's stop strings (``until``) at all, those it drops first.
@@ -99,9 +103,12 @@ class VLMAdapter:
     @classmethod
     def check_scorers(cls, scorers: Iterable[Any]) -> None:
         """Refuse, in one line, a scorer entry (``research.specs.ScorerSpec``) this family cannot run: one that ranks by
-        the vision tower's CLS attention where the family does not map it onto its image tokens, or compact
-        positions where its rotary positions have several axes."""
+        the vision tower's CLS attention where the family does not map it onto its image tokens, one that merges
+        inside the vision tower where the family cannot hand a shorter image span on, or compact positions where
+        its rotary positions have several axes."""
         for scorer in scorers:
+            if scorer.component.needs_vision_merging and not cls.supports_vision_merging:
+                raise UnsupportedModel(vision_merging_refusal(cls, scorer.name))
             if scorer.component.needs_cls_saliency and not cls.has_cls_saliency:
                 raise UnsupportedModel(
                     f"scorer {scorer.name!r} ranks by the vision tower's CLS attention, which {cls.family} "
@@ -198,6 +205,11 @@ class VLMAdapter:
         tokens one to one; ``None`` for a family without such a source (no CLS, merged or cropped patches)."""
         return None
 
+    def vision_merge_sites(self) -> Any:
+        """Where the vision tower is hooked to merge its tokens (a ``research.pruning.vision_merge.VisionMergeSites``);
+        one line saying why not for a family without ``supports_vision_merging``."""
+        raise UnsupportedModel(f"{self.family} cannot merge inside its vision tower ({self.no_vision_merging})")
+
     def token_grid(self, num_tokens: int) -> int | None:
         """Side of the square patch grid the image's ``num_tokens`` tokens form one to one (row-major), for
         drawing which were kept; None if they form none (crops, newline tokens, a non-square image)."""
@@ -283,6 +295,14 @@ def sliding_window_refusal(model_class: str, window: int, prompt: str) -> str:
     return (f"{model_class}'s language model attends within a sliding window of {window} tokens, shorter than "
             f"{prompt}: pruning would count the window on the kept slots, not on the original positions as the "
             "unpruned model does; supported: a window longer than every prompt with its answer")
+
+
+def vision_merging_refusal(adapter: type[VLMAdapter], scorer: str) -> str:
+    """One line: scorer ``scorer`` merges inside the vision tower, which family ``adapter`` cannot do."""
+    able = [name for name in FAMILIES.names() if FAMILIES.get(name).supports_vision_merging]
+    return (f"scorer {scorer!r} merges tokens inside the vision tower, which {adapter.family} ({adapter.model_class}) "
+            f"cannot hand to its language model as a shorter image span ({adapter.no_vision_merging}); use a model "
+            f"of family {able}")
 
 
 def flat_heads(x: torch.Tensor) -> torch.Tensor:

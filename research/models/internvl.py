@@ -15,6 +15,7 @@ from research.models.base import VisionLayout, VLMAdapter, register
 class InternVLAdapter(VLMAdapter):
     family = "internvl"
     model_class = "InternVLForConditionalGeneration"
+    no_vision_merging = "its image tokens are 2x2 pixel-shuffled patch grids"
     lmms_eval_model = "internvl3"  # (``internvl2`` likewise)
     cuts_at_until = False  # generate_until pops ``until``
 

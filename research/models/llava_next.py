@@ -18,6 +18,7 @@ from research.models.base import VisionLayout, VLMAdapter, register
 class LlavaNextAdapter(VLMAdapter):
     family = "llava_next"
     model_class = "LlavaNextForConditionalGeneration"
+    no_vision_merging = "anyres packs each crop's features into a grid with image_newline rows"
     lmms_eval_model = "llava_hf"
     cuts_at_until = False  # generate_until reads ``until`` and never applies it
 

@@ -20,6 +20,7 @@ class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
     model_class = "Qwen2VLForConditionalGeneration"
     position_axes = 3
+    no_vision_merging = "its tower merges 2x2 patches and its sequence is not a token list per image"
     lmms_eval_model = "qwen2_vl"
     cuts_at_until = True  # each answer is cut before its first stop string
 

@@ -112,7 +112,7 @@ def llava_config(size: str, num_layers: int | None, num_kv_heads: int | None) ->
 
     tiny = size == "tiny"
     vision = CLIPVisionConfig(
-        hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512, num_hidden_layers=2,
+        hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512, num_hidden_layers=4 if tiny else 2,
         num_attention_heads=4, image_size=32 if tiny else 336, patch_size=4 if tiny else 14, projection_dim=32,
     )
     text = LlamaConfig(**random_text_sizes(size, num_layers, num_kv_heads))

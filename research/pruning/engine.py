@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from research.models import adapter_for
-from research.models.base import UnsupportedModel, flat_heads, sliding_window_refusal
+from research.models.base import UnsupportedModel, flat_heads, sliding_window_refusal, vision_merging_refusal
 from research.pruning.compat import (
     cached_length,
     describe_failure,
@@ -72,6 +72,7 @@ from research.pruning.signals import (
     read_layout,
 )
 from research.pruning.timing import Timer
+from research.pruning.vision_merge import VisionTowerMerge
 
 FILLER = torch.iinfo(torch.long).max  # key column of a filler slot: beyond any mask, so always masked out
 
@@ -276,10 +277,24 @@ class PruningEngine:
         self._state: _ForwardState | None = None
         self._vision: dict[str, Tensor] = {}  # latest vision-tower captures, consumed at the interface
         self._layer_locations = [x for x in plan.locations if x != INTERFACE]
+        self._tower_merge = self._vision_merge() if getattr(scorer, "needs_vision_merging", False) else None
         self.observe = observe
         self._observed = [] if observe is None else list(
             range(self.adapter.num_layers) if observe_layers is None else observe_layers
         )
+
+    def _vision_merge(self) -> VisionTowerMerge:
+        """The vision-tower merge a merging scorer asks for: it shortens each image to the plan's interface keep
+        count, so the plan must be one stage at location -1; one line otherwise (or if the family cannot)."""
+        name = getattr(self.scorer, "registry_name", None) or type(self.scorer).__name__
+        if not self.adapter.supports_vision_merging:
+            raise UnsupportedModel(vision_merging_refusal(type(self.adapter), name))
+        if list(self.plan.locations) != [INTERFACE]:
+            raise ValueError(f"scorer {name!r} merges inside the vision tower: its plan is one stage at location "
+                             f"-1 (the merged image span enters the LLM), got locations {list(self.plan.locations)}")
+        sites = self.adapter.vision_merge_sites()
+        keep = self.plan.stage_keep(0, sites.image_tokens)
+        return VisionTowerMerge(sites, self.scorer.merge_options(sites, keep))
 
     # ---- context manager -------------------------------------------------------------------------
     def __enter__(self) -> PruningEngine:
@@ -292,6 +307,8 @@ class PruningEngine:
             captures += [(vision_q, "vision_q"), (vision_k, "vision_k")]
         for module, name in captures:
             self._handles.append(module.register_forward_hook(self._timed(self._make_capture(name))))
+        if self._tower_merge is not None:
+            self._handles += self._tower_merge.install()
         if self._layer_locations:  # layer 0 keeps the call's kwargs; layers after the first stage slice them
             for idx in [0, *range(self._layer_locations[0] + 1, a.num_layers)]:
                 self._hook_pre(a.decoder_layers[idx], self._make_layer_input_hook(idx))
@@ -384,6 +401,9 @@ class PruningEngine:
                 vision_heads=vision_heads, vision_scaling=vision_scaling,
                 vision_states=self._vision.pop("vision_states", None),
             )
+            if self._tower_merge is not None:
+                st.interface.merged_sizes = self._tower_merge.slot_sizes(st.layout.vision_valid,
+                                                                         self._keep_counts(st, 0))
         if not self.plan.locations or self.plan.locations[0] != INTERFACE:
             return None
         if st.is_prefill:

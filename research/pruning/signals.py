@@ -210,6 +210,8 @@ class InterfaceSignals:
     vision_heads: int = 0
     vision_scaling: float = 1.0
     vision_states: Tensor | None = None  # [B, 1+P, Dv] the vision tower's last hidden state
+    # [B, V] patches merged into each image slot by a vision-tower merge (0: an empty slot, dropped); None without
+    merged_sizes: Tensor | None = None
 
     @cached_property
     def text_embeds(self) -> Tensor:
