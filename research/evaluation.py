@@ -42,6 +42,8 @@ class CombinationModule(L.LightningModule):
             self.model = adapter.model
         self.plan = None if combo.is_vanilla else combo.plan()
         self.scorer = None if combo.is_vanilla else combo.make_scorer()
+        # a scorer that sets each row's counts or merges tokens (research.pruning.engine): report what ran
+        self.sets_own_counts = hasattr(self.scorer, "keep_counts") or hasattr(self.scorer, "merge_groups")
         # until: the task's stop strings (lmms-eval's); answers are cut where the family's lmms-eval wrapper cuts
         self.max_new_tokens, self.until = max_new_tokens, adapter.stop_strings(until)
         self.rows: list[dict] = []
@@ -194,6 +196,12 @@ class TensorBoardReport(Callback):
             [num_vision] * module.adapter.num_layers if combo.is_vanilla
             else module.plan.tokens_per_layer(module.adapter.num_layers, num_vision)
         )
+        reported_avg, computed_avg = combo.reported_avg, combo.computed_avg
+        ran = [r["tokens_per_layer"] for r in rows if r.get("tokens_per_layer")]
+        if module.sets_own_counts and ran:  # the scorer set its counts or merged: what ran, not the plan
+            tokens_per_layer = [float(np.mean(layer)) for layer in zip(*ran)]  # per row: its batch's mean
+            computed_avg = float(np.mean(tokens_per_layer))
+            reported_avg = float(np.mean(tokens_per_layer[1:] + tokens_per_layer[-1:]))  # post: one layer earlier
         prompt = module.inputs(latency_samples[:1])["input_ids"].shape[1]
         flops = flops_for_model(module.adapter, tokens_per_layer, prompt - num_vision, combo.locations)
         metrics = {
@@ -202,8 +210,8 @@ class TensorBoardReport(Callback):
             **measure_latency(module, latency_samples, self.decode_tokens),
             "gflops": flops.total_prefill / 1e9,
             "flops_ratio": flops.total_prefill / self.vanilla_flops if self.vanilla_flops else 1.0,
-            "avg_tokens": combo.reported_avg,
-            "computed_avg_tokens": combo.computed_avg,
+            "avg_tokens": reported_avg,
+            "computed_avg_tokens": computed_avg,
             "skipped_images": len(module.skipped),
             "eval_seconds": module.eval_seconds,
             **module.dynamics_metrics,  # research.analysis.per_combination, when it ran

@@ -145,15 +145,20 @@ def parse_scorers(specs: Sequence[Any], positions: str, position_modes: Sequence
     return tuple(parsed)
 
 
+LAYER_LABEL_KEYS = {"layers", "scale_from", "prune_before", "counts", "reference_tokens"}  # a listed schedule's
+# counts are left out of its label: the plan (and the fingerprint) holds them, and two listed entries at the same
+# layers are one combination name twice, which the sweep refuses
+
+
 def label(name: str, params: dict) -> str:
     """Short readable label of an entry: ``layers[1-10-20]``, ``layers[before-8-16-24]`` (``prune_before``),
-    ``random(seed=3)``."""
+    ``listed[2-6-15/32]``, ``random(seed=3)``."""
     if not params:
         return name
-    if name == "layers" and "layers" in params and set(params) <= {"layers", "scale_from", "prune_before"}:
+    if name in ("layers", "listed") and "layers" in params and set(params) <= LAYER_LABEL_KEYS:
         before = "before-" if params.get("prune_before") else ""
         scale = f"/{params['scale_from']}" if params.get("scale_from") is not None else ""
-        return f"layers[{before}{'-'.join(str(x) for x in params['layers'])}{scale}]"
+        return f"{name}[{before}{'-'.join(str(x) for x in params['layers'])}{scale}]"
     values = ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(params.items()))
     return f"{name}({values})"
 

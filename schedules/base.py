@@ -24,6 +24,7 @@ class Schedule:
 
     registry_name: ClassVar[str]
     allows_interface: ClassVar[bool] = False
+    solves_any_target: ClassVar[bool] = True  # False: only the budgets a method's code lists (``listed``)
 
     ratio: float = 0.5
 

@@ -45,6 +45,9 @@ def summarise(combos: list[Combination], results: dict[str, dict]) -> list[dict]
         r = results[combo.name]
         ok = r["status"] == "ok"
         row = {**combination_columns(combo), "status": r["status"], "error": r.get("error", "")}
+        if ok:  # what ran: a scorer that sets its own counts or merges tokens differs from its plan
+            row["avg_tokens"] = round(r.get("avg_tokens", combo.reported_avg), 2)
+            row["computed_avg_tokens"] = round(r.get("computed_avg_tokens", combo.computed_avg), 2)
         for column in ("accuracy", "prefill_ms", "prefill_p90_ms", "decode_ms_per_token", "scoring_ms",
                        "peak_memory_mb", "gflops"):
             row[column] = round(r[column], 4) if ok else ""
