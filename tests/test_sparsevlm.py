@@ -195,14 +195,19 @@ def greedy(model, inputs, scorer, plan, steps=4, **kwargs):
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1), engine.last
 
 
+MERGE_LOCATIONS = {"after-layers": [1, 3], "interface": [-1, 3]}  # merged after a decoder layer / at the interface
+
+
+@pytest.mark.parametrize("where", MERGE_LOCATIONS)
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("positions", ["original", "compact"])
-def test_cached_decode_after_a_merge_equals_no_cache_recompute(positions, cache):
+def test_cached_decode_after_a_merge_equals_no_cache_recompute(positions, cache, where):
     model, inputs = tiny_llava(), tiny_inputs(QUESTIONS)
-    plan = PruningPlan.of([1, 3], [24, 10], positions=positions)
+    locations = MERGE_LOCATIONS[where]
+    plan = PruningPlan.of(locations, [24, 10], positions=positions)
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     tokens, cached, record = greedy(model, inputs, GroupedDrop(), plan, **extra)
-    assert set(record.merged) == {1, 3} and (record.merged[1] >= 0).sum(1).tolist() == [3, 3, 3]
+    assert set(record.merged) == set(locations) and (record.merged[locations[0]] >= 0).sum(1).tolist() == [3, 3, 3]
     recomputed = []
     for t in range(tokens.shape[1]):
         grown = {"input_ids": torch.cat([inputs["input_ids"], tokens[:, :t]], 1),
@@ -214,10 +219,11 @@ def test_cached_decode_after_a_merge_equals_no_cache_recompute(positions, cache)
     torch.testing.assert_close(cached, torch.stack(recomputed, 1), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("scorer", ["grouped", "sparsevlm"])
-def test_a_row_with_merges_equals_the_row_alone(scorer):
+@pytest.mark.parametrize("scorer,where", [("grouped", "after-layers"), ("grouped", "interface"),
+                                          ("sparsevlm", "after-layers")])
+def test_a_row_with_merges_equals_the_row_alone(scorer, where):
     model, inputs = tiny_llava(), tiny_inputs(QUESTIONS)
-    plan = PruningPlan.of([1, 3], [24, 10], positions="compact")
+    plan = PruningPlan.of(MERGE_LOCATIONS[where], [24, 10], positions="compact")
     make = {"grouped": GroupedDrop, "sparsevlm": SCORERS.get("sparsevlm")}[scorer]
     tokens, logits, record = greedy(model, inputs, make(), plan)
     assert record.merged
@@ -233,12 +239,13 @@ def test_a_row_with_merges_equals_the_row_alone(scorer):
         torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("where", MERGE_LOCATIONS)
 @pytest.mark.parametrize("positions", ["original", "compact"])
-def test_a_merge_of_single_tokens_equals_dropping_the_same_set(positions):
+def test_a_merge_of_single_tokens_equals_dropping_the_same_set(positions, where):
     """Groups of one token: the merged token is that token (its state, position, mask and cache slot), so the
     forward equals a plain drop that keeps the same slots (replayed)."""
     model, inputs = tiny_llava(), tiny_inputs(QUESTIONS)
-    plan = PruningPlan.of([1, 3], [24, 10], positions=positions)
+    plan = PruningPlan.of(MERGE_LOCATIONS[where], [24, 10], positions=positions)
     with torch.no_grad(), PruningEngine(model, GroupedDrop(groups=None), plan) as engine:
         merged = model(**inputs).logits
     record = engine.last

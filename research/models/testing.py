@@ -34,11 +34,14 @@ def random_config(family: str, size: str = "tiny", num_layers: int | None = None
 
 
 def random_model(family: str, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
-                 attn_implementation: str = "sdpa", seed: int = 0) -> nn.Module:
+                 attn_implementation: str = "sdpa", seed: int = 0, vision_layers: int | None = None) -> nn.Module:
     """A random-weight model of ``family`` ready for tests: eval mode, the attention backend set, greedy
-    decoding that never stops early."""
+    decoding that never stops early. ``vision_layers``: a vision tower of that depth (merging inside it)."""
     torch.manual_seed(seed)
-    model = FAMILIES.get(family).model_type()(random_config(family, size, num_layers, num_kv_heads))
+    config = random_config(family, size, num_layers, num_kv_heads)
+    if vision_layers is not None:
+        config.vision_config.num_hidden_layers = vision_layers
+    model = FAMILIES.get(family).model_type()(config)
     model.config._attn_implementation = attn_implementation
     model.set_attn_implementation(attn_implementation)
     model.eval()
@@ -112,7 +115,7 @@ def llava_config(size: str, num_layers: int | None, num_kv_heads: int | None) ->
 
     tiny = size == "tiny"
     vision = CLIPVisionConfig(
-        hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512, num_hidden_layers=4 if tiny else 2,
+        hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512, num_hidden_layers=2,
         num_attention_heads=4, image_size=32 if tiny else 336, patch_size=4 if tiny else 14, projection_dim=32,
     )
     text = LlamaConfig(**random_text_sizes(size, num_layers, num_kv_heads))

@@ -20,7 +20,8 @@ No transformers code is copied or patched. The hooks, per forward of the multimo
   tokens. In decode the kept set is fixed; mask columns are remapped to ``kept ∪ new tokens``
   for each stage's KV cache (DynamicCache, StaticCache and no cache alike).
 
-Merging after a decoder layer (SparseVLM's recycling): a scorer may also define ``keep_counts(signals,
+Merging after a decoder layer (SparseVLM's recycling) or at the vision-language interface (location -1, on the
+image embeddings the LLM receives): a scorer may also define ``keep_counts(signals,
 planned) -> list[int]`` (each row's count for the stage, instead of the plan's) and ``merge_groups(signals,
 vision_hidden, is_kept) -> [B, V] long | None`` (a group id >= 0 for dropped vision tokens to merge, -1
 elsewhere). Each group becomes ONE token, the mean of its members' layer outputs, that sits in the slot of
@@ -420,6 +421,9 @@ class PruningEngine:
             width = st.input_len if st.is_prefill else st.past_len + pruned + inputs_embeds.shape[1]
             mask = torch.ones(inputs_embeds.shape[0], width, dtype=torch.long, device=inputs_embeds.device)
         if st.is_prefill:
+            if st.recycled is not None:  # tokens merged at the interface replace their anchors' embeddings
+                anchor, merged = st.recycled
+                inputs_embeds, st.recycled = torch.where(anchor[..., None], merged, inputs_embeds), None
             kwargs["inputs_embeds"] = gather_seq(inputs_embeds, cut.kept)
         if mask is not None:
             if mask.dim() == 2:
@@ -448,7 +452,8 @@ class PruningEngine:
             return
         with st.timer.span(kwargs["inputs_embeds"].device):
             signals = Signals(layout=st.layout, interface=st.interface, layer_idx=INTERFACE, stage=0, memo=st.memo)
-            cut, selected, selected_valid = self._select(st, signals, stage=0)
+            # the image embeddings are what an interface merge averages (``merge_groups``, as after a layer)
+            cut, selected, selected_valid = self._select(st, signals, stage=0, hidden=kwargs["inputs_embeds"])
         st.layout = st.layout.keep(cut.kept, cut.filler, selected, selected_valid)
         st.interface_cut = cut
         st.base_len = cut.kept.shape[1]  # decoder layer 0 sees the pruned sequence
