@@ -115,7 +115,7 @@ class Experiment:
 def resolve(cfg: RunConfig, model: ModelSpec | None = None) -> Experiment:
     """``cfg`` (validated by :func:`research.config.load_config`) resolved; ``model`` given instead of inspecting
     ``cfg.model``'s checkpoint plans for a shape alone (:meth:`ModelSpec.of_shape`)."""
-    from research.models.registry import inspect_checkpoint
+    from research.models.registry import check_scorers, inspect_checkpoint
     from research.pruning.plan import POSITION_MODES
 
     names = tuple(dataset_names(cfg))
@@ -127,7 +127,7 @@ def resolve(cfg: RunConfig, model: ModelSpec | None = None) -> Experiment:
     if model is None:
         try:
             checkpoint = inspect_checkpoint(cfg.model.name, cfg.model.path)  # config.json only, no weights
-            checkpoint.adapter.check_scorers(scorers)
+            check_scorers(checkpoint.adapter, scorers)
         except ValueError as error:  # models.UnsupportedModel, or model.path missing: one line
             raise ConfigError(str(error)) from None
         model = ModelSpec(cfg.model, checkpoint.directory, checkpoint.adapter, checkpoint.layout.num_layers,

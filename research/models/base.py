@@ -24,7 +24,7 @@ model) or :func:`family_of_config` (a ``config.json``) which adapter applies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -99,25 +99,6 @@ class VLMAdapter:
         window, image_tokens = cls.sliding_window(config), cls.vision_layout(config).nominal_tokens
         if window is not None and window <= image_tokens:
             raise UnsupportedModel(sliding_window_refusal(cls.model_class, window, f"{image_tokens} image tokens"))
-
-    @classmethod
-    def check_scorers(cls, scorers: Iterable[Any]) -> None:
-        """Refuse, in one line, a scorer entry (``research.specs.ScorerSpec``) this family cannot run: one that ranks by
-        the vision tower's CLS attention where the family does not map it onto its image tokens, one that merges
-        inside the vision tower where the family cannot hand a shorter image span on, or compact positions where
-        its rotary positions have several axes."""
-        for scorer in scorers:
-            if scorer.component.needs_vision_merging and not cls.supports_vision_merging:
-                raise UnsupportedModel(vision_merging_refusal(cls, scorer.name))
-            if scorer.component.needs_cls_saliency and not cls.has_cls_saliency:
-                raise UnsupportedModel(
-                    f"scorer {scorer.name!r} ranks by the vision tower's CLS attention, which {cls.family} "
-                    f"({cls.model_class}) does not map onto its image tokens; drop it or use a model of family "
-                    f"{[f for f in FAMILIES.names() if FAMILIES.get(f).has_cls_saliency]}"
-                )
-            if scorer.positions == "compact" and cls.position_axes > 1:
-                raise UnsupportedModel(f"positions=compact renumbers 1-D positions; {cls.family}'s multimodal rotary "
-                                       f"positions have {cls.position_axes} axes: use positions=original")
 
     @classmethod
     def sliding_window(cls, config: Any) -> int | None:

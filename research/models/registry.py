@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from research.models.base import FAMILIES, UnsupportedModel, VisionLayout, VLMAdapter, family_of_config
+from research.models.base import (
+    FAMILIES,
+    UnsupportedModel,
+    VisionLayout,
+    VLMAdapter,
+    family_of_config,
+    vision_merging_refusal,
+)
 from research.registry import Registry
 
 MODELS: Registry[Any] = Registry("model")
@@ -91,6 +99,25 @@ def inspect_checkpoint(name: str, path: str | Path | None = None) -> Checkpoint:
         first = " ".join(str(error).split())[:300]
         raise UnsupportedModel(f"{directory / 'config.json'} is not a usable model config ({type(error).__name__}: "
                                f"{first})") from None
+
+
+def check_scorers(adapter: type[VLMAdapter], scorers: Iterable[Any]) -> None:
+    """Refuse, in one line (UnsupportedModel), a scorer entry (``research.specs.ScorerSpec``) family ``adapter``
+    cannot run: one that ranks by the vision tower's CLS attention where the family does not map it onto its image
+    tokens, one that merges inside the vision tower where the family cannot hand a shorter image span on, or compact
+    positions where its rotary positions have several axes."""
+    for scorer in scorers:
+        if scorer.component.needs_vision_merging and not adapter.supports_vision_merging:
+            raise UnsupportedModel(vision_merging_refusal(adapter, scorer.name))
+        if scorer.component.needs_cls_saliency and not adapter.has_cls_saliency:
+            raise UnsupportedModel(
+                f"scorer {scorer.name!r} ranks by the vision tower's CLS attention, which {adapter.family} "
+                f"({adapter.model_class}) does not map onto its image tokens; drop it or use a model of family "
+                f"{[f for f in FAMILIES.names() if FAMILIES.get(f).has_cls_saliency]}"
+            )
+        if scorer.positions == "compact" and adapter.position_axes > 1:
+            raise UnsupportedModel(f"positions=compact renumbers 1-D positions; {adapter.family}'s multimodal rotary "
+                                   f"positions have {adapter.position_axes} axes: use positions=original")
 
 
 def _auto_config(path: Path) -> Any:
