@@ -572,3 +572,54 @@ def test_a_sliding_window_longer_than_prompt_and_answer_prunes_like_a_full_windo
                                       return_dict_in_generate=True, pad_token_id=0))
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     torch.testing.assert_close(torch.stack(outputs[0].logits), torch.stack(outputs[1].logits), atol=1e-5, rtol=0)
+
+
+# ---- merging (sparsevlm's recycling, an interface merge) on every family -------------------------------------
+class GroupedMerge(EmbeddingNorm):
+    """Keeps by embedding norm; merges the dropped image tokens into ``groups`` groups by their rank (``None``:
+    each of the first 3 dropped tokens of a row alone). Each row's groups depend on that row alone."""
+
+    def __init__(self, groups: int | None = 3) -> None:
+        self.groups = groups
+
+    def merge_groups(self, signals, vision_hidden, is_kept):
+        dropped = signals.vision_valid & ~is_kept
+        if self.groups is not None:
+            return torch.where(dropped, signals.layout.vision_rank % self.groups, -1)
+        order = dropped.long().cumsum(1) - 1
+        return torch.where(dropped & (order < 3), order, -1)
+
+
+def merging(family: str, batch: dict, plan: PruningPlan, scorer: GroupedMerge, steps: int = 3):
+    m = model(family)
+    with torch.no_grad(), PruningEngine(m, scorer, plan) as engine:
+        out = m.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, 1), engine.last
+
+
+@pytest.mark.parametrize("kind", ["layers", "interface"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_merges_keep_the_engine_properties_on_every_family(family, kind):
+    """A merged token (its group's mean, in its last member's slot) on every family: cached decode equals a no-cache
+    recompute, each row of a padded batch equals the row alone, and groups of one token equal the drop of the same
+    set (1e-6)."""
+    batch, plan = inputs(family), PLANS[kind]
+    tokens, cached, record = merging(family, batch, plan, GroupedMerge())
+    assert record.merged and all(bool((anchors >= 0).any()) for anchors in record.merged.values())
+    recomputed = []
+    for t in range(tokens.shape[1]):
+        with torch.no_grad(), PruningEngine(model(family), GroupedMerge(), plan):
+            recomputed.append(model(family)(**grown(batch, tokens[:, :t]), use_cache=False).logits[:, -1])
+    torch.testing.assert_close(cached, torch.stack(recomputed, 1), atol=1e-4, rtol=0)
+    padding = (attention_mask(batch) == 0).sum(1)
+    for i in range(3):
+        alone_tokens, alone_logits, alone = merging(family, row(batch, i), plan, GroupedMerge())
+        for location, anchors in record.merged.items():
+            mine = anchors[i][anchors[i] >= 0] - padding[i]
+            assert torch.equal(mine, alone.merged[location][0][alone.merged[location][0] >= 0])
+        assert torch.equal(tokens[i], alone_tokens[0])
+        torch.testing.assert_close(cached[i], alone_logits[0], atol=1e-4, rtol=0)
+    single, singles = forward(family, batch, scorer=GroupedMerge(groups=None), plan=plan)
+    dropped, _ = forward(family, batch, scorer=None, plan=plan, replay=singles.kept)
+    assert (single - dropped).abs().max() <= 1e-6
