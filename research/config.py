@@ -182,14 +182,15 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"unknown {key} {value!r}; choose one of {list(valid)}")
     parse_scorers(cfg.scorers, cfg.positions, POSITION_MODES)
     parse_schedules(cfg.schedules)
-    for registry, name in [(MODELS, cfg.model.name)] + [(DATASETS, name) for name in dataset_names(cfg)]:
+    names = dataset_names(cfg)
+    for registry, name in [(MODELS, cfg.model.name)] + [(DATASETS, name) for name in names]:
         if name not in registry:
             raise ConfigError(registry.unknown_message(name))
-    if cfg.analysis is not None and len(dataset_names(cfg)) > 1:
-        raise ConfigError(f"analysis {cfg.analysis!r} runs on one dataset; got data.name={dataset_names(cfg)}")
-    unknown = sorted(set(cfg.data.paths) - set(dataset_names(cfg)))
+    if cfg.analysis is not None and len(names) > 1:
+        raise ConfigError(f"analysis {cfg.analysis!r} runs on one dataset; got data.name={names}")
+    unknown = sorted(set(cfg.data.paths) - set(names))
     if unknown:
-        raise ConfigError(f"data.paths names {unknown}, not among data.name {dataset_names(cfg)}")
+        raise ConfigError(f"data.paths names {unknown}, not among data.name {names}")
     _check_devices(cfg)
     if cfg.analysis is not None and cfg.analysis not in ANALYSES:
         raise ConfigError(f"unknown analysis {cfg.analysis!r}; choose one of {list(ANALYSES)}")
