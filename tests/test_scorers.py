@@ -51,6 +51,17 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
+def deep_tower():
+    """The tiny LLaVA with a 4-layer vision tower: enough layers for ``tome`` to merge 64 tokens down to 10."""
+    return tiny_llava(vision_layers=4)
+
+
+def model_for(name: str, tiny, deep_tower):
+    """(model, inputs) a scorer runs on: the tiny LLaVA, its deep-tower twin for a scorer merging in the tower."""
+    return (deep_tower, tiny[1]) if SCORERS.get(name).needs_vision_merging else tiny
+
+
+@pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A tiny CLIP (vision width = the tiny LLaVA's tower) and a word tokenizer, saved to disk."""
     torch.manual_seed(0)
@@ -79,9 +90,9 @@ def locations_for(scorer_cls: type[Scorer]) -> list[int]:
 
 
 @pytest.mark.parametrize("name", SCORERS.names())
-def test_scorer_contract(tiny, tiny_clip_dir, name):
+def test_scorer_contract(tiny, deep_tower, tiny_clip_dir, name):
     """Shape [B, V], finite, deterministic under a seed, budget respected, for every registered scorer."""
-    model, inputs = tiny
+    model, inputs = model_for(name, tiny, deep_tower)
     scorer_cls = SCORERS.get(name)
     locations = locations_for(scorer_cls)
     keep = [24, 10][: len(locations)]
@@ -184,9 +195,9 @@ def test_cls_attention_equals_eager_vision_attentions():
 
 
 @pytest.mark.parametrize("name", [n for n in SCORERS.names() if SCORERS.get(n).pre_llm])
-def test_interface_scorers_under_generate(tiny, tiny_clip_dir, name):
+def test_interface_scorers_under_generate(tiny, deep_tower, tiny_clip_dir, name):
     """generate() encodes images before the model's forward: vision signals must still reach the scorer."""
-    model, inputs = tiny
+    model, inputs = model_for(name, tiny, deep_tower)
     with torch.no_grad(), PruningEngine(model, make_scorer(name, tiny_clip_dir), PruningPlan.of([-1], [12])) as engine:
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
@@ -194,10 +205,10 @@ def test_interface_scorers_under_generate(tiny, tiny_clip_dir, name):
 
 
 @pytest.mark.parametrize("name", SCORERS.names())
-def test_each_row_of_a_padded_batch_keeps_what_it_keeps_alone(tiny, tiny_clip_dir, name):
+def test_each_row_of_a_padded_batch_keeps_what_it_keeps_alone(tiny, deep_tower, tiny_clip_dir, name):
     """A scorer's kept set must not depend on the rest of the batch: in a left-padded batch of questions of
     different lengths (5, 9, 7 tokens), every row keeps the same image tokens as that row alone."""
-    model, inputs = tiny
+    model, inputs = model_for(name, tiny, deep_tower)
     scorer_cls = SCORERS.get(name)
     plan = PruningPlan.of(locations_for(scorer_cls), [24, 10][: len(locations_for(scorer_cls))])
 

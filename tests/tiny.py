@@ -24,10 +24,12 @@ def tiny_llava(
     num_layers: int = 6,
     num_kv_heads: int = 4,
     seed: int = 0,
+    vision_layers: int | None = None,
 ) -> nn.Module:
-    """A 6-layer LLaVA-1.5 with 64 image tokens; ``num_kv_heads < 4`` gives grouped-query attention."""
+    """A 6-layer LLaVA-1.5 with 64 image tokens; ``num_kv_heads < 4`` gives grouped-query attention;
+    ``vision_layers``: a deeper vision tower than its 2 layers (merging inside it: ``tome``)."""
     return random_model("llava15", num_layers=num_layers, num_kv_heads=num_kv_heads,
-                        attn_implementation=attn_implementation, seed=seed)
+                        attn_implementation=attn_implementation, seed=seed, vision_layers=vision_layers)
 
 
 def tiny_inputs(question_lengths: list[int], seed: int = 0, prefix_length: int = 3) -> dict[str, torch.Tensor]:
