@@ -12,6 +12,12 @@ where ``a_cls`` is the vision tower's CLS-to-patch attention (head mean, at the 
 The CLIP text tower comes from ``clip_path`` (a local CLIP checkpoint directory matching the vision
 tower, e.g. ``openai/clip-vit-large-patch14-336`` for LLaVA-1.5), or from the ``clip/`` folder
 shipped beside the model (the offline ``shapes`` model has one).
+
+Positions: ATP has no public code; the abstract describes a gate at the interface that passes the top-K tokens
+to the LLM. Experiments run it with ``positions=original`` (each kept token keeps its own rotary position, the
+slot its patch had), the default for every scorer; ``{name: atp, positions: compact}`` gives the consecutive
+positions that a LLaVA-codebase implementation, shortening the features before they are concatenated with the
+text, would give.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Per sample, each signal's weight is its informativeness, the peakedness ``1 - H(
 (a flat signal says nothing about which tokens matter; a peaked one does), normalised to sum to
 1: ``s = sum_i w_i p_i``. Weights are therefore self-adaptive: when the question is about a
 non-salient object the similarity map is the peaked one and dominates, and vice versa.
+
+Positions: the method has no public code. At the interface it runs with ``positions=original`` (kept tokens keep
+their own rotary positions), the default for every scorer; ``{name: mixture, positions: compact}`` gives the
+consecutive positions of a LLaVA-codebase implementation that shortens the features before concatenation.
 """
 
 from __future__ import annotations
