@@ -38,7 +38,12 @@ Differences from their code:
   of its group's last member (``research.pruning.engine``); ``positions=compact`` gives consecutive positions;
 * the CLS attention is the head mean in float32 (``signals.cls_attention``), theirs the head sum in the model's
   dtype: the same order up to rounding; the keys and cosines are computed in float32 (theirs: the model's dtype);
-* their code runs a batch of unpadded images of equal length; here each row (one image) is scored alone.
+* the layer: theirs reads ``attentions[-2]`` / ``hidden_states[-2]`` and the keys of encoder layer 22 (``apply_info``:
+  ``r = [0] * 22 + [1] + [0]``, i.e. ``layers[-2]`` of CLIP-L's 24); here the adapter's feature layer
+  (``vision_feature_layer``, -2 on LLaVA-1.5: the same layer), whatever the tower's depth;
+* their code runs a batch of unpadded images of equal length; here each row (one image) is scored alone;
+* ``vision_feature_select_strategy="full"`` (the CLS token is an image token) is not special-cased: both codes
+  always keep the CLS token, here it is ranked by its own CLS-to-CLS attention like a patch.
 """
 
 from __future__ import annotations
