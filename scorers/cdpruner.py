@@ -24,7 +24,9 @@ variant ``r = exp(alpha r)``, ``alpha = theta / (2 (1 - theta))`` (None: off, as
 
 The text: ``model_vqa_loader.py`` passes the question (``line["text"]`` without LLaVA's
 ``"\\nAnswer the question using a single word or phrase."``); here the question is read back from the prompt's
-text after the image (``ClipText.questions``: decoded, ``ASSISTANT:`` dropped) and ``drop_text`` removed.
+text after the image (``ClipText.questions``: decoded, ``ASSISTANT:`` dropped) and ``drop_text`` removed. A
+question longer than the CLIP text context is cut, as theirs, into context-long segments, each embedded
+(``M`` embeddings), and the relevance averaged over them.
 
 The CLIP text tower and projection come from ``clip_path`` (as ``atp``: a local CLIP checkpoint matching the vision
 tower, e.g. ``openai/clip-vit-large-patch14-336``, or ``<model dir>/clip``).
@@ -41,8 +43,6 @@ Differences from their code:
   captures only the tower's last hidden state);
 * each row of a left-padded batch is one sample (their relevance min / max run over the whole [B, N] tensor of a
   batch of one prompt's images); padding entries are left out;
-* a question longer than the CLIP text context is truncated (theirs: cut into 77-token segments, each embedded,
-  the relevance averaged over them);
 * a chosen token is never chosen again (theirs: only ``d2[j] = -inf``, which a NaN from ``sqrt`` of a negative
   ``d2`` past the kernel's numerical rank could undo); the greedy stops at the plan's count (``keep_counts``).
 """
@@ -164,6 +164,24 @@ class CDPruner(Scorer):
         return [" ".join(t.replace(self.drop_text, "").split()) if self.drop_text else t for t in texts]
 
     @torch.no_grad()
+    def _text_embeds(self, text: str, device: torch.device) -> Tensor:
+        """[M, C] projected CLIP text embeddings of ``text``, cut as theirs into segments of the text context
+        (``max_position_embeddings``), zero-padded (ids and mask). An EOS is appended if the tokenizer adds none
+        (CLIP's does; the offline word tokenizer does not), as ``ClipText.embed_texts``."""
+        clip = self._clip
+        ids = clip.tokenizer(text, return_tensors="pt").input_ids
+        eos = clip.model.config.text_config.eos_token_id
+        if not (ids == eos).any():
+            ids = torch.cat([ids, ids.new_full((1, 1), eos)], 1)
+        context = clip.model.config.text_config.max_position_embeddings
+        segments = (ids.shape[1] - 1) // context + 1
+        padding = context * segments - ids.shape[1]
+        ids, mask = (torch.cat([v, v.new_zeros(1, padding)], 1).reshape(-1, context).to(device)
+                     for v in (ids, torch.ones_like(ids)))
+        clip.model.to(device)
+        return clip.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output.float()
+
+    @torch.no_grad()
     def _image_embeds(self, states: Tensor) -> Tensor:
         """[B, V, C] CLIP-space embeddings of the feature layer's patch states [B, V, Dv]."""
         normed = self._adapter.vision_tower.post_layernorm(states)
@@ -175,7 +193,7 @@ class CDPruner(Scorer):
             raise RuntimeError("cdpruner: bind(adapter) was not called or no image was encoded in this forward")
         planned, self._planned = self._planned, None
         states = self._features.pop("states")[:, -signals.num_vision:]  # [B, V, Dv]: patches (no CLS)
-        text = self._clip.embed_texts(self._questions(signals), signals.layout.vision.device).float()  # [B, C]
+        texts = [self._text_embeds(t, signals.layout.vision.device) for t in self._questions(signals)]  # [M_b, C]
         image_embeds = self._image_embeds(states)
         sign, valid = RELEVANCE_SIGNS[self.relevance], signals.vision_valid
         steps = max(planned) if planned else signals.num_vision
@@ -183,7 +201,7 @@ class CDPruner(Scorer):
                            device=valid.device)
         for b in range(valid.shape[0]):
             index = valid[b].nonzero()[:, 0]
-            relevance = relevance_scores(image_embeds[b, index], text[b : b + 1], sign, self.theta)
+            relevance = relevance_scores(image_embeds[b, index], texts[b], sign, self.theta)
             kernel = relevance[:, None] * cosine_similarity(signals.vision_embeds[b, index]) * relevance[None, :]
             chosen = dpp_greedy(kernel, steps)
             order[b, : len(chosen)] = index[chosen]

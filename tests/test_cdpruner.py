@@ -49,16 +49,21 @@ def tiny():
 
 
 def their_text_embeds(clip, tokenizer, question: str) -> torch.Tensor:
-    """``CLIPVisionTower.forward``'s ``text_embeds`` (one segment: the question fits the context), zero-padded to
-    ``max_position_embeddings``. The tiny word tokenizer adds no EOS; CLIP's own does: one is appended."""
-    ids = tokenizer(question, return_tensors="pt").input_ids
+    """``CLIPVisionTower.forward``'s ``text_embeds`` (M, C): the tokens cut into ``max_position_embeddings``-long
+    segments, zero-padded. The tiny word tokenizer adds no EOS; CLIP's own does: one is appended."""
+    text_inputs = tokenizer(text=question, return_tensors="pt")
     eos = clip.config.text_config.eos_token_id
-    if ids[0, -1] != eos:
-        ids = torch.cat([ids, torch.tensor([[eos]])], 1)
-    mask = torch.ones_like(ids)
-    pad = clip.config.text_config.max_position_embeddings - ids.shape[1]
-    ids, mask = (torch.cat([v, v.new_zeros(1, pad)], 1) for v in (ids, mask))
-    return clip.get_text_features(input_ids=ids, attention_mask=mask).pooler_output  # (M=1, C)
+    if text_inputs.input_ids[0, -1] != eos:
+        text_inputs = {k: torch.cat([v, v.new_full((1, 1), eos if k == "input_ids" else 1)], 1)
+                       for k, v in text_inputs.items() if k in ("input_ids", "attention_mask")}
+    max_position_embeddings = clip.config.text_config.max_position_embeddings
+    text_segment = (text_inputs["input_ids"].shape[1] - 1) // max_position_embeddings + 1
+    text_padding = max_position_embeddings * text_segment - text_inputs["input_ids"].shape[1]
+    text_inputs = {
+        k: torch.cat([v, v.new_zeros((v.shape[0], text_padding))], dim=1).reshape(-1, max_position_embeddings)
+        for k, v in text_inputs.items()
+    }
+    return clip.get_text_features(**text_inputs).pooler_output
 
 
 def their_encode_images(image_features, image_outputs, post_layernorm, visual_projection, text_embeds,
@@ -99,25 +104,27 @@ def their_kernel_greedy(kernel: torch.Tensor, visual_token_num: int) -> tuple[to
     return torch.sort(select_idx.t()).values[0], select_idx[:, 0]
 
 
-def reference(model, inputs, clip_dir: Path, keep: int, **options) -> list[tuple[set, torch.Tensor]]:
-    """Per row: (kept input positions, choice order) of their code on transformers' own tensors."""
+def reference(model, inputs, clip_dir: Path, keep: int, **options) -> tuple[list[tuple[set, torch.Tensor]], list]:
+    """Per row: (kept input positions, choice order) of their code on transformers' own tensors; and the number of
+    text segments of each row's question."""
     clip, tokenizer = AutoModel.from_pretrained(clip_dir).eval(), AutoTokenizer.from_pretrained(clip_dir)
     with torch.no_grad():
         tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
         patches = tower.hidden_states[model.config.vision_feature_layer][:, 1:]  # feature_select: 'patch'
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        result = []
+        result, segments = [], []
         for b in range(3):
             ids = inputs["input_ids"][b]
             columns = (ids == IMAGE_TOKEN_ID).nonzero()[:, 0]
             question = tokenizer.decode(ids[columns[-1] + 1:][ids[columns[-1] + 1:] != PAD_TOKEN_ID].tolist(),
                                         skip_special_tokens=True).strip()
             text = their_text_embeds(clip, tokenizer, question)
+            segments.append(text.shape[0])
             kept, order = their_encode_images(features[b][None], patches[b : b + 1],
                                               model.model.vision_tower.post_layernorm, clip.visual_projection, text,
                                               keep, **options)
             result.append((set(columns[kept].tolist()), order))
-    return result
+    return result, segments
 
 
 def engine_kept(model, inputs, scorer, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,10 +148,21 @@ def engine_kept(model, inputs, scorer, keep: int) -> tuple[torch.Tensor, torch.T
 def test_cdpruner_keeps_what_their_code_keeps_on_a_left_padded_batch(tiny, clip_dir, keep, options):
     """Per row of a left-padded batch of 3: kept set Jaccard 1.0 and the same choice order."""
     model, inputs = tiny
+    assert_as_their_code(model, inputs, clip_dir, keep, options, segments=[1, 1, 1])
+
+
+def test_cdpruner_a_question_longer_than_the_text_context_is_cut_into_segments_as_theirs(tiny, clip_dir):
+    """Questions of 120 and 200 LLM tokens (the tiny CLIP's context: 64): 2 and 3 segments, relevance averaged."""
+    model, _ = tiny
+    assert_as_their_code(model, tiny_inputs([120, 5, 200]), clip_dir, 16, {}, segments=[2, 1, 3])
+
+
+def assert_as_their_code(model, inputs, clip_dir, keep: int, options: dict, segments: list[int]) -> None:
     scorer = SCORERS.get("cdpruner")(clip_path=str(clip_dir), drop_text="", **options)
     kept, scores = engine_kept(model, inputs, scorer, keep)
-    sign = {"relevance": -1.0 if options.get("relevance", "negative") == "negative" else 1.0}["relevance"]
-    expected = reference(model, inputs, clip_dir, keep, sign=sign, theta=options.get("theta"))
+    sign = -1.0 if options.get("relevance", "negative") == "negative" else 1.0
+    expected, their_segments = reference(model, inputs, clip_dir, keep, sign=sign, theta=options.get("theta"))
+    assert their_segments == segments
     jaccards, orders = [], []
     for b, (theirs, order) in enumerate(expected):
         mine = set(kept[b].tolist())
