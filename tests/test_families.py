@@ -345,7 +345,7 @@ def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, 
         assert str(caught.value) == vision_merging_refusal(adapter, scorer)
         return
     assert resolve(cfg).model.adapter is adapter
-    params = {"clip_path": clip_dir_for(family)} if scorer == "atp" else {}
+    params = {"clip_path": clip_dir_for(family)} if scorer in ("atp", "cdpruner") else {}
     plan = PruningPlan.of([-1], [0.5], relative=True) if scorer_class.pre_llm else LAYER_PLAN
     batch = inputs(family)
     counts = (batch["input_ids"] == model(family).config.image_token_id).sum(1)

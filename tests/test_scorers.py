@@ -81,7 +81,7 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 def make_scorer(name: str, clip_dir: Path) -> Scorer:
     """A registered scorer with the configuration a test model needs (none for most)."""
-    needs = {"atp": {"clip_path": str(clip_dir)}}
+    needs = {"atp": {"clip_path": str(clip_dir)}, "cdpruner": {"clip_path": str(clip_dir)}}
     return SCORERS.get(name)(**needs.get(name, {}))
 
 
