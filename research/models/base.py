@@ -51,6 +51,21 @@ class VisionLayout:
     nominal_tokens: int  # the count an absolute budget is planned against (the fixed count, or a typical one)
 
 
+@dataclass(frozen=True)
+class VisionMergeSites:
+    """Where a family's vision tower is hooked for merging inside it (``VLMAdapter.vision_merge_sites``; the merge
+    itself is ``research.pruning.vision_merge``'s)."""
+
+    tower: nn.Module  # its forward starts a new image batch
+    tower_layers: int  # encoder layers in all (an r schedule is given per tower layer)
+    layers: Sequence[nn.Module]  # the encoder layers whose output reaches the features, in order
+    projector: nn.Module  # maps the selected features [images, k, Dv] to the LLM's [images, k, D]
+    num_heads: int
+    tower_tokens: int  # tokens entering the first layer (CLS included)
+    image_tokens: int  # image tokens per image in the LLM input (n)
+    class_token: bool  # slot 0 is a CLS token: never merged
+
+
 class VLMAdapter:
     """Locates the parts of a VLM the pruning engine hooks into; one subclass per family.
 
@@ -186,8 +201,8 @@ class VLMAdapter:
         tokens one to one; ``None`` for a family without such a source (no CLS, merged or cropped patches)."""
         return None
 
-    def vision_merge_sites(self) -> Any:
-        """Where the vision tower is hooked to merge its tokens (a ``research.pruning.vision_merge.VisionMergeSites``);
+    def vision_merge_sites(self) -> VisionMergeSites:
+        """Where the vision tower is hooked to merge its tokens (:class:`VisionMergeSites`);
         one line saying why not for a family without ``supports_vision_merging``."""
         raise UnsupportedModel(f"{self.family} cannot merge inside its vision tower ({self.no_vision_merging})")
 

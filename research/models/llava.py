@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from research.models.base import UnsupportedModel, VisionLayout, VLMAdapter, register
+from research.models.base import UnsupportedModel, VisionLayout, VisionMergeSites, VLMAdapter, register
 
 
 @register
@@ -31,11 +31,9 @@ class LlavaAdapter(VLMAdapter):
         attn = layers[index if index < 0 else index - 1].self_attn  # hidden_states[i] is layers[i-1]'s output
         return attn.q_proj, attn.k_proj, attn.num_heads, float(attn.scale)
 
-    def vision_merge_sites(self) -> Any:
+    def vision_merge_sites(self) -> VisionMergeSites:
         """The CLIP encoder layers up to the feature layer (``vision_feature_layer``; LLaVA-1.5: -2, so all but the
         last) merge; the projector's output is spread back over the image's slots."""
-        from research.pruning.vision_merge import VisionMergeSites
-
         config = self.model.config
         feature_layer = config.vision_feature_layer
         if not isinstance(feature_layer, int):

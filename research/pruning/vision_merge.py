@@ -27,30 +27,18 @@ which is what LLaVA's codebase (and so LightCompress) gives features shortened b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from research.models.base import VisionMergeSites
 from research.pruning.token_merge import Merge, bipartite_soft_matching, merge_source, merge_wavg
 
+__all__ = ["PLACEMENTS", "MergeOptions", "VisionMergeSites", "VisionTowerMerge"]
+
 PLACEMENTS = ("merge", "spatial")
-
-
-@dataclass(frozen=True)
-class VisionMergeSites:
-    """Where a family's vision tower is hooked for merging (``VLMAdapter.vision_merge_sites``)."""
-
-    tower: nn.Module  # its forward starts a new image batch
-    tower_layers: int  # encoder layers in all (an r schedule is given per tower layer)
-    layers: Sequence[nn.Module]  # the encoder layers whose output reaches the features, in order
-    projector: nn.Module  # maps the selected features [images, k, Dv] to the LLM's [images, k, D]
-    num_heads: int
-    tower_tokens: int  # tokens entering the first layer (CLS included)
-    image_tokens: int  # image tokens per image in the LLM input (n)
-    class_token: bool  # slot 0 is a CLS token: never merged
 
 
 @dataclass
