@@ -7,6 +7,8 @@ on CPU prefill:
 * vanilla;
 * the engine installed at full budget (hooks only: their overhead);
 * every registered LLM scorer at average budgets 192 and 64, pruning after layers [1, 8];
+* every scorer that prunes once before the LLM (``pre_llm``) keeping 192 and 64 image tokens at the interface
+  (one that needs what the random model lacks, a CLIP text tower, is listed as not timed, with why);
 * the ceiling: the same model, no pruning hooks, its decoder layers run one by one on physically
   shorter inputs with the same per-layer token counts as ``text_prior`` at each budget;
 * scorers that merge inside the vision tower (``tome``), where the family can: the mid model's tower has 2
@@ -157,12 +159,27 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
             lambda p=plan: ceiling_forward(adapter, inputs, p.tokens_per_layer(num_layers, num_vision))
         )
 
+    # scorers that prune once at the interface (location -1), keeping the budget from the image tokens the LLM gets
+    interface_scorers = [n for n in SCORERS.names() if SCORERS.get(n).pre_llm
+                         and not SCORERS.get(n).needs_vision_merging]
+    for budget in BUDGETS:
+        for scorer in interface_scorers:
+            name = f"{scorer}@{budget}"
+            variants[name] = forward(name, {"scorer": SCORERS.get(scorer)(), "plan": PruningPlan.of([-1], [budget])})
+
     tower_merging = [n for n in SCORERS.names() if SCORERS.get(n).needs_vision_merging]
     if tower_merging and FAMILIES.get(family).supports_vision_merging:
         variants.update(tower_merge_variants(family, tower_merging, scoring))
 
-    for fn in variants.values():  # warm-up
-        fn()
+    skipped = {}
+    for variant, fn in list(variants.items()):  # warm-up
+        try:
+            fn()
+        except (ValueError, OSError) as error:  # e.g. a scorer that needs a CLIP text tower the random model lacks
+            if variant.split("@")[0] not in interface_scorers:
+                raise
+            skipped[variant] = str(error).splitlines()[0]
+            del variants[variant]
     times: dict[str, list[float]] = {v: [] for v in variants}
     scoring.clear()  # drop the warm-up's figures
     in_hooks.clear()
@@ -199,6 +216,7 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
     else:
         summary_tower = {}
     return {
+        "skipped": skipped,
         "vision_tower_merging": summary_tower,
         "setup": {
             "family": family, "model_class": type(model).__name__, "image_tokens": num_vision,
@@ -285,6 +303,8 @@ def format_report(result: dict) -> str:
         f"hooks at full budget: {100 * s['hook_overhead']:.3f}% of vanilla prefill spent inside them, "
         f"{100 * s['hook_overhead_end_to_end']:+.2f}% end to end (paired median; machine noise is larger)"
     )
+    for variant, reason in result.get("skipped", {}).items():
+        lines.append(f"{variant}: not timed ({reason})")
     for name, row in result.get("vision_tower_merging", {}).items():
         lines.append(f"{name} (24-layer tower twin): prefill speed-up {row['prefill_speedup']:.2f}x, scoring "
                      f"{100 * row['scoring_fraction_of_vanilla']:.2f}% of vanilla prefill, tower speed-up "
