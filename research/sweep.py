@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from research.experiment import Experiment
 from research.pruning import PruningPlan
-from research.specs import ConfigError, ScheduleSpec, label, slug
+from research.specs import ConfigError, ScheduleSpec, build, label, slug
 from schedules import solve_budget
 from scorers import SCORERS
 
@@ -55,7 +55,7 @@ class Combination:
         return PruningPlan.of(self.locations, self.keep, positions or self.positions, relative=self.relative)
 
     def make_scorer(self):
-        return SCORERS.get(self.scorer)(**self.scorer_params)
+        return build(SCORERS, self.scorer, self.scorer_params)
 
 
 def is_fraction(budget: float) -> bool:

@@ -598,13 +598,14 @@ def merging(family: str, batch: dict, plan: PruningPlan, scorer: GroupedMerge, s
     return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, 1), engine.last
 
 
+@pytest.mark.parametrize("batching", BATCHES)
 @pytest.mark.parametrize("kind", ["layers", "interface"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_merges_keep_the_engine_properties_on_every_family(family, kind):
+def test_merges_keep_the_engine_properties_on_every_family(family, kind, batching):
     """A merged token (its group's mean, in its last member's slot) on every family: cached decode equals a no-cache
     recompute, each row of a padded batch equals the row alone, and groups of one token equal the drop of the same
-    set (1e-6)."""
-    batch, plan = inputs(family), PLANS[kind]
+    set (1e-6); left-padded, with an all-ones mask, and with no mask."""
+    batch, plan = inputs(family, kind=batching), PLANS[kind]
     tokens, cached, record = merging(family, batch, plan, GroupedMerge())
     assert record.merged and all(bool((anchors >= 0).any()) for anchors in record.merged.values())
     recomputed = []

@@ -57,11 +57,9 @@ def row(inputs: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
 
 def plan(cfg, num_layers: int, num_vision: int, histograms=None, allow_pending: bool = False):
     """The combinations of ``cfg`` planned for a model of this shape, without its checkpoint."""
-    from research.experiment import ModelSpec, resolve
     from research.sweep import plan_sweep
 
-    experiment = resolve(cfg, ModelSpec.of_shape(cfg.model, num_layers, num_vision))
-    return plan_sweep(experiment, histograms, allow_pending)
+    return plan_sweep(shaped(cfg, num_layers, num_vision), histograms, allow_pending)
 
 
 def shaped(cfg, num_layers: int = 8, num_vision: int = 144):

@@ -629,10 +629,10 @@ class PruningEngine:
         member = groups >= 0
         if bool((member & (is_kept | ~valid)).any()):
             raise ValueError(f"scorer {name} merges kept or padding vision tokens: only dropped ones may be merged")
-        if not bool(member.any()):
-            return is_kept
         slot = torch.where(member, groups + 1, 0)  # [B, V]: column 0 collects the tokens in no group
         num_groups = int(slot.max()) + 1
+        if num_groups == 1:  # nothing to merge
+            return is_kept
         sums = vision_hidden.new_zeros(*slot.shape[:1], num_groups, hidden.shape[-1], dtype=torch.float32)
         sums = sums.scatter_add(1, slot[..., None].expand_as(vision_hidden), vision_hidden.float())
         sizes = torch.zeros_like(slot[:, :num_groups]).scatter_add(1, slot, torch.ones_like(slot))
