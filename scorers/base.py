@@ -27,6 +27,8 @@ class Scorer:
     pre_llm: ClassVar[bool] = False
     needs_llm_attention: ClassVar[bool] = True  # False: can also score at location -1, before the LLM
     needs_cls_saliency: ClassVar[bool] = False  # reads the vision tower's CLS attention (``signals.cls_attention``)
+    # reads the vision tower's patch states as the image tokens one to one (``signals.patch_states``)
+    needs_clip_patches: ClassVar[bool] = False
     # merges inside the vision tower: the engine runs ``merge_options(...)`` there (``research.pruning.vision_merge``)
     needs_vision_merging: ClassVar[bool] = False
 

@@ -31,8 +31,8 @@ question longer than the CLIP text context is cut, as theirs, into context-long 
 The CLIP text tower and projection come from ``clip_path`` (as ``atp``: a local CLIP checkpoint matching the vision
 tower, e.g. ``openai/clip-vit-large-patch14-336``, or ``<model dir>/clip``).
 
-Families: the CLIP patch states must be the image tokens one to one (LLaVA-1.5's CLIP ViT); the registry's check for
-that is the CLS-saliency one (``needs_cls_saliency``), so other families are refused before loading in its words.
+Families: the CLIP patch states must be the image tokens one to one (LLaVA-1.5's CLIP ViT: ``needs_clip_patches``);
+other families are refused in one line before loading.
 
 Positions: their code prunes the image features before they are concatenated with the text, so the LLM numbers
 the shortened sequence consecutively: their reading is ``positions: compact``.
@@ -108,7 +108,7 @@ class CDPruner(Scorer):
 
     pre_llm = True
     needs_llm_attention = False
-    needs_cls_saliency = True  # no CLS read: the registry's check that CLIP patches are the image tokens 1:1
+    needs_clip_patches = True  # the CLIP patch states are the image tokens one to one
 
     relevance: str = "negative"  # negative (their code) | positive (the paper)
     theta: float | None = None  # their commented-out exp(theta / (2 (1 - theta)) * r); None: off

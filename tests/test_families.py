@@ -336,6 +336,12 @@ def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, 
             resolve(cfg)
         assert "\n" not in str(caught.value)
         return
+    if scorer_class.needs_clip_patches and not adapter.has_cls_saliency:
+        with pytest.raises(ConfigError, match=f"scorer '{scorer}' reads the vision tower's patch states as the image "
+                                              f"tokens one to one, which {family} .* does not give") as caught:
+            resolve(cfg)
+        assert "\n" not in str(caught.value)
+        return
     if scorer_class.needs_vision_merging and not adapter.supports_vision_merging:
         with pytest.raises(ConfigError) as caught:
             resolve(cfg)  # refused before loading, from config.json alone

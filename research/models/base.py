@@ -75,7 +75,8 @@ class VLMAdapter:
 
     family: ClassVar[str]  # registry name, e.g. "llava15"
     model_class: ClassVar[str]  # the transformers class it adapts, e.g. "LlavaForConditionalGeneration"
-    has_cls_saliency: ClassVar[bool] = False  # vision_attention() gives CLS attention over the image tokens
+    # vision_attention() gives CLS attention over the image tokens, whose patch states are the image tokens 1:1
+    has_cls_saliency: ClassVar[bool] = False
     # Its vision tower's token sequence can be merged (ToMe) and handed to the LLM as a shorter image span
     # (``vision_merge_sites``); otherwise ``no_vision_merging`` says why not, in a few words.
     supports_vision_merging: ClassVar[bool] = False
@@ -151,6 +152,11 @@ class VLMAdapter:
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm the language model applies after its last decoder layer (``norm``)."""
+        return self.language_model.norm
 
     @property
     def rotary_emb(self) -> nn.Module:

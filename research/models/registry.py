@@ -103,9 +103,9 @@ def inspect_checkpoint(name: str, path: str | Path | None = None) -> Checkpoint:
 
 def check_scorers(adapter: type[VLMAdapter], scorers: Iterable[Any]) -> None:
     """Refuse, in one line (UnsupportedModel), a scorer entry (``research.specs.ScorerSpec``) family ``adapter``
-    cannot run: one that ranks by the vision tower's CLS attention where the family does not map it onto its image
-    tokens, one that merges inside the vision tower where the family cannot hand a shorter image span on, or compact
-    positions where its rotary positions have several axes."""
+    cannot run: one that ranks by the vision tower's CLS attention (or reads its patch states) where the family does
+    not map it onto its image tokens, one that merges inside the vision tower where the family cannot hand a shorter
+    image span on, or compact positions where its rotary positions have several axes."""
     for scorer in scorers:
         if scorer.component.needs_vision_merging and not adapter.supports_vision_merging:
             raise UnsupportedModel(vision_merging_refusal(adapter, scorer.name))
@@ -114,6 +114,12 @@ def check_scorers(adapter: type[VLMAdapter], scorers: Iterable[Any]) -> None:
                 f"scorer {scorer.name!r} ranks by the vision tower's CLS attention, which {adapter.family} "
                 f"({adapter.model_class}) does not map onto its image tokens; drop it or use a model of family "
                 f"{[f for f in FAMILIES.names() if FAMILIES.get(f).has_cls_saliency]}"
+            )
+        if scorer.component.needs_clip_patches and not adapter.has_cls_saliency:
+            raise UnsupportedModel(
+                f"scorer {scorer.name!r} reads the vision tower's patch states as the image tokens one to one, which "
+                f"{adapter.family} ({adapter.model_class}) does not give (merged, cropped or CLS-less patches); drop "
+                f"it or use a model of family {[f for f in FAMILIES.names() if FAMILIES.get(f).has_cls_saliency]}"
             )
         if scorer.positions == "compact" and adapter.position_axes > 1:
             raise UnsupportedModel(f"positions=compact renumbers 1-D positions; {adapter.family}'s multimodal rotary "

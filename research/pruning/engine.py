@@ -15,7 +15,8 @@ No transformers code is copied or patched. The hooks, per forward of the multimo
 * pruning layer, forward hook (prefill): scores the vision tokens, keeps the top-k and gathers
   the layer output. A scorer that asks for ``signals.next_layer`` gets the attention the next
   layer would compute on the unpruned output: that layer's input norm, ``q_proj`` and ``k_proj`` (and its
-  query / key norms) run once more on the output, only then;
+  query / key norms) run once more on the output, only then; one that asks for ``signals.normed_hidden``
+  gets the output through the language model's final norm (DART), computed then too;
 * every layer after a stage: swaps in the mask / cos / sin / position ids sliced to the kept
   tokens. In decode the kept set is fixed; mask columns are remapped to ``kept ∪ new tokens``
   for each stage's KV cache (DynamicCache, StaticCache and no cache alike).
@@ -526,11 +527,19 @@ class PruningEngine:
             q=st.captured.pop("q", None), k=st.captured.pop("k", None), cos=cos, sin=sin,
             mask=kwargs.get("attention_mask"), num_heads=self.adapter.num_heads,
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(layer_idx),
-            memo=st.memo,
+            memo=st.memo, hidden=hidden, final_norm=self.adapter.final_norm,
+            **self._position_signals(kwargs),
         )
         if layer_idx + 1 < self.adapter.num_layers:
             signals.next_layer_fn = lambda: self._next_layer_signals(st, signals, hidden)
         return signals
+
+    def _position_signals(self, kwargs: dict) -> dict:
+        """The layer's 1-D position ids and the model's rotary embedding (``Signals.keys(from_row_start=True)``
+        renumbers with them); none for multimodal positions, which transformers numbers per row already."""
+        if self.adapter.position_axes > 1:
+            return {}
+        return {"position_ids": kwargs.get("position_ids"), "rotary": self.adapter.rotary_emb}
 
     def _next_layer_signals(self, st: _ForwardState, current: Signals, hidden: Tensor) -> Signals:
         """Signals of layer ``current.layer_idx + 1`` on the current, still unpruned sequence.

@@ -9,6 +9,9 @@ so SDPA stays the model's attention implementation and nothing is run twice.
 the full (not yet pruned) sequence: only when a scorer asks, the engine applies that layer's
 ``input_layernorm``, ``q_proj`` and ``k_proj`` to the current layer's output (PyramidDrop ranks
 this way).
+
+After a decoder layer, ``Signals.hidden`` is that layer's output and ``normed_hidden`` the same through the
+language model's final norm (DART compares those); ``keys()`` are the layer's keys after the rotary embedding.
 """
 
 from __future__ import annotations
@@ -129,6 +132,14 @@ def gather_positions(positions: Tensor, index: Tensor) -> Tensor:
     return positions.gather(-1, index.expand(*lead, *index.shape))
 
 
+def rotated_keys(k: Tensor, cos: Tensor, sin: Tensor, num_kv_heads: int) -> Tensor:
+    """[B, Hkv, S, hd] keys after the rotary embedding, as the layer's attention (and its KV cache) holds them,
+    from ``k`` [B, S, Hkv*hd] (the ``k_proj`` output) and the layer's ``cos`` / ``sin`` [B or 1, S, hd]."""
+    batch, seq_len, width = k.shape
+    keys = k.view(batch, seq_len, num_kv_heads, width // num_kv_heads).transpose(1, 2)
+    return keys * cos.unsqueeze(1) + rotate_half(keys) * sin.unsqueeze(1)
+
+
 def query_attention(
     q: Tensor,
     k: Tensor,
@@ -157,9 +168,8 @@ def query_attention(
     head_dim = k.shape[-1] // num_kv_heads
     groups = num_heads // num_kv_heads
     num_queries = query_slots.shape[1]
+    keys = rotated_keys(k, cos, sin, num_kv_heads)  # [B, Hkv, S, hd]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B or 1, 1, S, hd]
-    keys = k.view(batch, seq_len, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, hd]
-    keys = keys * cos + rotate_half(keys) * sin
     queries = gather_seq(q, query_slots).view(batch, num_queries, num_heads, head_dim).transpose(1, 2)
     cos_q = gather_seq(cos.squeeze(1), query_slots).unsqueeze(1)
     sin_q = gather_seq(sin.squeeze(1), query_slots).unsqueeze(1)
@@ -263,6 +273,10 @@ class Signals:
     memo: dict = field(default_factory=dict)  # shared by all stages of one forward
     view: str = "layer"
     next_layer_fn: Callable[[], Signals] | None = field(default=None, repr=False)  # set by the engine
+    hidden: Tensor | None = field(default=None, repr=False)  # [B, S, D] the layer's output (``view="layer"``)
+    final_norm: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)  # the LLM's last norm
+    position_ids: Tensor | None = None  # [B or 1, S] the layer's 1-D position ids, if it received them
+    rotary: Callable[..., tuple[Tensor, Tensor]] | None = field(default=None, repr=False)  # rotary(x, position_ids=)
 
     @cached_property
     def next_layer(self) -> Signals:
@@ -278,6 +292,41 @@ class Signals:
             raise RuntimeError(f"no next-layer attention {where}: it exists only after a decoder layer that is "
                                "followed by another one")
         return self.next_layer_fn()
+
+    @cached_property
+    def normed_hidden(self) -> Tensor:
+        """[B, S, D] the layer's output through the language model's final norm (``model.norm``), in the
+        model's dtype: the states DART compares (``self.norm(layer_outputs[0])`` in its code)."""
+        if self.hidden is None or self.final_norm is None:
+            where = "at the vision-language interface" if self.layer_idx < 0 else f"in the {self.view} view"
+            raise RuntimeError(f"no layer output hidden states {where}: they exist only after a decoder layer")
+        with torch.no_grad():
+            return self.final_norm(self.hidden)
+
+    def keys(self, from_row_start: bool = False) -> Tensor:
+        """[B, Hkv, S, hd] the layer's keys after the rotary embedding (what its KV cache stores).
+
+        ``from_row_start``: rotated at each row's positions counted from its first real token, as the row alone
+        gets them. Attention is relative and does not care, but a key's own values do: a plain forward of a
+        left-padded batch numbers the padding too (LLaVA's default positions), generate() does not. Multimodal
+        (several-axis) positions are numbered per row already and are used as they are.
+        """
+        if self.k is None:
+            raise RuntimeError("no attention projections at the vision-language interface (location -1)")
+        cos, sin = self.row_start_rotary() if from_row_start else (self.cos, self.sin)
+        return rotated_keys(self.k, cos, sin, self.num_kv_heads)
+
+    def row_start_rotary(self) -> tuple[Tensor, Tensor]:
+        """cos / sin [B, S, hd] of the positions each row would have alone (see ``keys``): the layer's own where
+        they already start at 0 on every row's first real token."""
+        if self.position_ids is None or self.rotary is None:
+            return self.cos, self.sin
+        first_real = self.layout.valid.to(torch.uint8).argmax(1, keepdim=True)  # [B, 1]
+        positions = self.position_ids.expand(first_real.shape[0], -1)  # [B, S]
+        start = positions.gather(1, first_real)  # [B, 1]
+        if not bool(start.any()):
+            return self.cos, self.sin
+        return self.rotary(self.k, position_ids=positions - start)
 
     @property
     def dtype(self) -> torch.dtype:
