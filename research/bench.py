@@ -322,6 +322,14 @@ def interface_scorers() -> list[str]:
     return [n for n in SCORERS.names() if SCORERS.get(n).pre_llm and not SCORERS.get(n).needs_vision_merging]
 
 
+def refused_scorers(family: str) -> dict[str, str]:
+    """The scorers before the LLM that ``family`` cannot run, each with why (the registry's CLS-attention check,
+    ``research.models.registry.check_scorers``): they are listed as not timed instead of failing the bench."""
+    adapter = FAMILIES.get(family)
+    return {name: f"ranks by the vision tower's CLS attention, which {family} does not map onto its image tokens"
+            for name in interface_scorers() if SCORERS.get(name).needs_cls_saliency and not adapter.has_cls_saliency}
+
+
 def bench_clip(directory: Path, vision_config: object) -> Path:
     """Save a random-weight CLIP (``CLIP_TEXT`` text tower, ``vision_config``'s width) and the offline word
     tokenizer to ``directory``: the ``clip_path`` of the scorers that embed the question with CLIP."""
@@ -359,6 +367,7 @@ def interface_section(family: str = "llava15", image_tokens: Sequence[int] | Non
     if image_tokens is None and family in GRID_FAMILIES:
         image_tokens = GROWTH_IMAGE_TOKENS
     models = [grid_model(family, n, num_layers) for n in image_tokens] if image_tokens else [bench_model(family)]
+    refused = refused_scorers(family)
     scoring: dict[tuple[int, str], list[float]] = {}
     variants: dict[tuple[int, str], Callable[[], object]] = {}
     keep: dict[tuple[int, str], int] = {}
@@ -370,12 +379,12 @@ def interface_section(family: str = "llava15", image_tokens: Sequence[int] | Non
             count = int((inputs["input_ids"] == model.config.image_token_id).sum())
             variants[count, "vanilla"] = interface_prefill(model, inputs)
             for budget in BUDGETS:
-                for name in interface_scorers():
+                for name in (n for n in interface_scorers() if n not in refused):
                     variant = (count, f"{name}@{budget}")
                     keep[variant], scoring[variant] = round(budget * count / BASE_IMAGE_TOKENS), []
                     variants[variant] = interface_prefill(model, inputs, make_scorer(name, clip),
                                                           PruningPlan.of([-1], [keep[variant]]), scoring[variant])
-        skipped = {}
+        skipped = dict(refused)
         for variant, fn in list(variants.items()):  # warm-up
             try:
                 fn()

@@ -12,6 +12,7 @@ from research.bench import (
     interface_scorers,
     interface_section,
     main,
+    refused_scorers,
 )
 from research.models.testing import random_inputs
 
@@ -66,3 +67,10 @@ def test_bad_image_token_counts_are_refused_before_anything_runs(argv, message, 
 def test_a_family_without_a_square_grid_is_refused_other_counts():
     with pytest.raises(ValueError, match="'qwen2_vl' is not one; choose one of \\['llava15'\\]"):
         grid_model("qwen2_vl", 576)
+
+
+def test_the_scorers_a_family_refuses_are_listed_not_run():
+    refused = refused_scorers("qwen2_vl")  # no CLS attention mapped onto its image tokens
+    assert {"atp", "cdpruner", "visionzip", "vispruner", "mixture"} <= set(refused)
+    assert "divprune" not in refused and "CLS attention" in refused["cdpruner"]
+    assert refused_scorers("llava15") == {}
