@@ -1,4 +1,4 @@
-"""Prefill latency benchmark: ``python -m research.bench [--family F] [--json PATH]``.
+"""Prefill latency benchmark: ``python -m research.bench [--family F] [--image-tokens 576,2916] [--json PATH]``.
 
 A mid-size random-weight model of the family (default ``llava15``; text hidden 1024, 16 layers, about
 576 image tokens, ~40 question tokens; built by ``research.models.testing.random_model(family, "mid")``) is timed
@@ -7,8 +7,14 @@ on CPU prefill:
 * vanilla;
 * the engine installed at full budget (hooks only: their overhead);
 * every registered LLM scorer at average budgets 192 and 64, pruning after layers [1, 8];
-* every scorer that prunes once before the LLM (``pre_llm``) keeping 192 and 64 image tokens at the interface
-  (one that needs what the random model lacks, a CLIP text tower, is listed as not timed, with why);
+* every scorer that prunes once before the LLM (``pre_llm``) at the interface, at each image-token count of
+  ``--image-tokens`` (llava15's default: 576 and 2,916, the 336-px image's 24 x 24 CLIP grid and a 756-px
+  image's 54 x 54 one, about LLaVA-NeXT's 2,880 AnyRes tokens), keeping the same shares (192 / 64 of
+  576, 972 / 324 of 2,916), each count's vanilla prefill interleaved with them: its scoring share of that
+  vanilla and, per scorer, the growth from the first count to the last (share ratio, scoring-time ratio).
+  The scorers that embed the question with CLIP (``atp``, ``cdpruner``) get a random-weight CLIP saved to a
+  temporary directory (``bench_clip``: the tower's width, a text tower CLIP-L's scaled as the mid model
+  scales LLaMA-7B, the offline word tokenizer); one that still cannot run is listed as not timed, with why;
 * the ceiling: the same model, no pruning hooks, its decoder layers run one by one on physically
   shorter inputs with the same per-layer token counts as ``text_prior`` at each budget;
 * scorers that merge inside the vision tower (``tome``), where the family can: the mid model's tower has 2
@@ -23,21 +29,31 @@ Variants are interleaved in every repetition and summarised by medians, as ratio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from research.models import FAMILIES, VLMAdapter, adapter_for
-from research.models.testing import random_inputs, random_model
+from research.models.testing import random_config, random_inputs, random_model
 from research.pruning import PruningEngine, PruningPlan
 from schedules import solve_budget
 from scorers import SCORERS
 
+BASE_IMAGE_TOKENS = 576  # the counts BUDGETS are given for; at other counts they keep the same shares
+GROWTH_IMAGE_TOKENS = (576, 2916)  # llava15's default for the scorers before the LLM: 24x24 and 54x54 CLIP patches
+GRID_FAMILIES = {"llava15"}  # families whose image-token count is a square CLIP grid set by the config's image size
+# the CLIP text tower given to the scorers that need one (atp, cdpruner): CLIP ViT-L/14's (768 wide, 12 layers,
+# 77 positions) scaled as the mid model scales LLaMA-7B (1/4 the width, 1/2 the depth); random weights
+CLIP_TEXT = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3,
+                 max_position_embeddings=77)
 LOCATIONS = [1, 8]  # [2, 8] cannot reach an average of 64 in 16 layers (layers 0-1 count 576)
 BUDGETS = [192, 64]
 # image size (pixels) giving about 576 image tokens, for the families whose image sets the count
@@ -53,10 +69,34 @@ def bench_model(family: str = "llava15") -> nn.Module:
 def deep_tower_model(family: str = "llava15", tower_layers: int = 24) -> nn.Module:
     """The family's mid model with a ``tower_layers``-deep vision tower (CLIP ViT-L's depth), for the scorers
     that merge inside it."""
-    from research.models.testing import random_config
-
     config = random_config(family, "mid")
     config.vision_config.num_hidden_layers = tower_layers
+    return model_from_config(family, config)
+
+
+def grid_model(family: str, image_tokens: int, num_layers: int | None = None) -> nn.Module:
+    """The family's mid model (``num_layers`` decoder layers if given) with its image a square CLIP grid of
+    ``image_tokens`` patches (576: 24 x 24, the 336-px image; 2,916: 54 x 54, a 756-px one)."""
+    if family not in GRID_FAMILIES:
+        raise ValueError(f"image-token counts other than the model's own need a square-grid family: {family!r} is "
+                         f"not one; choose one of {sorted(GRID_FAMILIES)}")
+    side = grid_side(image_tokens)
+    config = random_config(family, "mid", num_layers)
+    config.vision_config.image_size = side * config.vision_config.patch_size
+    return model_from_config(family, config)
+
+
+def grid_side(image_tokens: int) -> int:
+    """The side of a square grid of ``image_tokens`` patches; a clear error if there is none."""
+    side = math.isqrt(max(image_tokens, 0))
+    if image_tokens <= 0 or side * side != image_tokens:
+        raise ValueError(f"image tokens {image_tokens} is not a square grid; choose a square, e.g. {side * side} "
+                         f"({side}x{side}) or {(side + 1) ** 2} ({side + 1}x{side + 1})")
+    return side
+
+
+def model_from_config(family: str, config: object) -> nn.Module:
+    """A random-weight model of ``family`` from ``config`` (seed 0), sdpa attention, eval mode."""
     torch.manual_seed(0)
     model = FAMILIES.get(family).model_type()(config)
     model.config._attn_implementation = "sdpa"
@@ -118,8 +158,10 @@ def time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict:
-    """Time every variant ``repetitions`` times, interleaved; return medians and ratios."""
+def run(repetitions: int = 7, threads: int = 1, family: str = "llava15",
+        image_tokens: Sequence[int] | None = None) -> dict:
+    """Time every variant ``repetitions`` times, interleaved; return medians and ratios. ``image_tokens``: the
+    counts the scorers that prune before the LLM are timed at (:func:`interface_section`)."""
     torch.set_num_threads(threads)
     model = bench_model(family)
     inputs = bench_inputs(model, family)
@@ -159,27 +201,12 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
             lambda p=plan: ceiling_forward(adapter, inputs, p.tokens_per_layer(num_layers, num_vision))
         )
 
-    # scorers that prune once at the interface (location -1), keeping the budget from the image tokens the LLM gets
-    interface_scorers = [n for n in SCORERS.names() if SCORERS.get(n).pre_llm
-                         and not SCORERS.get(n).needs_vision_merging]
-    for budget in BUDGETS:
-        for scorer in interface_scorers:
-            name = f"{scorer}@{budget}"
-            variants[name] = forward(name, {"scorer": SCORERS.get(scorer)(), "plan": PruningPlan.of([-1], [budget])})
-
     tower_merging = [n for n in SCORERS.names() if SCORERS.get(n).needs_vision_merging]
     if tower_merging and FAMILIES.get(family).supports_vision_merging:
         variants.update(tower_merge_variants(family, tower_merging, scoring))
 
-    skipped = {}
-    for variant, fn in list(variants.items()):  # warm-up
-        try:
-            fn()
-        except (ValueError, OSError) as error:  # e.g. a scorer that needs a CLIP text tower the random model lacks
-            if variant.split("@")[0] not in interface_scorers:
-                raise
-            skipped[variant] = str(error).splitlines()[0]
-            del variants[variant]
+    for fn in variants.values():  # warm-up
+        fn()
     times: dict[str, list[float]] = {v: [] for v in variants}
     scoring.clear()  # drop the warm-up's figures
     in_hooks.clear()
@@ -215,9 +242,11 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
         summary_tower = tower_merge_summary(times, scoring)
     else:
         summary_tower = {}
+    interface = interface_section(family, image_tokens, repetitions)
     return {
-        "skipped": skipped,
+        "skipped": interface["skipped"],
         "vision_tower_merging": summary_tower,
+        "before_llm": interface,
         "setup": {
             "family": family, "model_class": type(model).__name__, "image_tokens": num_vision,
             "threads": threads, "repetitions": repetitions, "locations": LOCATIONS,
@@ -288,6 +317,133 @@ def tower_merge_summary(times: dict[str, list[float]], scoring: dict[str, list[f
     return out
 
 
+def interface_scorers() -> list[str]:
+    """The scorers that prune once at the interface (location -1); those merging inside the tower excluded."""
+    return [n for n in SCORERS.names() if SCORERS.get(n).pre_llm and not SCORERS.get(n).needs_vision_merging]
+
+
+def refused_scorers(family: str) -> dict[str, str]:
+    """The scorers before the LLM that ``family`` cannot run, each with why (the registry's CLS-attention check,
+    ``research.models.registry.check_scorers``): they are listed as not timed instead of failing the bench."""
+    adapter = FAMILIES.get(family)
+    return {name: f"ranks by the vision tower's CLS attention, which {family} does not map onto its image tokens"
+            for name in interface_scorers() if SCORERS.get(name).needs_cls_saliency and not adapter.has_cls_saliency}
+
+
+def bench_clip(directory: Path, vision_config: object) -> Path:
+    """Save a random-weight CLIP (``CLIP_TEXT`` text tower, ``vision_config``'s width) and the offline word
+    tokenizer to ``directory``: the ``clip_path`` of the scorers that embed the question with CLIP."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from research.shapes_model.vocab import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    text = dict(CLIP_TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=text, vision_config=vision_config.to_dict(),
+                        projection_dim=CLIP_TEXT["hidden_size"])
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_scorer(name: str, clip_path: Path | None) -> object:
+    """The registered scorer ``name``, given ``clip_path`` if it takes one."""
+    scorer = SCORERS.get(name)
+    takes_clip = dataclasses.is_dataclass(scorer) and "clip_path" in {f.name for f in dataclasses.fields(scorer)}
+    return scorer(clip_path=str(clip_path)) if takes_clip and clip_path else scorer()
+
+
+def interface_section(family: str = "llava15", image_tokens: Sequence[int] | None = None, repetitions: int = 7,
+                      num_layers: int | None = None) -> dict:
+    """Vanilla prefill and every scorer that prunes before the LLM, at each image-token count, interleaved.
+
+    ``image_tokens``: square CLIP grids (``grid_model``; default ``GROWTH_IMAGE_TOKENS`` for llava15, the
+    family's own count otherwise); at ``n`` tokens each of ``BUDGETS`` keeps ``round(budget * n / 576)`` tokens.
+    A CLIP (``bench_clip``) is given to the scorers that need one where the tower is CLIP's; one that still
+    cannot run is listed in ``skipped``. ``growth``: per scorer, the last count's figures over the first's.
+    """
+    if image_tokens is None and family in GRID_FAMILIES:
+        image_tokens = GROWTH_IMAGE_TOKENS
+    models = [grid_model(family, n, num_layers) for n in image_tokens] if image_tokens else [bench_model(family)]
+    refused = refused_scorers(family)
+    scoring: dict[tuple[int, str], list[float]] = {}
+    variants: dict[tuple[int, str], Callable[[], object]] = {}
+    keep: dict[tuple[int, str], int] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        vision_config = models[0].config.vision_config
+        clip = bench_clip(Path(directory), vision_config) if vision_config.model_type == "clip_vision_model" else None
+        for model in models:
+            inputs = bench_inputs(model, family)
+            count = int((inputs["input_ids"] == model.config.image_token_id).sum())
+            variants[count, "vanilla"] = interface_prefill(model, inputs)
+            for budget in BUDGETS:
+                for name in (n for n in interface_scorers() if n not in refused):
+                    variant = (count, f"{name}@{budget}")
+                    keep[variant], scoring[variant] = round(budget * count / BASE_IMAGE_TOKENS), []
+                    variants[variant] = interface_prefill(model, inputs, make_scorer(name, clip),
+                                                          PruningPlan.of([-1], [keep[variant]]), scoring[variant])
+        skipped = dict(refused)
+        for variant, fn in list(variants.items()):  # warm-up
+            try:
+                fn()
+            except (ValueError, OSError) as error:  # e.g. a CLIP-text scorer on a family whose tower is not CLIP's
+                skipped[f"{variant[1]} ({variant[0]} image tokens)"] = str(error).splitlines()[0]
+                del variants[variant]
+        for samples in scoring.values():
+            samples.clear()  # drop the warm-up's figures
+        times: dict[tuple[int, str], list[float]] = {v: [] for v in variants}
+        for _ in range(repetitions):
+            for variant, fn in variants.items():
+                times[variant].append(time_once(fn))
+    return interface_summary(times, scoring, keep) | {"skipped": skipped}
+
+
+def interface_prefill(model: nn.Module, inputs: dict, scorer: object | None = None, plan: PruningPlan | None = None,
+                      scoring: list[float] | None = None) -> Callable[[], object]:
+    """One prefill, vanilla or with ``scorer`` pruning by ``plan``; the engine's scoring seconds go to ``scoring``."""
+    def call() -> object:
+        with torch.no_grad():
+            if scorer is None:
+                return model(**inputs, use_cache=False, logits_to_keep=1)
+            with PruningEngine(model, scorer, plan) as engine:
+                model(**inputs, use_cache=False, logits_to_keep=1)
+            scoring.append(engine.last.scoring_seconds)
+
+    return call
+
+
+def interface_summary(times: dict[tuple[int, str], list[float]], scoring: dict[tuple[int, str], list[float]],
+                      keep: dict[tuple[int, str], int]) -> dict:
+    """Per count: vanilla's median and each variant's speed-up and scoring share of that vanilla; per variant
+    timed at two counts or more, ``growth`` from the first count to the last (share ratio, scoring-time ratio)."""
+    counts = sorted({count for count, _ in times})
+    vanilla = {n: statistics.median(times[n, "vanilla"]) for n in counts}
+    rows: dict[int, dict] = {n: {} for n in counts}
+    for (count, name), samples in times.items():
+        if name == "vanilla":
+            continue
+        scored = statistics.median(scoring[count, name])
+        rows[count][name] = {"keep": keep[count, name], "median_ms": 1000 * statistics.median(samples),
+                             "speedup": vanilla[count] / statistics.median(samples), "scoring_ms": 1000 * scored,
+                             "scoring_fraction_of_vanilla": scored / vanilla[count]}
+    growth = {}
+    first, last = counts[0], counts[-1]
+    for name in rows[first]:
+        if last == first or name not in rows[last]:
+            continue
+        low, high = rows[first][name], rows[last][name]
+        growth[name] = {
+            "image_tokens": [first, last], "keep": [low["keep"], high["keep"]],
+            "scoring_fraction_of_vanilla": [low["scoring_fraction_of_vanilla"], high["scoring_fraction_of_vanilla"]],
+            "share_growth": high["scoring_fraction_of_vanilla"] / low["scoring_fraction_of_vanilla"],
+            "scoring_time_growth": high["scoring_ms"] / low["scoring_ms"],
+        }
+    return {"image_tokens": counts, "vanilla_ms": {n: 1000 * v for n, v in vanilla.items()}, "variants": rows,
+            "growth": growth}
+
+
 def format_report(result: dict) -> str:
     lines = [f"{'variant':<22}{'median ms':>11}{'speed-up':>10}{'scoring/vanilla':>17}"]
     for variant, row in result["variants"].items():
@@ -303,6 +459,7 @@ def format_report(result: dict) -> str:
         f"hooks at full budget: {100 * s['hook_overhead']:.3f}% of vanilla prefill spent inside them, "
         f"{100 * s['hook_overhead_end_to_end']:+.2f}% end to end (paired median; machine noise is larger)"
     )
+    lines += format_interface(result["before_llm"]) if "before_llm" in result else []
     for variant, reason in result.get("skipped", {}).items():
         lines.append(f"{variant}: not timed ({reason})")
     for name, row in result.get("vision_tower_merging", {}).items():
@@ -313,14 +470,55 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_interface(section: dict) -> list[str]:
+    """The scorers before the LLM: per count, keep / speed-up / scoring share; then the growth per scorer."""
+    counts, vanilla = section["image_tokens"], section["vanilla_ms"]
+    lines = ["before the LLM (keeping the same shares of the image tokens), vanilla prefill "
+             + ", ".join(f"{vanilla[n]:.0f} ms at {n} image tokens" for n in counts)]
+    for name in section["variants"][counts[0]]:
+        cells = []
+        for n in counts:
+            row = section["variants"][n].get(name)
+            if row:
+                cells.append(f"{n}: keep {row['keep']}, {row['speedup']:.2f}x, scoring {row['scoring_ms']:.1f} ms "
+                             f"= {100 * row['scoring_fraction_of_vanilla']:.2f}%")
+        growth = section["growth"].get(name)
+        if growth:
+            cells.append(f"growth: share {growth['share_growth']:.2f}x, time {growth['scoring_time_growth']:.2f}x")
+        lines.append(f"  {name:<16}" + "; ".join(cells))
+    return lines
+
+
+def image_token_counts(text: str) -> list[int]:
+    """``576,2916`` -> [576, 2916]; a clear error for anything else."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"image tokens {text!r}: give comma-separated integers, e.g. 576,2916") from None
+    try:
+        for count in counts:
+            grid_side(count)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return counts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="llava15", choices=FAMILIES.names(), help="model family to measure")
     parser.add_argument("--repetitions", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = least noisy)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--image-tokens", type=image_token_counts, default=None,
+                        help="image-token counts (square CLIP grids) the scorers before the LLM are timed at, e.g. "
+                             f"576,2916 (default for {sorted(GRID_FAMILIES)}: "
+                             f"{','.join(map(str, GROWTH_IMAGE_TOKENS))}; other families: their own count only)")
     args = parser.parse_args(argv)
-    result = run(args.repetitions, args.threads, args.family)
+    if args.image_tokens and args.family not in GRID_FAMILIES:
+        parser.error(f"--image-tokens needs a square-grid family; {args.family!r} is not one: choose one of "
+                     f"{sorted(GRID_FAMILIES)}")
+    result = run(args.repetitions, args.threads, args.family, args.image_tokens)
     print(format_report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
