@@ -21,7 +21,7 @@ from transformers import AutoConfig
 
 from research.models import FAMILIES, UnsupportedModel, adapter_for, family_of_config
 from research.models.base import vision_merging_refusal
-from research.models.testing import random_config, random_inputs, random_model
+from research.models.testing import crop_marker_ids, random_config, random_inputs, random_model
 from research.pruning import PruningEngine, PruningPlan
 from scorers import SCORERS
 
@@ -33,6 +33,8 @@ IMAGE_SIZES = {
     "llava_onevision": [(16, 32), (30, 30), (16, 16)],
     "qwen2_vl": [(16, 16), (16, 24), (24, 32)],
     "qwen2_5_vl": [(16, 16), (16, 24), (24, 32)],
+    "idefics3": [(8, 8), (8, 16), (16, 16)],  # 8-px crops: the global view alone, 1x2 and 2x2 crops + global
+    "smolvlm": [(16, 16), (16, 32), (32, 32)],  # 16-px crops, likewise
 }
 LAYER_PLAN = PruningPlan.of([1, 2], [0.5, 0.25], relative=True)
 ABSOLUTE_PLAN = PruningPlan.of([1, 2], [12, 5])  # rows with fewer tokens keep min(k, their own)
@@ -73,8 +75,9 @@ def inputs(family: str, size: int = 3, kind: str = "padded") -> dict[str, torch.
     batch = random_inputs(model(family), QUESTIONS[:size], image_sizes=sizes)
     if kind == "padded":
         return batch
-    counts = (batch["input_ids"] == model(family).config.image_token_id).sum(1).tolist()
-    lengths = [QUESTIONS[0] + max(counts) - n for n in counts]  # every row: the same image + question length
+    # every row the same length: the image span (its image tokens and any markers around them) + question
+    spans = [int(n) - q for n, q in zip(batch["attention_mask"].sum(1), QUESTIONS)]
+    lengths = [QUESTIONS[0] + max(spans) - n for n in spans]
     batch = random_inputs(model(family), lengths, image_sizes=sizes)
     assert bool(batch["attention_mask"].all())
     if kind == "no_mask":
@@ -164,6 +167,69 @@ def test_rows_of_the_variable_families_hold_different_numbers_of_image_tokens():
         image = model(family).config.image_token_id
         counts = (inputs(family)["input_ids"] == image).sum(1).tolist()
         assert len(set(counts)) == 3, (family, counts)
+
+
+CROP_FAMILIES = ["idefics3", "smolvlm"]
+
+
+@pytest.mark.parametrize("family", CROP_FAMILIES)
+def test_crop_rows_hold_different_numbers_of_crops_and_each_crop_its_own_tokens(family):
+    """Rows of 1, 3 and 5 crops (the global view alone, 1x2 and 2x2 crops and the global view) in one
+    ``pixel_values`` [B, 5, 3, H, W], padded with all-zero crops; the model gives each row as many image features
+    as its input_ids hold image tokens, ``crop_tokens`` per crop."""
+    m, batch = model(family), inputs(family)
+    crops = (batch["pixel_values"].flatten(2).abs().sum(-1) > 0).sum(1)
+    assert crops.tolist() == [1, 3, 5]
+    assert torch.equal(batch["pixel_attention_mask"].flatten(2).any(-1).sum(1), crops)
+    with torch.no_grad():
+        features = m.model.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"]).pooler_output
+    counts = (batch["input_ids"] == m.config.image_token_id).sum(1)
+    per_crop = FAMILIES.get(family).crop_tokens(m.config)
+    assert [len(f) for f in features] == counts.tolist() == (crops * per_crop).tolist()
+
+
+@pytest.mark.parametrize("kind", ["layers", "interface"])
+@pytest.mark.parametrize("family", CROP_FAMILIES)
+def test_crop_markers_are_never_pruned_and_reach_the_llm_unchanged(family, kind):
+    """Only the ``<image>`` tokens (the config's image_token_id) are ranked, kept or dropped, and counted by the
+    budget; ``<fake_token_around_image>``, ``<row_i_col_j>``, ``<global-img>`` and the newlines between crop rows
+    are never in a kept set and enter the LLM (interface pruning) with their own embeddings."""
+    m, batch, plan = model(family), inputs(family), PLANS[kind]
+    ids, image = batch["input_ids"], m.config.image_token_id
+    markers = torch.isin(ids, torch.tensor(crop_marker_ids()))
+    assert markers.sum(1).tolist() == [3, 9, 14]  # fake x2 + global (+ per crop: fake, row/col; + newlines)
+    embeds, llm_inputs = [], []
+    adapter = adapter_for(m)
+    grab = adapter.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embeds.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            m(**batch)
+    finally:
+        grab.remove()
+    with torch.no_grad(), PruningEngine(m, scorer_for(plan), plan) as engine:
+        first = adapter.decoder_layers[0].register_forward_pre_hook(
+            lambda module, args, kwargs: llm_inputs.append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True)
+        try:
+            m(**batch)
+        finally:
+            first.remove()
+    record, counts = engine.last, (ids == image).sum(1)
+    for stage, fraction in zip(record.kept, plan.keep):
+        assert torch.equal((stage >= 0).sum(1), torch.round(fraction * counts.double()).long())
+        for r in range(len(ids)):
+            kept = stage[r][stage[r] >= 0]
+            assert (ids[r, kept] == image).all() and not markers[r, kept].any()
+    if kind == "interface":
+        for r in range(len(ids)):  # the LLM's input: every non-image slot and the image slots kept at -1
+            keep = ids[r] != image
+            keep[record.kept[0][r][record.kept[0][r] >= 0]] = True
+            slots = keep.nonzero()[:, 0]
+            assert markers[r, slots].sum() == markers[r].sum()
+            real = batch["attention_mask"][r, slots].bool()
+            mine = llm_inputs[0][r, -len(slots):]  # fillers pad shorter rows on the left
+            torch.testing.assert_close(mine[real], embeds[0][r, slots][real], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("batching", BATCHES)
