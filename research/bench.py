@@ -28,11 +28,13 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from research.models import FAMILIES, VLMAdapter, adapter_for
+from research.models import FAMILIES, UnsupportedModel, VLMAdapter, adapter_for
+from research.models.registry import check_scorers
 from research.models.testing import random_inputs, random_model
 from research.pruning import PruningEngine, PruningPlan
 from schedules import solve_budget
@@ -126,7 +128,8 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
     adapter = adapter_for(model)
     num_layers = adapter.num_layers
     num_vision = int((inputs["input_ids"] == adapter.image_token_id).sum())
-    llm_scorers = [n for n in SCORERS.names() if not SCORERS.get(n).pre_llm]
+    refused = refused_scorers(type(adapter))
+    llm_scorers = [n for n in SCORERS.names() if not SCORERS.get(n).pre_llm and n not in refused]
 
     scoring: dict[str, list[float]] = {}
     in_hooks: dict[str, list[float]] = {}
@@ -161,7 +164,7 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
 
     # scorers that prune once at the interface (location -1), keeping the budget from the image tokens the LLM gets
     interface_scorers = [n for n in SCORERS.names() if SCORERS.get(n).pre_llm
-                         and not SCORERS.get(n).needs_vision_merging]
+                         and not SCORERS.get(n).needs_vision_merging and n not in refused]
     for budget in BUDGETS:
         for scorer in interface_scorers:
             name = f"{scorer}@{budget}"
@@ -171,7 +174,8 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
     if tower_merging and FAMILIES.get(family).supports_vision_merging:
         variants.update(tower_merge_variants(family, tower_merging, scoring))
 
-    skipped = {}
+    skipped = {f"{scorer}@{budget}": reason for scorer, reason in refused.items() for budget in BUDGETS
+               if not SCORERS.get(scorer).needs_vision_merging}
     for variant, fn in list(variants.items()):  # warm-up
         try:
             fn()
@@ -227,6 +231,19 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
         "variants": rows,
         "text_prior@64": summary,
     }
+
+
+def refused_scorers(adapter: type[VLMAdapter]) -> dict[str, str]:
+    """The scorers a sweep on this family refuses before loading (``check_scorers``: CLS saliency or CLIP patches
+    it lacks), each with its one-line reason; those merging inside the tower are timed apart, where it can."""
+    refused = {}
+    for name in SCORERS.names():
+        entry = SimpleNamespace(name=name, component=SCORERS.get(name), positions="original")
+        try:
+            check_scorers(adapter, [entry])
+        except UnsupportedModel as error:
+            refused[name] = str(error)
+    return refused
 
 
 def tower_merge_variants(family: str, scorers: list[str], scoring: dict) -> dict[str, Callable[[], object]]:

@@ -188,6 +188,48 @@ def test_crop_rows_hold_different_numbers_of_crops_and_each_crop_its_own_tokens(
     assert [len(f) for f in features] == counts.tolist() == (crops * per_crop).tolist()
 
 
+def idefics3_processor(side: int, crop_tokens: int):
+    """transformers' ``Idefics3Processor`` (PIL image processor, no resize: an image splits into ``side``-pixel
+    crops as given) over a word tokenizer whose marker ids are those of the random models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor, PreTrainedTokenizerFast
+
+    from research.models.testing import FAKE_TOKEN_AROUND_IMAGE, GLOBAL_IMAGE_TOKEN, NEWLINE_TOKEN, row_col_token
+
+    markers = {"<image>": 3, "<fake_token_around_image>": FAKE_TOKEN_AROUND_IMAGE, "<global-img>": GLOBAL_IMAGE_TOKEN,
+               "\n": NEWLINE_TOKEN, **{f"<row_{i + 1}_col_{j + 1}>": row_col_token(i, j) for i in range(6)
+                                       for j in range(6)}}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **markers, "<end_of_utterance>": 60, "what": 61}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(markers)})
+    images = Idefics3ImageProcessorPil(max_image_size={"longest_edge": side}, do_resize=False)
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=crop_tokens)
+
+
+def test_random_crop_inputs_are_laid_out_as_the_idefics3_processor_lays_them_out():
+    """The random Idefics3 rows hold the image span transformers' processor writes for images of those sizes
+    (markers, crops in row-major order, the global view last), and ``pixel_values`` / ``pixel_attention_mask``
+    are shaped and padded as its batch is."""
+    from PIL import Image
+
+    m, batch = model("idefics3"), inputs("idefics3")
+    side = m.config.vision_config.image_size
+    processor = idefics3_processor(side, FAMILIES.get("idefics3").crop_tokens(m.config))
+    images = [[Image.new("RGB", (w, h), (200, 30, 90))] for h, w in IMAGE_SIZES["idefics3"]]
+    real = processor(images=images, text=["<image> what"] * 3, return_tensors="pt", padding=True)
+    for key in ("pixel_values", "pixel_attention_mask"):
+        assert real[key].shape == batch[key].shape, key
+    assert torch.equal(real["pixel_attention_mask"], batch["pixel_attention_mask"])
+    span = torch.isin(batch["input_ids"], torch.tensor([m.config.image_token_id, *crop_marker_ids()]))
+    for r in range(3):
+        theirs = real["input_ids"][r][real["attention_mask"][r].bool()][:-1]  # without the question word
+        where = span[r].nonzero()[:, 0]
+        assert torch.equal(batch["input_ids"][r, where.min() : where.max() + 1], theirs), r
+
+
 @pytest.mark.parametrize("kind", ["layers", "interface"])
 @pytest.mark.parametrize("family", CROP_FAMILIES)
 def test_crop_markers_are_never_pruned_and_reach_the_llm_unchanged(family, kind):
@@ -429,6 +471,20 @@ def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, 
             real = stage[r][stage[r] >= 0]
             assert (batch["input_ids"][r, real] == model(family).config.image_token_id).all()
             assert len(set(real.tolist())) == len(real)
+
+
+def test_bench_leaves_out_the_scorers_a_family_refuses_with_the_sweeps_reason():
+    """``python -m research.bench --family F`` times what a sweep on F runs: a scorer F refuses before loading (CLS
+    saliency, CLIP patches) is listed as not timed, with the sweep's one-line reason, instead of failing the run."""
+    from research.bench import refused_scorers
+
+    assert refused_scorers(FAMILIES.get("llava15")) == {}
+    for family in CROP_FAMILIES:
+        refused = refused_scorers(FAMILIES.get(family))
+        cls_scorers = {n for n in SCORERS.names() if SCORERS.get(n).needs_cls_saliency}
+        assert cls_scorers <= set(refused) and "mixture" in cls_scorers
+        assert all(f"which {family} " in reason and "\n" not in reason for reason in refused.values())
+        assert "text_prior" not in refused and "fastv" not in refused
 
 
 def test_budget_fractions_are_solved_on_the_nominal_count_and_kept_per_row():
