@@ -8,7 +8,8 @@ on CPU prefill:
 * the engine installed at full budget (hooks only: their overhead);
 * every registered LLM scorer at average budgets 192 and 64, pruning after layers [1, 8];
 * every scorer that prunes once before the LLM (``pre_llm``) keeping 192 and 64 image tokens at the interface
-  (one that needs what the random model lacks, a CLIP text tower, is listed as not timed, with why);
+  (one that needs what the random model lacks, a CLIP text tower, is listed as not timed, with why; so is every
+  scorer the family refuses, with the sweep's reason);
 * the ceiling: the same model, no pruning hooks, its decoder layers run one by one on physically
   shorter inputs with the same per-layer token counts as ``text_prior`` at each budget;
 * scorers that merge inside the vision tower (``tome``), where the family can: the mid model's tower has 2
