@@ -37,11 +37,13 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from research.models import FAMILIES, VLMAdapter, adapter_for
+from research.models import FAMILIES, UnsupportedModel, VLMAdapter, adapter_for
+from research.models.registry import check_scorers
 from research.models.testing import random_config, random_inputs, random_model
 from research.pruning import PruningEngine, PruningPlan
 from schedules import solve_budget
@@ -323,11 +325,16 @@ def interface_scorers() -> list[str]:
 
 
 def refused_scorers(family: str) -> dict[str, str]:
-    """The scorers before the LLM that ``family`` cannot run, each with why (the registry's CLS-attention check,
-    ``research.models.registry.check_scorers``): they are listed as not timed instead of failing the bench."""
-    adapter = FAMILIES.get(family)
-    return {name: f"ranks by the vision tower's CLS attention, which {family} does not map onto its image tokens"
-            for name in interface_scorers() if SCORERS.get(name).needs_cls_saliency and not adapter.has_cls_saliency}
+    """The scorers before the LLM that ``family`` cannot run, each with the sweep's one-line reason (the registry's
+    check, ``research.models.registry.check_scorers``): they are listed as not timed instead of failing the bench."""
+    adapter, refused = FAMILIES.get(family), {}
+    for name in interface_scorers():
+        entry = SimpleNamespace(name=name, component=SCORERS.get(name), positions="original")  # as a ScorerSpec
+        try:
+            check_scorers(adapter, [entry])
+        except UnsupportedModel as error:
+            refused[name] = str(error)
+    return refused
 
 
 def bench_clip(directory: Path, vision_config: object) -> Path:

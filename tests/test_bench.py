@@ -72,5 +72,5 @@ def test_a_family_without_a_square_grid_is_refused_other_counts():
 def test_the_scorers_a_family_refuses_are_listed_not_run():
     refused = refused_scorers("qwen2_vl")  # no CLS attention mapped onto its image tokens
     assert {"atp", "cdpruner", "visionzip", "vispruner", "mixture"} <= set(refused)
-    assert "divprune" not in refused and "CLS attention" in refused["cdpruner"]
+    assert "divprune" not in refused and "CLS attention" in refused["atp"] and "patch states" in refused["cdpruner"]
     assert refused_scorers("llava15") == {}

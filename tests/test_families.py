@@ -21,7 +21,7 @@ from transformers import AutoConfig
 
 from research.models import FAMILIES, UnsupportedModel, adapter_for, family_of_config
 from research.models.base import vision_merging_refusal
-from research.models.testing import random_config, random_inputs, random_model
+from research.models.testing import crop_marker_ids, random_config, random_inputs, random_model
 from research.pruning import PruningEngine, PruningPlan
 from scorers import SCORERS
 
@@ -33,6 +33,8 @@ IMAGE_SIZES = {
     "llava_onevision": [(16, 32), (30, 30), (16, 16)],
     "qwen2_vl": [(16, 16), (16, 24), (24, 32)],
     "qwen2_5_vl": [(16, 16), (16, 24), (24, 32)],
+    "idefics3": [(8, 8), (8, 16), (16, 16)],  # 8-px crops: the global view alone, 1x2 and 2x2 crops + global
+    "smolvlm": [(16, 16), (16, 32), (32, 32)],  # 16-px crops, likewise
 }
 LAYER_PLAN = PruningPlan.of([1, 2], [0.5, 0.25], relative=True)
 ABSOLUTE_PLAN = PruningPlan.of([1, 2], [12, 5])  # rows with fewer tokens keep min(k, their own)
@@ -73,8 +75,9 @@ def inputs(family: str, size: int = 3, kind: str = "padded") -> dict[str, torch.
     batch = random_inputs(model(family), QUESTIONS[:size], image_sizes=sizes)
     if kind == "padded":
         return batch
-    counts = (batch["input_ids"] == model(family).config.image_token_id).sum(1).tolist()
-    lengths = [QUESTIONS[0] + max(counts) - n for n in counts]  # every row: the same image + question length
+    # every row the same length: the image span (its image tokens and any markers around them) + question
+    spans = [int(n) - q for n, q in zip(batch["attention_mask"].sum(1), QUESTIONS)]
+    lengths = [QUESTIONS[0] + max(spans) - n for n in spans]
     batch = random_inputs(model(family), lengths, image_sizes=sizes)
     assert bool(batch["attention_mask"].all())
     if kind == "no_mask":
@@ -164,6 +167,111 @@ def test_rows_of_the_variable_families_hold_different_numbers_of_image_tokens():
         image = model(family).config.image_token_id
         counts = (inputs(family)["input_ids"] == image).sum(1).tolist()
         assert len(set(counts)) == 3, (family, counts)
+
+
+CROP_FAMILIES = ["idefics3", "smolvlm"]
+
+
+@pytest.mark.parametrize("family", CROP_FAMILIES)
+def test_crop_rows_hold_different_numbers_of_crops_and_each_crop_its_own_tokens(family):
+    """Rows of 1, 3 and 5 crops (the global view alone, 1x2 and 2x2 crops and the global view) in one
+    ``pixel_values`` [B, 5, 3, H, W], padded with all-zero crops; the model gives each row as many image features
+    as its input_ids hold image tokens, ``crop_tokens`` per crop."""
+    m, batch = model(family), inputs(family)
+    crops = (batch["pixel_values"].flatten(2).abs().sum(-1) > 0).sum(1)
+    assert crops.tolist() == [1, 3, 5]
+    assert torch.equal(batch["pixel_attention_mask"].flatten(2).any(-1).sum(1), crops)
+    with torch.no_grad():
+        features = m.model.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"]).pooler_output
+    counts = (batch["input_ids"] == m.config.image_token_id).sum(1)
+    per_crop = FAMILIES.get(family).crop_tokens(m.config)
+    assert [len(f) for f in features] == counts.tolist() == (crops * per_crop).tolist()
+
+
+def idefics3_processor(side: int, crop_tokens: int):
+    """transformers' ``Idefics3Processor`` (PIL image processor, no resize: an image splits into ``side``-pixel
+    crops as given) over a word tokenizer whose marker ids are those of the random models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor, PreTrainedTokenizerFast
+
+    from research.models.testing import FAKE_TOKEN_AROUND_IMAGE, GLOBAL_IMAGE_TOKEN, NEWLINE_TOKEN, row_col_token
+
+    markers = {"<image>": 3, "<fake_token_around_image>": FAKE_TOKEN_AROUND_IMAGE, "<global-img>": GLOBAL_IMAGE_TOKEN,
+               "\n": NEWLINE_TOKEN, **{f"<row_{i + 1}_col_{j + 1}>": row_col_token(i, j) for i in range(6)
+                                       for j in range(6)}}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **markers, "<end_of_utterance>": 60, "what": 61}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(markers)})
+    images = Idefics3ImageProcessorPil(max_image_size={"longest_edge": side}, do_resize=False)
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=crop_tokens)
+
+
+def test_random_crop_inputs_are_laid_out_as_the_idefics3_processor_lays_them_out():
+    """The random Idefics3 rows hold the image span transformers' processor writes for images of those sizes
+    (markers, crops in row-major order, the global view last), and ``pixel_values`` / ``pixel_attention_mask``
+    are shaped and padded as its batch is."""
+    from PIL import Image
+
+    m, batch = model("idefics3"), inputs("idefics3")
+    side = m.config.vision_config.image_size
+    processor = idefics3_processor(side, FAMILIES.get("idefics3").crop_tokens(m.config))
+    images = [[Image.new("RGB", (w, h), (200, 30, 90))] for h, w in IMAGE_SIZES["idefics3"]]
+    real = processor(images=images, text=["<image> what"] * 3, return_tensors="pt", padding=True)
+    for key in ("pixel_values", "pixel_attention_mask"):
+        assert real[key].shape == batch[key].shape, key
+    assert torch.equal(real["pixel_attention_mask"], batch["pixel_attention_mask"])
+    span = torch.isin(batch["input_ids"], torch.tensor([m.config.image_token_id, *crop_marker_ids()]))
+    for r in range(3):
+        theirs = real["input_ids"][r][real["attention_mask"][r].bool()][:-1]  # without the question word
+        where = span[r].nonzero()[:, 0]
+        assert torch.equal(batch["input_ids"][r, where.min() : where.max() + 1], theirs), r
+
+
+@pytest.mark.parametrize("kind", ["layers", "interface"])
+@pytest.mark.parametrize("family", CROP_FAMILIES)
+def test_crop_markers_are_never_pruned_and_reach_the_llm_unchanged(family, kind):
+    """Only the ``<image>`` tokens (the config's image_token_id) are ranked, kept or dropped, and counted by the
+    budget; ``<fake_token_around_image>``, ``<row_i_col_j>``, ``<global-img>`` and the newlines between crop rows
+    are never in a kept set and enter the LLM (interface pruning) with their own embeddings."""
+    m, batch, plan = model(family), inputs(family), PLANS[kind]
+    ids, image = batch["input_ids"], m.config.image_token_id
+    markers = torch.isin(ids, torch.tensor(crop_marker_ids()))
+    assert markers.sum(1).tolist() == [3, 9, 14]  # fake x2 + global (+ per crop: fake, row/col; + newlines)
+    embeds, llm_inputs = [], []
+    adapter = adapter_for(m)
+    grab = adapter.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embeds.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            m(**batch)
+    finally:
+        grab.remove()
+    with torch.no_grad(), PruningEngine(m, scorer_for(plan), plan) as engine:
+        first = adapter.decoder_layers[0].register_forward_pre_hook(
+            lambda module, args, kwargs: llm_inputs.append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True)
+        try:
+            m(**batch)
+        finally:
+            first.remove()
+    record, counts = engine.last, (ids == image).sum(1)
+    for stage, fraction in zip(record.kept, plan.keep):
+        assert torch.equal((stage >= 0).sum(1), torch.round(fraction * counts.double()).long())
+        for r in range(len(ids)):
+            kept = stage[r][stage[r] >= 0]
+            assert (ids[r, kept] == image).all() and not markers[r, kept].any()
+    if kind == "interface":
+        for r in range(len(ids)):  # the LLM's input: every non-image slot and the image slots kept at -1
+            keep = ids[r] != image
+            keep[record.kept[0][r][record.kept[0][r] >= 0]] = True
+            slots = keep.nonzero()[:, 0]
+            assert markers[r, slots].sum() == markers[r].sum()
+            real = batch["attention_mask"][r, slots].bool()
+            mine = llm_inputs[0][r, -len(slots):]  # fillers pad shorter rows on the left
+            torch.testing.assert_close(mine[real], embeds[0][r, slots][real], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("batching", BATCHES)
@@ -363,6 +471,20 @@ def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, 
             real = stage[r][stage[r] >= 0]
             assert (batch["input_ids"][r, real] == model(family).config.image_token_id).all()
             assert len(set(real.tolist())) == len(real)
+
+
+def test_bench_leaves_out_the_scorers_a_family_refuses_with_the_sweeps_reason():
+    """``python -m research.bench --family F`` times what a sweep on F runs: a scorer F refuses before loading (CLS
+    saliency, CLIP patches) is listed as not timed, with the sweep's one-line reason, instead of failing the run."""
+    from research.bench import refused_scorers
+
+    assert refused_scorers("llava15") == {}
+    for family in CROP_FAMILIES:
+        refused = refused_scorers(family)
+        cls_scorers = {n for n in SCORERS.names() if SCORERS.get(n).needs_cls_saliency}
+        assert cls_scorers <= set(refused) and "mixture" in cls_scorers
+        assert all(f"which {family} " in reason and "\n" not in reason for reason in refused.values())
+        assert "text_prior" not in refused and "fastv" not in refused
 
 
 def test_budget_fractions_are_solved_on_the_nominal_count_and_kept_per_row():

@@ -47,7 +47,24 @@ def random_model(family: str, size: str = "tiny", num_layers: int | None = None,
     model.eval()
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     model.generation_config.eos_token_id = None  # generated lengths stay comparable
+    if family in NEVER_GENERATE_IMAGE_TOKEN:
+        never_generate_image_token(model)
     return model
+
+
+# Families whose random models would otherwise generate their image token id now and then (a trained model never
+# does; a prompt grown by one then holds more image tokens than the images have features, and transformers stops).
+NEVER_GENERATE_IMAGE_TOKEN = {"idefics3", "smolvlm"}
+
+
+@torch.no_grad()
+def never_generate_image_token(model: nn.Module) -> None:
+    """Give the image token the output row of the id just below it: its logit ties that id's, and greedy decoding
+    (``argmax``: the first of equal values) picks the lower id. Its input embedding, tied or not, is never read:
+    the image features replace it."""
+    image = model.config.image_token_id
+    weight = model.get_output_embeddings().weight
+    weight[image] = weight[image - 1]
 
 
 def random_inputs(model: nn.Module, question_lengths: Sequence[int], seed: int = 0,
@@ -240,3 +257,97 @@ def merged_patch_inputs(model: nn.Module, question_lengths: Sequence[int], gener
                          after=[config.vision_end_token_id])
     types = (inputs["input_ids"] == config.image_token_id).long()  # 1 = image token
     return inputs | {"pixel_values": pixels, "image_grid_thw": grids, "mm_token_type_ids": types}
+
+
+# Idefics3 / SmolVLM: the ids their processor's image-span markers get in the random models (not in the config)
+FAKE_TOKEN_AROUND_IMAGE, GLOBAL_IMAGE_TOKEN, NEWLINE_TOKEN, FIRST_ROW_COL_TOKEN = 4, 5, 6, 7  # <row_1_col_1> = 7
+FIRST_CROP_TEXT_ID = FIRST_ROW_COL_TOKEN + 36  # the processor names up to 6 x 6 crops; text ids come after
+
+
+def row_col_token(row: int, col: int) -> int:
+    """The id of ``<row_{row + 1}_col_{col + 1}>`` in the random Idefics3 / SmolVLM models."""
+    return FIRST_ROW_COL_TOKEN + 6 * row + col
+
+
+def crop_marker_ids() -> list[int]:
+    """Every image-span marker id of the random Idefics3 / SmolVLM models: fake tokens, global tag, newline,
+    row / column tags."""
+    return [FAKE_TOKEN_AROUND_IMAGE, GLOBAL_IMAGE_TOKEN, NEWLINE_TOKEN, *range(FIRST_ROW_COL_TOKEN, FIRST_CROP_TEXT_ID)]
+
+
+def crop_split_span(rows: int, cols: int, crop_tokens: int, image_token_id: int) -> list[int]:
+    """The image span Idefics3's processor writes (``Idefics3Processor.replace_image_token``): per crop
+    ``<fake><row_i_col_j><image>*n``, a newline after each crop row, then a newline and the global view
+    ``<fake><global-img><image>*n<fake>``; an image small enough for one crop (rows = cols = 0) is the global view
+    alone."""
+    span: list[int] = []
+    for row in range(rows):
+        for col in range(cols):
+            span += [FAKE_TOKEN_AROUND_IMAGE, row_col_token(row, col), *[image_token_id] * crop_tokens]
+        span.append(NEWLINE_TOKEN)
+    if rows:
+        span.append(NEWLINE_TOKEN)
+    return span + [FAKE_TOKEN_AROUND_IMAGE, GLOBAL_IMAGE_TOKEN, *[image_token_id] * crop_tokens,
+                   FAKE_TOKEN_AROUND_IMAGE]
+
+
+def crop_grid(height: int, width: int, side: int) -> tuple[int, int]:
+    """Rows and columns of ``side``-pixel crops the processor cuts an image of that size into (0, 0: no split)."""
+    if height <= side and width <= side:
+        return 0, 0
+    return -(-height // side), -(-width // side)
+
+
+def _idefics3_vision(size: str, scale: int) -> dict[str, Any]:
+    """A SigLIP-like tower whose crop gives 16 (tiny) or 64 (mid) image tokens after the ``scale`` pixel shuffle."""
+    tiny = size == "tiny"
+    patch = 2 if tiny else 14
+    side = patch * scale * (2 if tiny else 8)  # crop side: (side / patch / scale)^2 tokens
+    return dict(hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512, num_hidden_layers=2,
+                num_attention_heads=4, image_size=side, patch_size=patch)
+
+
+@RANDOM_CONFIGS.register("idefics3")
+def idefics3_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    from transformers import Idefics3Config
+
+    text = dict(model_type="llama", **random_text_sizes(size, num_layers, num_kv_heads))
+    return Idefics3Config(vision_config=_idefics3_vision(size, 2), text_config=text, image_token_id=3, scale_factor=2)
+
+
+@RANDOM_CONFIGS.register("smolvlm")
+def smolvlm_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    from transformers import SmolVLMConfig
+
+    text = dict(model_type="llama", tie_word_embeddings=True, **random_text_sizes(size, num_layers, num_kv_heads))
+    return SmolVLMConfig(vision_config=_idefics3_vision(size, 4), text_config=text, image_token_id=3, scale_factor=4)
+
+
+@RANDOM_INPUTS.register("idefics3")
+@RANDOM_INPUTS.register("smolvlm")
+def crop_split_inputs(model: nn.Module, question_lengths: Sequence[int], generator: torch.Generator,
+                      image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Rows whose images have ``image_sizes`` pixels (default: 2 x 4 crops and the global view, 9 crops: 144 image
+    tokens tiny, 576 mid), laid out as the processor lays them out (:func:`crop_split_span`). ``pixel_values``
+    ``[B, most crops, 3, side, side]``: each row's crops then its global view, a row with fewer crops padded with
+    all-zero crops (which the model drops) and zeros in ``pixel_attention_mask``."""
+    config = model.config
+    side = config.vision_config.image_size
+    per_crop = family_of_class(type(model).__name__).crop_tokens(config)
+    sizes = list(image_sizes) if image_sizes else [(2 * side, 4 * side)] * len(question_lengths)
+    grids = [crop_grid(h, w, side) for h, w in sizes]
+    crops = [rows * cols + 1 for rows, cols in grids]
+    pixels = torch.zeros((len(sizes), max(crops), 3, side, side))
+    mask = torch.zeros((len(sizes), max(crops), side, side), dtype=torch.long)
+    special = {config.text_config.pad_token_id, config.text_config.bos_token_id, config.text_config.eos_token_id,
+               config.image_token_id}
+    text_ids = torch.tensor([i for i in range(FIRST_CROP_TEXT_ID, min(config.text_config.vocab_size, 64))
+                             if i not in special])
+    rows = []
+    for r, ((grid_rows, grid_cols), count, n) in enumerate(zip(grids, crops, question_lengths)):
+        pixels[r, :count] = torch.randn((count, 3, side, side), generator=generator)
+        mask[r, :count] = 1
+        prefix, question = (text_ids[torch.randint(len(text_ids), (k,), generator=generator)] for k in (3, n))
+        span = torch.tensor(crop_split_span(grid_rows, grid_cols, per_crop, config.image_token_id))
+        rows.append(torch.cat([torch.tensor([config.text_config.bos_token_id]), prefix, span, question]))
+    return left_pad(rows, config.text_config.pad_token_id) | {"pixel_values": pixels, "pixel_attention_mask": mask}
