@@ -713,7 +713,7 @@ def test_mistral3_image_span_is_the_processors_layout():
 
 
 def test_mistral3_with_a_sliding_window_shorter_than_its_nominal_image_is_refused():
-    """Mistral's v0.1-style window (MistralConfig's default 4096) against Mistral 3's nominal 448-pixel image."""
+    """Mistral's v0.1-style window (its config's default: 4096) against Mistral 3's nominal 448-pixel image."""
     adapter = FAMILIES.get("mistral3")
     config = random_config("mistral3", "mid", 4, 2)
     assert adapter.vision_layout(config).nominal_tokens == 256
