@@ -139,11 +139,12 @@ def test_pope_splits_are_lmms_eval_configs(root):
 UNTIL = {"mme": ("\n\n",), "gqa": ("\n\n",), "mmbench": ("ASSISTANT:",), "scienceqa_img": ("\n\n",),
          "textvqa": ("ASSISTANT:",), "pope": ("\n\n",), "vqav2": ("\n\n",)}
 # What lmms-eval's wrapper for each family makes of a GQA answer and an MMBench answer (ANSWERS): llava_hf,
-# llava_onevision and internvl3 never apply ``until``; qwen2_vl cuts at every stop string; qwen2_5_vl removes
-# "\n\n" from ``until`` first (lmms_eval/models/simple/<wrapper>.py, generate_until).
+# llava_onevision, internvl3 and mistral3_vl never apply ``until``; qwen2_vl cuts at every stop string; qwen2_5_vl
+# removes "\n\n" from ``until`` first (lmms_eval/models/simple/<wrapper>.py, generate_until).
 ANSWERS = ("wood\n\nIt is wood", "square\nASSISTANT: circle")
-CUT = {"llava15": ANSWERS, "llava_next": ANSWERS, "llava_onevision": ANSWERS, "internvl": ANSWERS,
-       "qwen2_vl": ("wood", "square"), "qwen2_5_vl": ("wood\n\nIt is wood", "square")}
+CUT = {"llava15": ANSWERS, "llava_next": ANSWERS, "llava_onevision": ANSWERS, "internvl": ANSWERS, "mistral3": ANSWERS,
+       "idefics3": ANSWERS, "smolvlm": ANSWERS, "qwen2_vl": ("wood", "square"),
+       "qwen2_5_vl": ("wood\n\nIt is wood", "square")}
 
 
 @pytest.mark.parametrize("name", SNAPSHOT_BENCHMARKS)

@@ -35,6 +35,7 @@ IMAGE_SIZES = {
     "qwen2_5_vl": [(16, 16), (16, 24), (24, 32)],
     "idefics3": [(8, 8), (8, 16), (16, 16)],  # 8-px crops: the global view alone, 1x2 and 2x2 crops + global
     "smolvlm": [(16, 16), (16, 32), (32, 32)],  # 16-px crops, likewise
+    "mistral3": [(16, 16), (16, 24), (24, 32)],
 }
 LAYER_PLAN = PruningPlan.of([1, 2], [0.5, 0.25], relative=True)
 ABSOLUTE_PLAN = PruningPlan.of([1, 2], [12, 5])  # rows with fewer tokens keep min(k, their own)
@@ -623,16 +624,38 @@ def qwen3_internvl(attention: str = "eager"):
     return m
 
 
+def ministral3_mistral3(query_scaling_from: int = 16384, attention: str = "eager"):
+    """Ministral 3 in transformers' format: a Mistral 3 whose LLM is a ``ministral3`` (YaRN rotary; queries scaled
+    by ``1 + beta * log(1 + floor(position / query_scaling_from))``, exactly 1 below that position: 16384 in the
+    released configs)."""
+    adapter = FAMILIES.get("mistral3")
+    config = random_config(adapter.family, "tiny", 4, 2)
+    rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": query_scaling_from,
+            "llama_4_scaling_beta": 0.1}
+    config.text_config = AutoConfig.for_model("ministral3", **text_sizes(config), rope_parameters=rope,
+                                              max_position_embeddings=16 * query_scaling_from)
+    torch.manual_seed(0)
+    m = adapter.model_type()(config).eval()
+    m.set_attn_implementation(attention)
+    return m
+
+
+# LLMs of another kind in a registered family: (family, the model)
+VARIANTS = {"internvl_qwen3": ("internvl", qwen3_internvl), "mistral3_ministral3": ("mistral3", ministral3_mistral3)}
+
+
 def eager_model(family: str):
-    return qwen3_internvl() if family == "internvl_qwen3" else model(family, "eager")
+    return VARIANTS[family][1]() if family in VARIANTS else model(family, "eager")
 
 
-@pytest.mark.parametrize("family", [*FAMILY_NAMES, "internvl_qwen3"])
+@pytest.mark.parametrize("family", [*FAMILY_NAMES, *VARIANTS])
 def test_attention_signals_equal_transformers_eager_attention_weights(family):
     """The attention the scorers rank by (every query row, each layer's own view and the next layer's) is the
     attention transformers computes: its eager weights, head-averaged, from the same forward."""
     m = eager_model(family)
-    adapter = FAMILIES.get("internvl" if family == "internvl_qwen3" else family)
+    family = VARIANTS[family][0] if family in VARIANTS else family
+    adapter = FAMILIES.get(family)
     batch = random_inputs(m, QUESTIONS, image_sizes=IMAGE_SIZES.get(family))
     seen: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -752,3 +775,83 @@ def test_merges_keep_the_engine_properties_on_every_family(family, kind, batchin
     single, singles = forward(family, batch, scorer=GroupedMerge(groups=None), plan=plan)
     dropped, _ = forward(family, batch, scorer=None, plan=plan, replay=singles.kept)
     assert (single - dropped).abs().max() <= 1e-6
+
+
+# ---- Mistral 3: only [IMG] tokens are prunable; [IMG_BREAK] / [IMG_END] stay ---------------------------------
+def seen_positions(family: str, batch: dict, plan: PruningPlan, scorer, layer: int):
+    """The record of a pruned forward and the position ids decoder layer ``layer`` receives (one row per batch row)."""
+    m, seen = model(family), []
+    with torch.no_grad(), PruningEngine(m, scorer, plan) as engine:
+        # registered after the engine's own hook, so it sees the kwargs the engine hands the layer
+        handle = adapter_for(m).decoder_layers[layer].register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["position_ids"].clone()), with_kwargs=True)
+        try:
+            m(**batch)
+        finally:
+            handle.remove()
+    return engine.last, seen[0]
+
+
+@pytest.mark.parametrize(("kind", "scorer"), [("layers", "text_prior"), ("layers", "fastv"), ("layers", "sparsevlm"),
+                                              ("absolute", "fastv"), ("interface", "embedding_norm"),
+                                              ("interface", "divprune")])
+def test_mistral3_prunes_only_img_tokens_and_keeps_every_break_and_end_token(kind, scorer):
+    """Mistral 3's image span is rows of [IMG] tokens each ended by [IMG_BREAK], the last by [IMG_END]: the kept set
+    holds [IMG] slots only, and every layer after the last stage still sees every [IMG_BREAK] / [IMG_END] slot (and
+    of the image slots exactly the kept ones)."""
+    from research.models.testing import IMAGE_BREAK_ID, IMAGE_END_ID
+
+    batch, plan = inputs("mistral3"), PLANS[kind]
+    ids, image = batch["input_ids"], model("mistral3").config.image_token_id
+    assert ((ids == IMAGE_BREAK_ID).sum(1) == torch.tensor([3, 3, 5])).all()  # one per row of patches but the last
+    assert ((ids == IMAGE_END_ID).sum(1) == 1).all()
+    chosen = EmbeddingNorm() if scorer == "embedding_norm" else SCORERS.get(scorer)()
+    record, positions = seen_positions("mistral3", batch, plan, chosen, layer=3)
+    positions = positions[0] if positions.dim() == 3 else positions  # [B, S'] (position ids are the input slots)
+    for r in range(len(ids)):
+        kept = torch.cat([stage[r][stage[r] >= 0] for stage in record.kept])
+        assert (ids[r, kept] == image).all(), ids[r, kept]
+        seen = set(positions[r].tolist())
+        breaks = ((ids[r] == IMAGE_BREAK_ID) | (ids[r] == IMAGE_END_ID)).nonzero()[:, 0]
+        assert set(breaks.tolist()) <= seen
+        last = record.kept[-1][r]
+        image_slots = (ids[r] == image).nonzero()[:, 0].tolist()
+        assert seen & set(image_slots) == set(last[last >= 0].tolist())
+        assert len(last[last >= 0]) < len(image_slots)  # something was pruned
+
+
+def test_mistral3_image_span_is_the_processors_layout():
+    """Rows of ``columns`` [IMG] then [IMG_BREAK], the last break [IMG_END] (transformers' ``PixtralProcessor.
+    replace_image_token``), one [IMG] per (patch * merge)-pixel square of the image."""
+    from research.models.testing import IMAGE_BREAK_ID, IMAGE_END_ID, pixtral_image_span
+
+    img = model("mistral3").config.image_token_id
+    assert pixtral_image_span(2, 3, img).tolist() == [img] * 3 + [IMAGE_BREAK_ID] + [img] * 3 + [IMAGE_END_ID]
+    batch = inputs("mistral3")
+    counts = (batch["input_ids"] == img).sum(1).tolist()
+    assert counts == [h * w // 16 for h, w in IMAGE_SIZES["mistral3"]]  # 4-pixel merged patches (patch 2, merge 2)
+    assert batch["image_sizes"].tolist() == [list(size) for size in IMAGE_SIZES["mistral3"]]
+
+
+def test_mistral3_with_a_sliding_window_shorter_than_its_nominal_image_is_refused():
+    """Mistral's v0.1-style window (its config's default: 4096) against Mistral 3's nominal 448-pixel image."""
+    adapter = FAMILIES.get("mistral3")
+    config = random_config("mistral3", "mid", 4, 2)
+    assert adapter.vision_layout(config).nominal_tokens == 256
+    config.text_config.sliding_window = 200
+    with pytest.raises(UnsupportedModel, match="window of 200 tokens, shorter than 256 image tokens") as caught:
+        adapter.check_config(config)
+    assert "\n" not in str(caught.value)
+    config.text_config.sliding_window = 4096
+    adapter.check_config(config)  # longer than the image: pruned while the sequence fits (the engine checks it)
+
+
+def test_mistral3_whose_queries_are_scaled_within_its_nominal_image_is_refused():
+    """Ministral 3's LLM scales its queries from position ``original_max_position_embeddings`` on, which the
+    engine's attention signals leave out: a config where that starts within the nominal image is refused in one
+    line (the released 16384 is accepted: above it the scorers' attention would differ from the model's)."""
+    adapter = FAMILIES.get("mistral3")
+    adapter.check_config(ministral3_mistral3(16384).config)
+    with pytest.raises(UnsupportedModel, match="scales its queries from position 16 on") as caught:
+        adapter.check_config(ministral3_mistral3(16).config)
+    assert "\n" not in str(caught.value)

@@ -92,19 +92,21 @@ def random_text_sizes(size: str, num_layers: int | None = None, num_kv_heads: in
 
 def left_padded(model: nn.Module, image_counts: Sequence[int], question_lengths: Sequence[int],
                 generator: torch.Generator, prefix_length: int = 3, before: Sequence[int] = (),
-                after: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+                after: Sequence[int] = (), spans: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``input_ids`` / ``attention_mask`` of rows ``[BOS, prefix, before, image*n, after, question]``,
-    left-padded; random text ids avoid every special id of the model's config."""
+    left-padded; random text ids avoid every special id of the model's config. ``spans``: each row's image span
+    as the processor lays it out, instead of ``image*n`` (its ids are avoided too)."""
     config = model.config
     pad, bos = config.text_config.pad_token_id, config.text_config.bos_token_id
     special = {getattr(config, key, None) for key in dir(config) if key.endswith(("token_id", "token_index"))}
+    special |= {int(i) for span in spans or () for i in span}
     vocab = config.text_config.vocab_size
     allowed = torch.tensor([i for i in range(4, min(vocab, 64)) if i not in special])
     rows = []
-    for count, n in zip(image_counts, question_lengths):
+    for r, (count, n) in enumerate(zip(image_counts, question_lengths)):
         prefix = allowed[torch.randint(len(allowed), (prefix_length,), generator=generator)]
         question = allowed[torch.randint(len(allowed), (n,), generator=generator)]
-        image = torch.full((count,), config.image_token_id)
+        image = spans[r] if spans is not None else torch.full((count,), config.image_token_id)
         rows.append(torch.cat([torch.tensor([bos]), prefix, torch.tensor(list(before), dtype=torch.long), image,
                                torch.tensor(list(after), dtype=torch.long), question]))
     return left_pad(rows, pad)
@@ -351,3 +353,47 @@ def crop_split_inputs(model: nn.Module, question_lengths: Sequence[int], generat
         span = torch.tensor(crop_split_span(grid_rows, grid_cols, per_crop, config.image_token_id))
         rows.append(torch.cat([torch.tensor([config.text_config.bos_token_id]), prefix, span, question]))
     return left_pad(rows, config.text_config.pad_token_id) | {"pixel_values": pixels, "pixel_attention_mask": mask}
+
+
+# Mistral 3's processor tokens around its [IMG] tokens (ids of the random models; real ones are the tokenizer's)
+IMAGE_BREAK_ID, IMAGE_END_ID = 5, 6
+
+
+@RANDOM_CONFIGS.register("mistral3")
+def mistral3_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
+
+    tiny = size == "tiny"
+    vision = PixtralVisionConfig(hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
+                                 num_hidden_layers=2, num_attention_heads=4, image_size=32 if tiny else 1540,
+                                 patch_size=2 if tiny else 14)
+    text = MistralConfig(**random_text_sizes(size, num_layers, num_kv_heads), sliding_window=None)
+    return Mistral3Config(vision_config=vision, text_config=text, image_token_id=3, spatial_merge_size=2,
+                          vision_feature_layer=-1)
+
+
+@RANDOM_INPUTS.register("mistral3")
+def pixtral_inputs(model: nn.Module, question_lengths: Sequence[int], generator: torch.Generator,
+                   image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Rows whose images are ``image_sizes`` pixels (multiples of patch * merge; default 16x16 tiny / 672x672 mid:
+    576 tokens), laid out as Mistral 3's processor lays them out: per row of merged patches, one ``[IMG]`` each and
+    an ``[IMG_BREAK]``, the last ``[IMG_BREAK]`` an ``[IMG_END]``. ``pixel_values`` are padded to the largest image,
+    which the tower crops back to ``image_sizes``."""
+    config = model.config
+    side = family_of_class(type(model).__name__).merged_patch(config)
+    default = 16 if config.vision_config.patch_size == 2 else 672
+    sizes = list(image_sizes) if image_sizes else [(default, default)] * len(question_lengths)
+    spans = [pixtral_image_span(h // side, w // side, config.image_token_id) for h, w in sizes]
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    pixels = torch.randn((len(sizes), 3, height, width), generator=generator)
+    return (left_padded(model, [0] * len(sizes), question_lengths, generator, spans=spans)
+            | {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)})
+
+
+def pixtral_image_span(rows: int, columns: int, image_token_id: int) -> torch.Tensor:
+    """A ``rows`` x ``columns`` image's tokens: ``[IMG] * columns + [IMG_BREAK]`` per row, the last break
+    ``[IMG_END]`` (transformers' ``PixtralProcessor.replace_image_token``)."""
+    row = [image_token_id] * columns + [IMAGE_BREAK_ID]
+    span = torch.tensor(row * rows)
+    span[-1] = IMAGE_END_ID
+    return span
