@@ -340,7 +340,7 @@ def refused_scorers(family: str) -> dict[str, str]:
 def bench_clip(directory: Path, vision_config: object) -> Path:
     """Save a random-weight CLIP (``CLIP_TEXT`` text tower, ``vision_config``'s width) and the offline word
     tokenizer to ``directory``: the ``clip_path`` of the scorers that embed the question with CLIP."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import AutoConfig, AutoModel
 
     from research.shapes_model.vocab import build_tokenizer
 
@@ -348,9 +348,9 @@ def bench_clip(directory: Path, vision_config: object) -> Path:
     text = dict(CLIP_TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
-    config = CLIPConfig(text_config=text, vision_config=vision_config.to_dict(),
-                        projection_dim=CLIP_TEXT["hidden_size"])
-    CLIPModel(config).save_pretrained(directory)
+    config = AutoConfig.for_model("clip", text_config=text, vision_config=vision_config.to_dict(),
+                                  projection_dim=CLIP_TEXT["hidden_size"])
+    AutoModel.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

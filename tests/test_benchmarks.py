@@ -144,7 +144,8 @@ UNTIL = {"mme": ("\n\n",), "gqa": ("\n\n",), "mmbench": ("ASSISTANT:",), "scienc
 ANSWERS = ("wood\n\nIt is wood", "square\nASSISTANT: circle")
 CUT = {"llava15": ANSWERS, "llava_next": ANSWERS, "llava_onevision": ANSWERS, "internvl": ANSWERS, "mistral3": ANSWERS,
        "idefics3": ANSWERS, "smolvlm": ANSWERS, "qwen2_vl": ("wood", "square"),
-       "qwen2_5_vl": ("wood\n\nIt is wood", "square")}
+       "qwen2_5_vl": ("wood\n\nIt is wood", "square"), "qwen3_vl": ("wood\n\nIt is wood", "square"),
+       "qwen3_vl_moe": ("wood\n\nIt is wood", "square")}
 
 
 @pytest.mark.parametrize("name", SNAPSHOT_BENCHMARKS)

@@ -21,11 +21,18 @@ from transformers import AutoConfig
 
 from research.models import FAMILIES, UnsupportedModel, adapter_for, family_of_config
 from research.models.base import vision_merging_refusal
-from research.models.testing import crop_marker_ids, random_config, random_inputs, random_model
+from research.models.testing import (
+    configurations,
+    crop_marker_ids,
+    family_of_configuration,
+    random_config,
+    random_inputs,
+    random_model,
+)
 from research.pruning import PruningEngine, PruningPlan
 from scorers import SCORERS
 
-FAMILY_NAMES = FAMILIES.names()
+FAMILY_NAMES = configurations()  # every family and named variant (InternVL3.5)
 QUESTIONS = [5, 9, 7]
 # image sizes per row (pixels) for the families whose image sets its token count: different counts per row
 IMAGE_SIZES = {
@@ -36,6 +43,8 @@ IMAGE_SIZES = {
     "idefics3": [(8, 8), (8, 16), (16, 16)],  # 8-px crops: the global view alone, 1x2 and 2x2 crops + global
     "smolvlm": [(16, 16), (16, 32), (32, 32)],  # 16-px crops, likewise
     "mistral3": [(16, 16), (16, 24), (24, 32)],
+    "qwen3_vl": [(16, 16), (16, 24), (24, 32)],
+    "qwen3_vl_moe": [(16, 16), (16, 24), (24, 32)],
 }
 LAYER_PLAN = PruningPlan.of([1, 2], [0.5, 0.25], relative=True)
 ABSOLUTE_PLAN = PruningPlan.of([1, 2], [12, 5])  # rows with fewer tokens keep min(k, their own)
@@ -305,12 +314,24 @@ def test_pruned_forward_equals_masked_reference(family, kind, batching, attentio
         torch.testing.assert_close(mine[real], reference[r, slots][real], atol=1e-4, rtol=0)
 
 
+def media_token_ids(family: str) -> list[int]:
+    """Image / video placeholder ids: a random model may rank them first, but a decoded one would be read as an
+    image without features when the answer so far is fed back (``grown``), so greedy decoding skips them."""
+    config = model(family).config
+    return [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
+
+
 def greedy(family: str, batch: dict, plan: PruningPlan, steps: int = 4, **generate_kwargs):
     m = model(family)
     with torch.no_grad(), PruningEngine(m, scorer_for(plan), plan) as engine:
         out = m.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, **generate_kwargs)
+                         return_dict_in_generate=True, suppress_tokens=media_token_ids(family), **generate_kwargs)
     return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, 1), engine.last
+
+
+def greedy_choice(family: str, logits: torch.Tensor) -> torch.Tensor:
+    """The token greedy decoding picks from raw ``logits`` [..., V] (the media ids skipped)."""
+    return logits.index_fill(-1, torch.tensor(media_token_ids(family)), float("-inf")).argmax(-1)
 
 
 @pytest.mark.parametrize("batching", BATCHES)
@@ -325,7 +346,7 @@ def test_cached_decode_equals_no_cache_recompute(family, kind, batching):
             recomputed.append(model(family)(**grown(batch, tokens[:, :t]), use_cache=False).logits[:, -1])
     recomputed = torch.stack(recomputed, 1)
     torch.testing.assert_close(cached, recomputed, atol=1e-4, rtol=0)
-    assert torch.equal(recomputed.argmax(-1), tokens)
+    assert torch.equal(greedy_choice(family, recomputed), tokens)
 
 
 @pytest.mark.parametrize("batching", BATCHES)
@@ -343,7 +364,7 @@ def test_batch_rows_equal_rows_alone(family, kind, batching):
         assert torch.equal(tokens[i], alone_tokens[0])
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if FAMILIES.get(f).position_axes > 1])
+@pytest.mark.parametrize("family", [f for f in FAMILIES.names() if FAMILIES.get(f).position_axes > 1])
 def test_decode_positions_after_pruning_equal_the_unpruned_models(family):
     """Pruned tokens keep their original 3-D positions, so a decode step sees the positions (the prefill's
     ``rope_deltas`` included) it sees without pruning; counting them from the shorter cache would not."""
@@ -370,40 +391,54 @@ def test_decode_positions_after_pruning_equal_the_unpruned_models(family):
         torch.testing.assert_close(pruned, vanilla, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if FAMILIES.get(f).position_axes > 1])
+@pytest.mark.parametrize("family", [f for f in FAMILIES.names() if FAMILIES.get(f).position_axes > 1])
 def test_compact_positions_are_refused_on_multi_axis_positions(family):
     with pytest.raises(ValueError, match="positions=compact renumbers 1-D positions"):
         PruningEngine(model(family), EmbeddingNorm(), PruningPlan.of([-1], [0.5], "compact", relative=True))
 
 
-def test_an_unsupported_class_is_refused_in_one_line():
-    """Gemma3 (sliding-window layers beside global ones, normalised queries and keys) is refused, before
-    its weights load (from config.json) and when a loaded one is handed to the engine."""
+REFUSED = {  # model_type -> (tiny text config, tiny vision config, words of its reason)
+    "gemma3": ({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16},
+               {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "image_size": 16, "patch_size": 4},
+               "sliding-window layers beside global ones"),
+    "qwen3_5": ({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "linear_num_value_heads": 2,
+                 "linear_num_key_heads": 1, "linear_key_head_dim": 8, "linear_value_head_dim": 8},
+                {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+                 "patch_size": 2},
+                "linear-attention \\(Gated DeltaNet\\) recurrences in three of every four layers"),
+}
+
+
+@pytest.mark.parametrize("model_type", list(REFUSED))
+def test_an_unsupported_class_is_refused_in_one_line_that_says_why(model_type):
+    """Gemma3 (sliding-window layers beside global ones) and Qwen3.5 (linear-attention recurrences) are refused
+    with their reason, before their weights load (from config.json) and when a loaded one is handed to the engine."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    tiny = AutoConfig.for_model("gemma3", text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-                                                       "num_hidden_layers": 2, "num_attention_heads": 2,
-                                                       "num_key_value_heads": 1, "head_dim": 16},
-                                vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                               "num_attention_heads": 2, "image_size": 16, "patch_size": 4})
-    gemma = AutoModelForImageTextToText.from_config(tiny)
-    name = type(gemma).__name__
+    text, vision, reason = REFUSED[model_type]
+    tiny = AutoConfig.for_model(model_type, text_config=text, vision_config=vision)
+    loaded = AutoModelForImageTextToText.from_config(tiny)
+    name = type(loaded).__name__
     saved = {**tiny.to_dict(), "architectures": [name]}  # what save_pretrained writes to config.json
-    with pytest.raises(UnsupportedModel, match=f"model class {name} cannot be pruned; supported families: .*qwen2_vl"
-                       ) as caught:
+    with pytest.raises(UnsupportedModel, match=f"model class {name} cannot be pruned: .*{reason}.*; supported "
+                                               "families: .*qwen2_vl") as caught:
         family_of_config(saved)
     assert "\n" not in str(caught.value)
-    with pytest.raises(UnsupportedModel, match="model_type 'gemma3' names no architecture this project can prune"):
+    with pytest.raises(UnsupportedModel, match=f"model_type '{model_type}' names no architecture this project can"):
         family_of_config(tiny.to_dict())
-    with pytest.raises(UnsupportedModel, match=f"{name} cannot be pruned"):
-        PruningEngine(gemma, EmbeddingNorm(), PruningPlan.of([1], [4]))
+    with pytest.raises(UnsupportedModel, match=f"{name} cannot be pruned: .*{reason}"):
+        PruningEngine(loaded, EmbeddingNorm(), PruningPlan.of([1], [4]))
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_family_is_detected_from_its_config_json(family):
     config = model(family).config.to_dict()
-    assert family_of_config(config) is FAMILIES.get(family)
-    assert family_of_config({k: v for k, v in config.items() if k != "architectures"}) is FAMILIES.get(family)
+    adapter = FAMILIES.get(family_of_configuration(family))
+    assert family_of_config(config) is adapter
+    assert family_of_config({k: v for k, v in config.items() if k != "architectures"}) is adapter
 
 
 @cache
@@ -435,19 +470,19 @@ def test_every_scorer_runs_on_every_family_or_is_refused_before_loading(family, 
     from research.config import ConfigError, ModelConfig, RunConfig
     from research.experiment import resolve
 
-    adapter, scorer_class = FAMILIES.get(family), SCORERS.get(scorer)
+    adapter, scorer_class = FAMILIES.get(family_of_configuration(family)), SCORERS.get(scorer)
     model(family).config.save_pretrained(tmp_path)  # config.json and an empty weights file: nothing is loaded
     (tmp_path / "model.safetensors").touch()
-    cfg = RunConfig(scorers=[scorer], model=ModelConfig(name=family, path=str(tmp_path)))
+    cfg = RunConfig(scorers=[scorer], model=ModelConfig(name=family_of_configuration(family), path=str(tmp_path)))
     if scorer_class.needs_cls_saliency and not adapter.has_cls_saliency:
         with pytest.raises(ConfigError, match=f"scorer '{scorer}' ranks by the vision tower's CLS attention, which "
-                                              f"{family} .* does not map onto its image tokens") as caught:
+                                              f"{adapter.family} .* does not map onto its image tokens") as caught:
             resolve(cfg)
         assert "\n" not in str(caught.value)
         return
     if scorer_class.needs_clip_patches and not adapter.has_cls_saliency:
         with pytest.raises(ConfigError, match=f"scorer '{scorer}' reads the vision tower's patch states as the image "
-                                              f"tokens one to one, which {family} .* does not give") as caught:
+                                              f"tokens one to one, which {adapter.family} .* does not give") as caught:
             resolve(cfg)
         assert "\n" not in str(caught.value)
         return
@@ -605,22 +640,15 @@ def text_sizes(config) -> dict:
 
 
 @cache
-def qwen3_internvl(attention: str = "eager"):
-    """InternVL3.5 in transformers' format: an InternVL with a Qwen3 LLM, whose attention normalises each
-    head's queries and keys (``q_norm`` / ``k_norm``) between the projections and the rotary embedding."""
-    adapter = FAMILIES.get("internvl")
-    config = random_config(adapter.family, "tiny", 4, 2)
-    sizes = text_sizes(config)
-    config.text_config = AutoConfig.for_model("qwen3", **sizes,
-                                              head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
-    torch.manual_seed(0)
-    m = adapter.model_type()(config).eval()
-    m.set_attn_implementation(attention)
-    # random norm weights, so a signal that skips them differs clearly from the layer's attention
+def eager_model(family: str):
+    """The family's model with eager attention; per-head query / key norms (a Qwen3 LLM: Qwen3-VL, InternVL3.5)
+    get random weights, so a signal that skips them differs clearly from the layer's attention."""
+    m = random_model(family, num_layers=4, num_kv_heads=2, attn_implementation="eager")
     with torch.no_grad():
-        for layer in m.model.language_model.layers:
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.uniform_(0.2, 3.0)
+        for layer in adapter_for(m).decoder_layers:
+            for norm in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.uniform_(0.2, 3.0)
     return m
 
 
@@ -641,21 +669,17 @@ def ministral3_mistral3(query_scaling_from: int = 16384, attention: str = "eager
     return m
 
 
-# LLMs of another kind in a registered family: (family, the model)
-VARIANTS = {"internvl_qwen3": ("internvl", qwen3_internvl), "mistral3_ministral3": ("mistral3", ministral3_mistral3)}
+# LLMs of another kind in a registered family, for the attention-signal test only: (family, the model)
+LLM_VARIANTS = {"mistral3_ministral3": ("mistral3", ministral3_mistral3)}
 
 
-def eager_model(family: str):
-    return VARIANTS[family][1]() if family in VARIANTS else model(family, "eager")
-
-
-@pytest.mark.parametrize("family", [*FAMILY_NAMES, *VARIANTS])
+@pytest.mark.parametrize("family", [*FAMILY_NAMES, *LLM_VARIANTS])
 def test_attention_signals_equal_transformers_eager_attention_weights(family):
     """The attention the scorers rank by (every query row, each layer's own view and the next layer's) is the
     attention transformers computes: its eager weights, head-averaged, from the same forward."""
-    m = eager_model(family)
-    family = VARIANTS[family][0] if family in VARIANTS else family
-    adapter = FAMILIES.get(family)
+    m = LLM_VARIANTS[family][1]() if family in LLM_VARIANTS else eager_model(family)
+    family = LLM_VARIANTS[family][0] if family in LLM_VARIANTS else family
+    adapter = FAMILIES.get(family_of_configuration(family))
     batch = random_inputs(m, QUESTIONS, image_sizes=IMAGE_SIZES.get(family))
     seen: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -745,7 +769,7 @@ def merging(family: str, batch: dict, plan: PruningPlan, scorer: GroupedMerge, s
     m = model(family)
     with torch.no_grad(), PruningEngine(m, scorer, plan) as engine:
         out = m.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
+                         return_dict_in_generate=True, suppress_tokens=media_token_ids(family))
     return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, 1), engine.last
 
 
@@ -855,3 +879,35 @@ def test_mistral3_whose_queries_are_scaled_within_its_nominal_image_is_refused()
     with pytest.raises(UnsupportedModel, match="scales its queries from position 16 on") as caught:
         adapter.check_config(ministral3_mistral3(16).config)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["layers", "interface"])
+def test_deepstack_features_are_pruned_with_their_tokens_negative_controls(kind, monkeypatch):
+    """Qwen3-VL adds DeepStack features to the outputs of its first language layers at the visual positions. The
+    pruned forward equals the masked reference (above) because the engine adds them itself on the kept slots. Two
+    negative controls: left to transformers, the features no longer fit a pruned sequence (the forward fails);
+    taken out of the call but never added, the pruned logits differ from the masked reference."""
+    family, plan = "qwen3_vl", PLANS[kind]
+    batch = inputs(family)
+    image = model(family).config.image_token_id
+
+    def differs_from_reference() -> bool:
+        pruned, record = forward(family, batch, scorer=scorer_for(plan), plan=plan)
+        with masked_reference(family, batch, record):
+            reference, _ = forward(family, batch)
+        for r in range(batch["input_ids"].shape[0]):
+            slots = kept_slots(batch, record, image, r)
+            real = attention_mask(batch)[r, slots].bool()
+            mine = pruned[r, pruned.shape[1] - len(slots):]
+            if not torch.allclose(mine[real], reference[r, slots][real], atol=1e-4, rtol=0):
+                return True
+        return False
+
+    assert not differs_from_reference()
+    with monkeypatch.context() as patch:
+        patch.setattr(FAMILIES.get(family), "deepstack_layers", classmethod(lambda cls, config: 0))
+        with pytest.raises((IndexError, RuntimeError, ValueError)):
+            forward(family, batch, scorer=scorer_for(plan), plan=plan)
+    with monkeypatch.context() as patch:
+        patch.setattr(PruningEngine, "_make_deepstack_hook", lambda self, idx: lambda module, args, output: None)
+        assert differs_from_reference()

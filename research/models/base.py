@@ -87,6 +87,9 @@ class VLMAdapter:
     lmms_eval_model: ClassVar[str]
     cuts_at_until: ClassVar[bool]
     drops_until: ClassVar[tuple[str, ...]] = ()
+    # DeepStack (Qwen3-VL): the language model's keywords for the visual positions [B, S] and the list of per-layer
+    # visual features it adds to the first ``deepstack_layers`` layers' outputs; None: the family has none
+    deepstack_keywords: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         if type(model).__name__ != self.model_class:
@@ -132,6 +135,11 @@ class VLMAdapter:
     @classmethod
     def vision_layout(cls, config: Any) -> VisionLayout:
         raise NotImplementedError
+
+    @classmethod
+    def deepstack_layers(cls, config: Any) -> int:
+        """How many language layers (the first ones) get DeepStack features added to their outputs."""
+        return 0
 
     @classmethod
     def stop_strings(cls, until: Sequence[str]) -> tuple[str, ...]:
@@ -337,12 +345,29 @@ def stop_string_table() -> str:
     return "\n".join(rows)
 
 
+_LINEAR_ATTENTION = ("its language model runs linear-attention (Gated DeltaNet) recurrences in three of every "
+                     "four layers: a recurrence has no attention mask, so a token dropped before one has no masked "
+                     "reference to equal, no attention weights rank it there, and the cache holds a recurrent state "
+                     "beside the KV entries; pruning is not defined for it here")
+# transformers classes people ask for that the engine refuses, and why (one line each)
+REFUSED_CLASSES: dict[str, str] = {
+    "Qwen3_5ForConditionalGeneration": _LINEAR_ATTENTION,
+    "Qwen3_5MoeForConditionalGeneration": _LINEAR_ATTENTION,
+    "Gemma3ForConditionalGeneration": "its sliding-window layers beside global ones need a mask and a rotary base "
+                                      "per layer type, and its image tokens attend to each other both ways in the "
+                                      "prefill; the engine gives every layer after a stage one sliced mask (not yet "
+                                      "supported)",
+}
+
+
 def family_of_class(class_name: str) -> type[VLMAdapter]:
-    """The adapter registered for transformers class ``class_name``; one line naming the supported ones."""
+    """The adapter registered for transformers class ``class_name``; one line naming the supported ones (and why
+    not, for a class the engine refuses on purpose)."""
     for name in FAMILIES.names():
         if FAMILIES.get(name).model_class == class_name:
             return FAMILIES.get(name)
-    raise UnsupportedModel(f"model class {class_name} cannot be pruned; supported families: {supported()}")
+    why = f": {REFUSED_CLASSES[class_name]}" if class_name in REFUSED_CLASSES else ""
+    raise UnsupportedModel(f"model class {class_name} cannot be pruned{why}; supported families: {supported()}")
 
 
 def adapter_for(model: nn.Module) -> VLMAdapter:

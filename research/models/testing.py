@@ -19,10 +19,22 @@ from torch import nn
 from research.models.base import FAMILIES, family_of_class
 from research.registry import Registry
 
-# (size, num_layers, num_kv_heads) -> the family's transformers config
+# named configurations of a family beyond its default one, built and tested like the families: name -> family
+VARIANTS: dict[str, str] = {"internvl3_5": "internvl"}
+# (size, num_layers, num_kv_heads) -> the family's (or variant's) transformers config
 RANDOM_CONFIGS: Registry[Callable[[str, int | None, int | None], Any]] = Registry("random-model config")
 # (model, question_lengths, generator, image_sizes) -> the model's inputs
 RANDOM_INPUTS: Registry[Callable[..., dict[str, torch.Tensor]]] = Registry("random-model inputs")
+
+
+def configurations() -> list[str]:
+    """Every family and named variant a random model can be built for (what the family tests run over)."""
+    return [*FAMILIES.names(), *VARIANTS]
+
+
+def family_of_configuration(name: str) -> str:
+    """The family of a configuration name (a family's own name, or a variant's family)."""
+    return VARIANTS.get(name, name)
 
 
 def random_config(family: str, size: str = "tiny", num_layers: int | None = None,
@@ -41,30 +53,13 @@ def random_model(family: str, size: str = "tiny", num_layers: int | None = None,
     config = random_config(family, size, num_layers, num_kv_heads)
     if vision_layers is not None:
         config.vision_config.num_hidden_layers = vision_layers
-    model = FAMILIES.get(family).model_type()(config)
+    model = FAMILIES.get(family_of_configuration(family)).model_type()(config)
     model.config._attn_implementation = attn_implementation
     model.set_attn_implementation(attn_implementation)
     model.eval()
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     model.generation_config.eos_token_id = None  # generated lengths stay comparable
-    if family in NEVER_GENERATE_IMAGE_TOKEN:
-        never_generate_image_token(model)
     return model
-
-
-# Families whose random models would otherwise generate their image token id now and then (a trained model never
-# does; a prompt grown by one then holds more image tokens than the images have features, and transformers stops).
-NEVER_GENERATE_IMAGE_TOKEN = {"idefics3", "smolvlm"}
-
-
-@torch.no_grad()
-def never_generate_image_token(model: nn.Module) -> None:
-    """Give the image token the output row of the id just below it: its logit ties that id's, and greedy decoding
-    (``argmax``: the first of equal values) picks the lower id. Its input embedding, tied or not, is never read:
-    the image features replace it."""
-    image = model.config.image_token_id
-    weight = model.get_output_embeddings().weight
-    weight[image] = weight[image - 1]
 
 
 def random_inputs(model: nn.Module, question_lengths: Sequence[int], seed: int = 0,
@@ -155,6 +150,18 @@ def internvl_config(size: str, num_layers: int | None, num_kv_heads: int | None)
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=3, downsample_ratio=0.5)
 
 
+@RANDOM_CONFIGS.register("internvl3_5")
+def internvl3_5_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    """InternVL3.5 in transformers' format: InternVL's tower and pixel shuffle with a Qwen3 LLM, whose attention
+    normalises each head's queries and keys (``q_norm`` / ``k_norm``) before the rotary embedding."""
+    from transformers import Qwen3Config
+
+    config = internvl_config(size, num_layers, num_kv_heads)
+    sizes = random_text_sizes(size, num_layers, num_kv_heads)
+    config.text_config = Qwen3Config(**sizes, head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
+    return config
+
+
 @RANDOM_INPUTS.register("llava15")
 @RANDOM_INPUTS.register("internvl")
 def one_tile_inputs(model: nn.Module, question_lengths: Sequence[int], generator: torch.Generator,
@@ -241,8 +248,39 @@ def qwen2_5_vl_config(size: str, num_layers: int | None, num_kv_heads: int | Non
                             video_token_id=4, vision_start_token_id=5, vision_end_token_id=6)
 
 
+@RANDOM_CONFIGS.register("qwen3_vl")
+def qwen3_vl_config(size: str, num_layers: int | None, num_kv_heads: int | None, moe: bool = False) -> Any:
+    """Qwen3-VL: per-head query / key norms, interleaved 3-D rotary sections and DeepStack features from vision
+    layers 0, 1, 2 (tiny; 3 of the mid tower's 4) added to the outputs of language layers 0, 1, 2."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    tiny = size == "tiny"
+    text = random_text_sizes(size, num_layers, num_kv_heads)
+    text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    half = text["head_dim"] // 2
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                               "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
+    if moe:  # a few small experts, two per token
+        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": text["intermediate_size"] // 2,
+                 "decoder_sparse_step": 1}
+    vision = dict(depth=3 if tiny else 4, hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
+                  num_heads=4, out_hidden_size=text["hidden_size"], patch_size=2 if tiny else 14,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64 if tiny else 2304,
+                  deepstack_visual_indexes=[0, 1, 2] if tiny else [1, 2, 3])
+    config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    return config_class(text_config=text, vision_config=vision, image_token_id=3, video_token_id=4,
+                        vision_start_token_id=5, vision_end_token_id=6)
+
+
+@RANDOM_CONFIGS.register("qwen3_vl_moe")
+def qwen3_vl_moe_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    return qwen3_vl_config(size, num_layers, num_kv_heads, moe=True)
+
+
 @RANDOM_INPUTS.register("qwen2_vl")
 @RANDOM_INPUTS.register("qwen2_5_vl")
+@RANDOM_INPUTS.register("qwen3_vl")
+@RANDOM_INPUTS.register("qwen3_vl_moe")
 def merged_patch_inputs(model: nn.Module, question_lengths: Sequence[int], generator: torch.Generator,
                         image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
     """Rows whose images are ``image_sizes`` pixels (default 16x16 tiny / 224x224 mid): each one's

@@ -132,6 +132,20 @@ class _Stage:
     call_kwargs: dict | None = None  # sliced layer kwargs for the current call
 
 
+@dataclass
+class DeepStack:
+    """DeepStack features (Qwen3-VL) the engine adds itself, in the current sequence's slots: ``features[j]``
+    [B, S, D] is added to decoder layer ``j``'s output at the ``visual`` [B, S] slots, as the language model
+    would (``hidden + feature`` there, in the hidden states' dtype); a cut gathers them with the hidden states."""
+
+    visual: Tensor  # [B, S] bool
+    features: list[Tensor | None]  # per layer [B, S, D] (zeros off the visual slots); None once added
+
+    def keep(self, kept: Tensor, filler: Tensor) -> None:
+        self.visual = self.visual.gather(1, kept) & ~filler
+        self.features = [None if f is None else gather_seq(f, kept) for f in self.features]
+
+
 class _ForwardState:
     """Per-prefill state, kept through the cached decode steps that follow it."""
 
@@ -153,6 +167,7 @@ class _ForwardState:
         self.capture_paused = False  # the engine itself is running projections (next-layer signals)
         self.memo: dict = {}
         self.recycled: tuple[Tensor, Tensor] | None = None  # ([B, S] anchor slots, [B, S, D] their merged states)
+        self.deepstack: DeepStack | None = None  # the visual features still to add (Qwen3-VL), current slots
         self.timer = Timer()
         self.record = ForwardRecord(tokens_per_layer=[])
         self.recorded = False
@@ -280,6 +295,8 @@ class PruningEngine:
         self._vision: dict[str, Tensor] = {}  # latest vision-tower captures, consumed at the interface
         self._layer_locations = [x for x in plan.locations if x != INTERFACE]
         self._tower_merge = self._vision_merge() if getattr(scorer, "needs_vision_merging", False) else None
+        # DeepStack features are added by the engine, on the kept slots, before any hook reads a layer's output
+        self._deepstack_layers = self.adapter.deepstack_layers(self.adapter.model.config)
         self.observe = observe
         self._observed = [] if observe is None else list(
             range(self.adapter.num_layers) if observe_layers is None else observe_layers
@@ -311,6 +328,9 @@ class PruningEngine:
             self._handles.append(module.register_forward_hook(self._timed(self._make_capture(name))))
         if self._tower_merge is not None:
             self._handles += self._tower_merge.install()
+        for idx in range(self._deepstack_layers):  # before the pruning hooks, which see the features added
+            hook = self._timed(self._make_deepstack_hook(idx))
+            self._handles.append(a.decoder_layers[idx].register_forward_hook(hook))
         if self._layer_locations:  # layer 0 keeps the call's kwargs; layers after the first stage slice them
             for idx in [0, *range(self._layer_locations[0] + 1, a.num_layers)]:
                 self._hook_pre(a.decoder_layers[idx], self._make_layer_input_hook(idx))
@@ -406,13 +426,16 @@ class PruningEngine:
             if self._tower_merge is not None:
                 st.interface.merged_sizes = self._tower_merge.slot_sizes(st.layout.vision_valid,
                                                                          self._keep_counts(st, 0))
+            if self._deepstack_layers:
+                kwargs = dict(kwargs)
+                st.deepstack = self._take_deepstack(kwargs, inputs_embeds)
         if not self.plan.locations or self.plan.locations[0] != INTERFACE:
-            return None
+            return (args, kwargs) if st.deepstack is not None and st.is_prefill else None
         if st.is_prefill:
             self._prune_at_interface(st, kwargs)
         cut = st.interface_cut
         if cut is None:
-            return None
+            return (args, kwargs) if st.deepstack is not None and st.is_prefill else None
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
         pruned = st.input_len - cut.kept.shape[1]
@@ -439,6 +462,41 @@ class PruningEngine:
         kwargs["position_ids"] = self._positions_at_interface(st, kwargs, cut)
         return args, kwargs
 
+    def _take_deepstack(self, kwargs: dict, inputs_embeds: Tensor) -> DeepStack | None:
+        """Take the DeepStack inputs out of the language model's call (``kwargs``, edited) as dense per-layer
+        features [B, S, D] on the visual slots, for the engine to add on the kept slots (``DeepStack``)."""
+        mask_key, features_key = self.adapter.deepstack_keywords
+        if mask_key not in kwargs or features_key not in kwargs:
+            required(kwargs, mask_key if mask_key not in kwargs else features_key, "the language model")
+        visual, features = kwargs[mask_key], kwargs[features_key]
+        kwargs[mask_key] = kwargs[features_key] = None
+        if features is None:
+            return None
+        visual = visual.to(inputs_embeds.device)
+        dense = []
+        for feature in features:  # [visual tokens of the batch, D], in row-major order of ``visual``
+            full = inputs_embeds.new_zeros(inputs_embeds.shape)
+            full[visual] = feature.to(inputs_embeds.device, inputs_embeds.dtype)
+            dense.append(full)
+        return DeepStack(visual=visual, features=dense)
+
+    def _make_deepstack_hook(self, layer_idx: int) -> Any:
+        """After decoder layer ``layer_idx`` (< the family's DeepStack depth) in prefill: add its features."""
+
+        def add_features(module: nn.Module, args: tuple, output: Any) -> Any:
+            st = self._state
+            if st is None or not st.is_prefill or st.deepstack is None:
+                return None
+            deepstack = st.deepstack
+            feature, deepstack.features[layer_idx] = deepstack.features[layer_idx], None
+            if feature is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = torch.where(deepstack.visual[..., None], hidden + feature, hidden)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return add_features
+
     def _check_window(self, st: _ForwardState, query_len: int) -> None:
         """Refuse, in one line, a sequence longer than the language model's sliding window: the window would be
         counted on the kept slots, not on the original positions as the unpruned model counts it."""
@@ -458,6 +516,8 @@ class PruningEngine:
         st.layout = st.layout.keep(cut.kept, cut.filler, selected, selected_valid)
         st.interface_cut = cut
         st.base_len = cut.kept.shape[1]  # decoder layer 0 sees the pruned sequence
+        if st.deepstack is not None:
+            st.deepstack.keep(cut.kept, cut.filler)
 
     def _positions_at_interface(self, st: _ForwardState, kwargs: dict, cut: _Cut) -> Tensor:
         """Position ids [..., B, S'] of the kept tokens: their original ones, or renumbered (compact)."""
@@ -511,6 +571,8 @@ class PruningEngine:
                 anchor, merged = st.recycled
                 hidden, st.recycled = torch.where(anchor[..., None], merged, hidden), None
             hidden = gather_seq(hidden, cut.kept)
+            if st.deepstack is not None:
+                st.deepstack.keep(cut.kept, cut.filler)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return after_layer
@@ -642,20 +704,27 @@ class PruningEngine:
         num_groups = int(slot.max()) + 1
         if num_groups == 1:  # nothing to merge
             return is_kept
-        sums = vision_hidden.new_zeros(*slot.shape[:1], num_groups, hidden.shape[-1], dtype=torch.float32)
-        sums = sums.scatter_add(1, slot[..., None].expand_as(vision_hidden), vision_hidden.float())
         sizes = torch.zeros_like(slot[:, :num_groups]).scatter_add(1, slot, torch.ones_like(slot))
-        means = (sums / sizes.clamp(min=1)[..., None]).to(hidden.dtype)  # [B, G+1, D]
         index = torch.arange(slot.shape[1], device=slot.device).expand_as(slot)
         last = torch.full_like(sizes, -1).scatter_reduce(1, slot, index, reduce="amax")  # [B, G+1] anchor index
         anchor = member & (index == last.gather(1, slot))  # [B, V]
         scatter = layout.vision_scatter_index()
         at_slots = torch.zeros(hidden.shape[0], layout.seq_len + 1, dtype=torch.bool, device=hidden.device)
         at_slots = at_slots.scatter_(1, scatter, anchor)[:, : layout.seq_len]  # [B, S]
-        merged = hidden.new_zeros(hidden.shape[0], layout.seq_len + 1, hidden.shape[-1])
-        merged = merged.scatter(1, scatter[..., None].expand_as(vision_hidden), means.gather(
-            1, slot[..., None].expand_as(vision_hidden)))[:, : layout.seq_len]  # [B, S, D]
-        st.recycled = (at_slots, merged)
+
+        def group_means(values: Tensor) -> Tensor:
+            """[B, S, D]: at each vision slot, the mean of ``values`` [B, V, D] over its group (float32 sums)."""
+            sums = values.new_zeros(slot.shape[0], num_groups, values.shape[-1], dtype=torch.float32)
+            sums = sums.scatter_add(1, slot[..., None].expand_as(values), values.float())
+            means = (sums / sizes.clamp(min=1)[..., None]).to(values.dtype)  # [B, G+1, D]
+            spread = values.new_zeros(values.shape[0], layout.seq_len + 1, values.shape[-1])
+            return spread.scatter(1, scatter[..., None].expand_as(values), means.gather(
+                1, slot[..., None].expand_as(values)))[:, : layout.seq_len]
+
+        st.recycled = (at_slots, group_means(vision_hidden))
+        if st.deepstack is not None:  # a merged token gets its members' mean DeepStack features too
+            st.deepstack.features = [None if f is None else torch.where(
+                at_slots[..., None], group_means(gather_seq(f, layout.vision)), f) for f in st.deepstack.features]
         order = torch.argsort((~anchor).to(torch.uint8), dim=1, stable=True)[:, : int(anchor.sum(1).max())]
         st.record.merged[self.plan.locations[stage]] = layout.vision_orig.gather(1, order).masked_fill(
             ~anchor.gather(1, order), -1)
