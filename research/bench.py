@@ -59,8 +59,8 @@ CLIP_TEXT = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, nu
 LOCATIONS = [1, 8]  # [2, 8] cannot reach an average of 64 in 16 layers (layers 0-1 count 576)
 BUDGETS = [192, 64]
 # image size (pixels) giving about 576 image tokens, for the families whose image sets the count
-IMAGE_SIZES = {"qwen2_vl": (672, 672), "qwen2_5_vl": (672, 672), "llava_next": (112, 112),
-               "llava_onevision": (112, 112)}
+IMAGE_SIZES = {"qwen2_vl": (672, 672), "qwen2_5_vl": (672, 672), "qwen3_vl": (672, 672), "qwen3_vl_moe": (672, 672),
+               "llava_next": (112, 112), "llava_onevision": (112, 112)}
 
 
 def bench_model(family: str = "llava15") -> nn.Module:
