@@ -45,6 +45,8 @@ def test_no_module_imports_one_that_imports_it_back():
 USED_OUTSIDE_THE_CODE = {  # public names no project module uses, and what they are for
     "stop_string_table": "writes the README's stop-string table (tests/test_benchmarks.py checks the README)",
     "tokenize": "the shapes vocabulary's word split (tests/test_shapes_data.py checks questions against WORDS)",
+    "crop_marker_ids": "the random Idefics3 / SmolVLM models' image-span markers (tests/test_families.py checks they "
+                       "are never pruned)",
 }
 
 
