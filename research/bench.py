@@ -28,11 +28,13 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from research.models import FAMILIES, VLMAdapter, adapter_for
+from research.models import FAMILIES, UnsupportedModel, VLMAdapter, adapter_for
+from research.models.registry import check_scorers
 from research.models.testing import random_inputs, random_model
 from research.pruning import PruningEngine, PruningPlan
 from schedules import solve_budget
@@ -94,10 +96,12 @@ def ceiling_forward(adapter: VLMAdapter, inputs: dict, tokens_per_layer: list[in
             positions = torch.arange(hidden.shape[1])[None]
         if positions.dim() == 3 and positions.shape[0] == 4:  # multimodal rotary with a text row in front
             positions = positions[1:]
-        cos, sin = adapter.rotary_emb(hidden, positions)
-        for layer, vision_tokens in zip(adapter.decoder_layers, tokens_per_layer):
+        rotary = {}  # layer type -> (cos, sin): each type rotates with its own base (Gemma 3)
+        for idx, kind in enumerate(adapter.layer_types()):
+            rotary.setdefault(kind, adapter.rotary_for(idx)(hidden, position_ids=positions))
+        for layer, kind, vision_tokens in zip(adapter.decoder_layers, adapter.layer_types(), tokens_per_layer):
             length = inputs["input_ids"].shape[1] - (num_vision - vision_tokens)
-            hidden = hidden[:, -length:]
+            hidden, (cos, sin) = hidden[:, -length:], rotary[kind]
             hidden = layer(hidden, attention_mask=None, position_embeddings=(cos[:, -length:], sin[:, -length:]))
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         raise _Stop(model.lm_head(lm.norm(hidden[:, -1:])))
@@ -162,6 +166,14 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
     # scorers that prune once at the interface (location -1), keeping the budget from the image tokens the LLM gets
     interface_scorers = [n for n in SCORERS.names() if SCORERS.get(n).pre_llm
                          and not SCORERS.get(n).needs_vision_merging]
+    skipped = {}
+    for scorer in list(interface_scorers):  # one the family refuses (CLS saliency, CLIP patches) is not timed
+        try:
+            check_scorers(FAMILIES.get(family), [SimpleNamespace(component=SCORERS.get(scorer), name=scorer,
+                                                                 positions="original")])
+        except UnsupportedModel as error:
+            interface_scorers.remove(scorer)
+            skipped.update({f"{scorer}@{budget}": str(error) for budget in BUDGETS})
     for budget in BUDGETS:
         for scorer in interface_scorers:
             name = f"{scorer}@{budget}"
@@ -171,7 +183,6 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15") -> dict
     if tower_merging and FAMILIES.get(family).supports_vision_merging:
         variants.update(tower_merge_variants(family, tower_merging, scoring))
 
-    skipped = {}
     for variant, fn in list(variants.items()):  # warm-up
         try:
             fn()

@@ -757,3 +757,63 @@ def test_gemma3_sequence_longer_than_its_sliding_window_is_refused_before_prunin
         with pytest.raises(UnsupportedModel, match=f"window of 24 tokens, shorter than this sequence of {length}"):
             with torch.no_grad(), PruningEngine(gemma, scorer_for(plan), plan):
                 gemma(**batch)
+
+
+def test_gemma3_a_type_whose_first_layer_runs_after_a_stage():
+    """Pruning after layer 0 (sliding): the first global layer runs on the pruned sequence, so transformers sizes
+    the global layers' decode mask on its shorter cache; the engine gives them layer 0's, sliced. The pruned
+    forward equals the masked reference, cached decode the no-cache recompute, and each row the row alone."""
+    family, plan = "gemma3", PruningPlan.of([0, 2], [0.5, 0.25], relative=True)
+    batch = inputs(family)
+    assert differs_from_masked_reference(family, batch, plan) <= 1e-4
+    tokens, cached, record = greedy(family, batch, plan)
+    recomputed = []
+    for t in range(tokens.shape[1]):
+        with torch.no_grad(), PruningEngine(model(family), None, plan, replay=record.kept):
+            recomputed.append(model(family)(**grown(batch, tokens[:, :t]), use_cache=False).logits[:, -1])
+    torch.testing.assert_close(cached, torch.stack(recomputed, 1), atol=1e-4, rtol=0)
+    for i in range(3):
+        alone_tokens, alone_logits, _ = greedy(family, row(batch, i), plan)
+        assert torch.equal(tokens[i], alone_tokens[0])
+        torch.testing.assert_close(cached[i], alone_logits[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["layers", "interface"])
+def test_gemma3_static_cache_is_refused_in_one_line(kind):
+    """generate() with a static cache hands the model one mask per layer type, sized on fixed caches (the sliding
+    layers' on the window): the engine cannot read the padding from them nor remap them, and says so."""
+    from research.pruning.compat import TransformersChanged
+
+    plan = PLANS[kind]
+    with pytest.raises(TransformersChanged, match="one prepared mask per layer type .*use a dynamic cache") as caught:
+        with torch.no_grad(), PruningEngine(model("gemma3"), scorer_for(plan), plan):
+            model("gemma3").generate(**inputs("gemma3"), max_new_tokens=2, do_sample=False,
+                                     cache_implementation="static")
+    assert "\n" not in str(caught.value)
+
+
+class UnevenCounts(EmbeddingNorm):
+    """Keeps by embedding norm, row ``r`` ``2 r`` tokens fewer than planned: shorter rows get filler slots."""
+
+    def keep_counts(self, signals, planned):
+        return [k - 2 * r for r, k in enumerate(planned)]
+
+
+@pytest.mark.parametrize("batching", BATCHES)
+def test_gemma3_decode_masks_follow_rows_that_keep_different_counts(batching):
+    """At the interface rows keep different counts, so shorter ones get filler slots. In a decode step the model
+    builds its per-type masks from the unpruned 2-D mask on the pruned cache; the engine hands the language model
+    that mask remapped instead, so cached decode equals the no-cache recompute of the same kept set."""
+    family, plan = "gemma3", PruningPlan.of([-1], [0.5], relative=True)
+    batch = inputs(family, kind=batching)
+    m = model(family)
+    with torch.no_grad(), PruningEngine(m, UnevenCounts(), plan) as engine:
+        out = m.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, suppress_tokens=media_token_ids(family))
+    record, tokens = engine.last, out.sequences[:, batch["input_ids"].shape[1]:]
+    assert [int((k >= 0).sum()) for k in record.kept[0]] == [8, 6, 4]
+    recomputed = []
+    for t in range(tokens.shape[1]):
+        with torch.no_grad(), PruningEngine(m, None, plan, replay=record.kept):
+            recomputed.append(m(**grown(batch, tokens[:, :t]), use_cache=False).logits[:, -1])
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(recomputed, 1), atol=1e-4, rtol=0)

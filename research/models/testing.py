@@ -301,8 +301,8 @@ def merged_patch_inputs(model: nn.Module, question_lengths: Sequence[int], gener
 def gemma3_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
     """Gemma 3: sliding-window and global layers alternating (tiny: S, F, S, F; mid: 5 sliding per global, as the
     released models), their own rotary bases (10k / 1M), per-head query / key norms, and a SigLIP tower whose
-    patches the projector pools to ``mm_tokens_per_image`` image tokens (tiny 16, mid 64). The window (tiny 64,
-    mid 1024) is longer than every prompt with its answer here."""
+    patches the projector pools to ``mm_tokens_per_image`` image tokens (tiny 16, mid 256 as released: 32x32
+    patches pooled 2x2). The window (tiny 64, mid 1024) is longer than every prompt with its answer here."""
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
     tiny = size == "tiny"
@@ -314,9 +314,9 @@ def gemma3_config(size: str, num_layers: int | None, num_kv_heads: int | None) -
     text_config = Gemma3TextConfig(**text, layer_types=types, sliding_window=64 if tiny else 1024,
                                    query_pre_attn_scalar=text["head_dim"])
     vision = SiglipVisionConfig(hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
-                                num_hidden_layers=2, num_attention_heads=4, image_size=16 if tiny else 224,
+                                num_hidden_layers=2, num_attention_heads=4, image_size=16 if tiny else 448,
                                 patch_size=2 if tiny else 14)
-    return Gemma3Config(text_config=text_config, vision_config=vision, mm_tokens_per_image=16 if tiny else 64,
+    return Gemma3Config(text_config=text_config, vision_config=vision, mm_tokens_per_image=16 if tiny else 256,
                         image_token_index=3, boi_token_index=4, eoi_token_index=5)
 
 

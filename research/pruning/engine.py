@@ -399,7 +399,13 @@ class PruningEngine:
         if input_ids is None:
             raise ValueError("the pruning engine needs input_ids to locate the image tokens")
         self._finish_prefill()
-        if self._state is not None and cached_length(find_cache(args, kwargs)) > 0:
+        decode = self._state is not None and cached_length(find_cache(args, kwargs)) > 0
+        if isinstance(kwargs.get("attention_mask"), dict) and (
+                decode or bool((input_ids == self.adapter.image_token_id).any())):
+            raise unsupported_call("the model got one prepared mask per layer type (generate() builds them for a "
+                                   "static KV cache): the pruning engine reads padding from the 2-D mask and cannot "
+                                   "remap masks sized on fixed caches; use a dynamic cache")
+        if decode:
             self._state.is_prefill = False  # a cached decode step of the last prefill
             self._state.base_kwargs = {}
             self._state.model_mask = kwargs.get("attention_mask")
@@ -450,9 +456,6 @@ class PruningEngine:
         mask = kwargs.get("attention_mask")
         pruned = st.input_len - cut.kept.shape[1]
         if isinstance(mask, dict):  # one mask per layer type (Gemma 3)
-            if st.static_cache:
-                raise unsupported_call("a static KV cache came with one mask per layer type, built on the pruned "
-                                       "cache from the unpruned 2-D mask: the pruning engine cannot remap it")
             if st.is_prefill:
                 kwargs["attention_mask"] = {kind: self._sliced_type_mask(st, cut, each) for kind, each in mask.items()}
             # a decode step: the types' masks agree; the language model builds them from the remapped 2-D one
