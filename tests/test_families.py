@@ -817,3 +817,15 @@ def test_gemma3_decode_masks_follow_rows_that_keep_different_counts(batching):
         with torch.no_grad(), PruningEngine(m, None, plan, replay=record.kept):
             recomputed.append(m(**grown(batch, tokens[:, :t]), use_cache=False).logits[:, -1])
     torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(recomputed, 1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("setting", "value", "words"), [
+    ("use_bidirectional_attention", True, "use_bidirectional_attention=True is not supported: every text token"),
+    ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0 is not supported: the scorers' attention has no"),
+])
+def test_gemma3_configs_the_engine_cannot_prune_are_refused_in_one_line(setting, value, words):
+    config = random_config("gemma3", "tiny", 4, 2)
+    setattr(config.text_config, setting, value)
+    with pytest.raises(UnsupportedModel, match=words) as caught:
+        FAMILIES.get("gemma3").check_config(config)
+    assert "\n" not in str(caught.value)

@@ -116,8 +116,8 @@ class VLMAdapter:
         kinds = sorted(set(getattr(config.text_config, "layer_types", None) or []))
         if len(kinds) > 1 and not cls.mixed_layer_types:
             raise UnsupportedModel(
-                f"{cls.model_class} with mixed decoder layer types {kinds} is not supported: the engine gives every "
-                "layer after a stage the same sliced mask and rotary embedding"
+                f"{cls.model_class} with mixed decoder layer types {kinds} is not supported: the engine slices each "
+                "type's mask and rotary embedding alike, tested on Gemma 3's mix only; supported: one layer type"
             )
         window, image_tokens = cls.sliding_window(config), cls.vision_layout(config).nominal_tokens
         if window is not None and window <= image_tokens:
