@@ -136,10 +136,12 @@ def ceiling_forward(adapter: VLMAdapter, inputs: dict, tokens_per_layer: list[in
             positions = torch.arange(hidden.shape[1])[None]
         if positions.dim() == 3 and positions.shape[0] == 4:  # multimodal rotary with a text row in front
             positions = positions[1:]
-        cos, sin = adapter.rotary_emb(hidden, positions)
-        for layer, vision_tokens in zip(adapter.decoder_layers, tokens_per_layer):
+        rotary = {}  # layer type -> (cos, sin): each type rotates with its own base (Gemma 3)
+        for idx, kind in enumerate(adapter.layer_types()):
+            rotary.setdefault(kind, adapter.rotary_for(idx)(hidden, position_ids=positions))
+        for layer, kind, vision_tokens in zip(adapter.decoder_layers, adapter.layer_types(), tokens_per_layer):
             length = inputs["input_ids"].shape[1] - (num_vision - vision_tokens)
-            hidden = hidden[:, -length:]
+            hidden, (cos, sin) = hidden[:, -length:], rotary[kind]
             hidden = layer(hidden, attention_mask=None, position_embeddings=(cos[:, -length:], sin[:, -length:]))
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         raise _Stop(model.lm_head(lm.norm(hidden[:, -1:])))

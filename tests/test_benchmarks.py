@@ -140,12 +140,12 @@ UNTIL = {"mme": ("\n\n",), "gqa": ("\n\n",), "mmbench": ("ASSISTANT:",), "scienc
          "textvqa": ("ASSISTANT:",), "pope": ("\n\n",), "vqav2": ("\n\n",)}
 # What lmms-eval's wrapper for each family makes of a GQA answer and an MMBench answer (ANSWERS): llava_hf,
 # llava_onevision, internvl3 and mistral3_vl never apply ``until``; qwen2_vl cuts at every stop string; qwen2_5_vl
-# removes "\n\n" from ``until`` first (lmms_eval/models/simple/<wrapper>.py, generate_until).
+# removes "\n\n" from ``until`` first, as do qwen3_vl and gemma3 (lmms_eval/models/simple/<wrapper>.py, generate_until).
 ANSWERS = ("wood\n\nIt is wood", "square\nASSISTANT: circle")
 CUT = {"llava15": ANSWERS, "llava_next": ANSWERS, "llava_onevision": ANSWERS, "internvl": ANSWERS, "mistral3": ANSWERS,
        "idefics3": ANSWERS, "smolvlm": ANSWERS, "qwen2_vl": ("wood", "square"),
        "qwen2_5_vl": ("wood\n\nIt is wood", "square"), "qwen3_vl": ("wood\n\nIt is wood", "square"),
-       "qwen3_vl_moe": ("wood\n\nIt is wood", "square")}
+       "qwen3_vl_moe": ("wood\n\nIt is wood", "square"), "gemma3": ("wood\n\nIt is wood", "square")}
 
 
 @pytest.mark.parametrize("name", SNAPSHOT_BENCHMARKS)

@@ -105,7 +105,7 @@ def row(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     keep = attention_mask(batch)[i].bool()
     out = {}
     for key, value in batch.items():
-        if key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
             out[key] = value[i][keep][None]
         elif key == "pixel_values" and "image_grid_thw" in batch:
             ends = batch["image_grid_thw"].prod(1).cumsum(0).tolist()
@@ -121,8 +121,9 @@ def grown(batch: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, tor
     out["input_ids"] = torch.cat([batch["input_ids"], tokens], 1)
     if "attention_mask" in batch:
         out["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tokens)], 1)
-    if "mm_token_type_ids" in batch:
-        out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tokens)], 1)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in batch:
+            out[key] = torch.cat([batch[key], torch.zeros_like(tokens)], 1)
     return out
 
 
@@ -138,30 +139,42 @@ def forward(family: str, batch: dict, attention: str = "sdpa", **engine_args):
 
 @contextlib.contextmanager
 def masked_reference(family: str, batch: dict, record, attention: str = "sdpa"):
-    """The unpruned model, but every layer after a stage cannot attend to the keys that stage pruned."""
+    """The unpruned model, but every layer after a stage cannot attend to the keys that stage pruned. Where a layer
+    receives a 4-D mask of its own (Gemma 3's image tokens attend to each other both ways), that mask is ANDed with
+    the exclusion; elsewhere a causal mask over the real tokens is. Padding queries attend to themselves (no NaN
+    rows)."""
     adapter = adapter_for(model(family, attention))
     input_ids, valid = batch["input_ids"], attention_mask(batch).bool()
     b, s = input_ids.shape
     base = torch.ones(s, s, dtype=torch.bool).tril()[None] & valid[:, None, :]
-    base |= torch.eye(s, dtype=torch.bool)[None]  # padding queries attend to themselves: no NaN rows
     is_vision = input_ids == adapter.image_token_id
     handles = []
     for idx, layer in enumerate(adapter.decoder_layers):
-        allowed = base.clone()
+        excluded = torch.zeros(b, s, dtype=torch.bool)  # keys pruned before this layer
         for location, kept in zip(record.locations, record.kept):
             if location < idx:
                 pruned = is_vision.clone()
                 for r in range(b):
                     pruned[r, kept[r][kept[r] >= 0]] = False
-                allowed &= ~pruned[:, None, :]
-        mask = torch.zeros(b, 1, s, s).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+                excluded |= pruned
         handles.append(layer.register_forward_pre_hook(
-            lambda module, args, kwargs, mask=mask: (args, {**kwargs, "attention_mask": mask}), with_kwargs=True))
+            lambda module, args, kwargs, excluded=excluded: (args, {**kwargs, "attention_mask": reference_mask(
+                base, excluded, kwargs.get("attention_mask"))}), with_kwargs=True))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def reference_mask(base: torch.Tensor, excluded: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+    """[B, 1, S, S] additive mask: the layer's own 4-D mask (else ``base`` [B, S, S]) and the diagonal, without the
+    ``excluded`` [B, S] keys."""
+    if own is not None and own.dim() == 4:
+        base = (own if own.dtype == torch.bool else own == 0)[:, 0].expand_as(base)
+    allowed = (base | torch.eye(base.shape[-1], dtype=torch.bool)[None]) & ~excluded[:, None, :]
+    return torch.zeros(allowed.shape[0], 1, *allowed.shape[1:]).masked_fill(~allowed[:, None],
+                                                                            torch.finfo(torch.float32).min)
 
 
 def kept_slots(batch: dict, record, image_token_id: int, r: int) -> torch.Tensor:
@@ -398,11 +411,6 @@ def test_compact_positions_are_refused_on_multi_axis_positions(family):
 
 
 REFUSED = {  # model_type -> (tiny text config, tiny vision config, words of its reason)
-    "gemma3": ({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16},
-               {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "image_size": 16, "patch_size": 4},
-               "sliding-window layers beside global ones"),
     "qwen3_5": ({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
                  "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "linear_num_value_heads": 2,
                  "linear_num_key_heads": 1, "linear_key_head_dim": 8, "linear_value_head_dim": 8},
@@ -414,8 +422,8 @@ REFUSED = {  # model_type -> (tiny text config, tiny vision config, words of its
 
 @pytest.mark.parametrize("model_type", list(REFUSED))
 def test_an_unsupported_class_is_refused_in_one_line_that_says_why(model_type):
-    """Gemma3 (sliding-window layers beside global ones) and Qwen3.5 (linear-attention recurrences) are refused
-    with their reason, before their weights load (from config.json) and when a loaded one is handed to the engine."""
+    """Qwen3.5 (linear-attention recurrences) is refused with its reason, before its weights load (from
+    config.json) and when a loaded one is handed to the engine."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     text, vision, reason = REFUSED[model_type]
@@ -911,3 +919,145 @@ def test_deepstack_features_are_pruned_with_their_tokens_negative_controls(kind,
     with monkeypatch.context() as patch:
         patch.setattr(PruningEngine, "_make_deepstack_hook", lambda self, idx: lambda module, args, output: None)
         assert differs_from_reference()
+
+
+# ---- Gemma 3: sliding-window and global layers, each type with its own mask and rotary base ------------------
+def differs_from_masked_reference(family: str, batch: dict, plan: PruningPlan) -> float:
+    """The largest difference between the pruned forward and the masked reference, over the kept real slots."""
+    pruned, record = forward(family, batch, scorer=scorer_for(plan), plan=plan)
+    with masked_reference(family, batch, record):
+        reference, _ = forward(family, batch)
+    image, worst = model(family).config.image_token_id, 0.0
+    for r in range(batch["input_ids"].shape[0]):
+        slots = kept_slots(batch, record, image, r)
+        real = attention_mask(batch)[r, slots].bool()
+        mine = pruned[r, pruned.shape[1] - len(slots):]
+        worst = max(worst, float((mine[real] - reference[r, slots][real]).abs().max()))
+    return worst
+
+
+def next_layer_signal_error(family: str) -> float:
+    """The largest difference between the next-layer attention of every layer and transformers' eager weights."""
+    m = eager_model(family)
+    batch = random_inputs(m, QUESTIONS, image_sizes=IMAGE_SIZES.get(family))
+    seen = {}
+
+    def observe(signals):
+        if signals.layer_idx + 1 < 4:
+            seen[signals.layer_idx + 1] = signals.next_layer.attention("all")
+
+    with torch.no_grad(), PruningEngine(m, None, PruningPlan.of([], []), observe=observe):
+        weights = m(**batch, output_attentions=True).attentions
+    valid = batch["attention_mask"].bool()
+    return max(float((mine[valid] - weights[layer].float().mean(1)[valid]).abs().max()) for layer, mine in seen.items())
+
+
+@pytest.mark.parametrize("kind", ["layers", "interface"])
+def test_gemma3_layer_types_get_their_own_mask_and_rotary_negative_control(kind, monkeypatch):
+    """Gemma 3's layers alternate sliding (rotary base 10k) and global (1M) attention (tiny: S, F, S, F). The
+    engine slices each type's kwargs for the layers after a stage and rotates the next layer's keys with that
+    layer's own rotary: the pruned forward equals the masked reference and the next-layer signals equal the eager
+    weights. Negative control: an engine told every layer is of layer 0's type (every layer gets the first layer's
+    kwargs) differs from both."""
+    family, plan = "gemma3", PLANS[kind]
+    batch = inputs(family)
+    assert adapter_for(model(family)).layer_types() == ["sliding_attention", "full_attention"] * 2
+    assert differs_from_masked_reference(family, batch, plan) <= 1e-4
+    assert next_layer_signal_error(family) <= 2e-6
+    with monkeypatch.context() as patch:
+        patch.setattr(FAMILIES.get(family), "layer_types", lambda self: ["sliding_attention"] * self.num_layers)
+        assert differs_from_masked_reference(family, batch, plan) > 1e-2
+        assert next_layer_signal_error(family) > 1e-3
+
+
+def test_gemma3_compact_positions_are_refused_in_one_line():
+    with pytest.raises(UnsupportedModel, match="positions=compact is not supported on gemma3: its sliding and global "
+                                               "layers rotate with different bases") as caught:
+        PruningEngine(model("gemma3"), EmbeddingNorm(), PruningPlan.of([-1], [0.5], "compact", relative=True))
+    assert "\n" not in str(caught.value)
+
+
+def test_gemma3_sequence_longer_than_its_sliding_window_is_refused_before_pruning():
+    """While the sequence fits the window the sliding layers' mask is the global one; a longer one is refused."""
+    config = random_config("gemma3", "tiny", 4, 2)
+    config.text_config.sliding_window = 24  # longer than the 16 image tokens, shorter than the prompts
+    torch.manual_seed(0)
+    gemma = FAMILIES.get("gemma3").model_type()(config).eval()
+    batch = random_inputs(gemma, QUESTIONS)
+    length = batch["input_ids"].shape[1]
+    for plan in (LAYER_PLAN, INTERFACE_PLAN):
+        with pytest.raises(UnsupportedModel, match=f"window of 24 tokens, shorter than this sequence of {length}"):
+            with torch.no_grad(), PruningEngine(gemma, scorer_for(plan), plan):
+                gemma(**batch)
+
+
+def test_gemma3_a_type_whose_first_layer_runs_after_a_stage():
+    """Pruning after layer 0 (sliding): the first global layer runs on the pruned sequence, so transformers sizes
+    the global layers' decode mask on its shorter cache; the engine gives them layer 0's, sliced. The pruned
+    forward equals the masked reference, cached decode the no-cache recompute, and each row the row alone."""
+    family, plan = "gemma3", PruningPlan.of([0, 2], [0.5, 0.25], relative=True)
+    batch = inputs(family)
+    assert differs_from_masked_reference(family, batch, plan) <= 1e-4
+    tokens, cached, record = greedy(family, batch, plan)
+    recomputed = []
+    for t in range(tokens.shape[1]):
+        with torch.no_grad(), PruningEngine(model(family), None, plan, replay=record.kept):
+            recomputed.append(model(family)(**grown(batch, tokens[:, :t]), use_cache=False).logits[:, -1])
+    torch.testing.assert_close(cached, torch.stack(recomputed, 1), atol=1e-4, rtol=0)
+    for i in range(3):
+        alone_tokens, alone_logits, _ = greedy(family, row(batch, i), plan)
+        assert torch.equal(tokens[i], alone_tokens[0])
+        torch.testing.assert_close(cached[i], alone_logits[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["layers", "interface"])
+def test_gemma3_static_cache_is_refused_in_one_line(kind):
+    """generate() with a static cache hands the model one mask per layer type, sized on fixed caches (the sliding
+    layers' on the window): the engine cannot read the padding from them nor remap them, and says so."""
+    from research.pruning.compat import TransformersChanged
+
+    plan = PLANS[kind]
+    with pytest.raises(TransformersChanged, match="one prepared mask per layer type .*use a dynamic cache") as caught:
+        with torch.no_grad(), PruningEngine(model("gemma3"), scorer_for(plan), plan):
+            model("gemma3").generate(**inputs("gemma3"), max_new_tokens=2, do_sample=False,
+                                     cache_implementation="static")
+    assert "\n" not in str(caught.value)
+
+
+class UnevenCounts(EmbeddingNorm):
+    """Keeps by embedding norm, row ``r`` ``2 r`` tokens fewer than planned: shorter rows get filler slots."""
+
+    def keep_counts(self, signals, planned):
+        return [k - 2 * r for r, k in enumerate(planned)]
+
+
+@pytest.mark.parametrize("batching", BATCHES)
+def test_gemma3_decode_masks_follow_rows_that_keep_different_counts(batching):
+    """At the interface rows keep different counts, so shorter ones get filler slots. In a decode step the model
+    builds its per-type masks from the unpruned 2-D mask on the pruned cache; the engine hands the language model
+    that mask remapped instead, so cached decode equals the no-cache recompute of the same kept set."""
+    family, plan = "gemma3", PruningPlan.of([-1], [0.5], relative=True)
+    batch = inputs(family, kind=batching)
+    m = model(family)
+    with torch.no_grad(), PruningEngine(m, UnevenCounts(), plan) as engine:
+        out = m.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, suppress_tokens=media_token_ids(family))
+    record, tokens = engine.last, out.sequences[:, batch["input_ids"].shape[1]:]
+    assert [int((k >= 0).sum()) for k in record.kept[0]] == [8, 6, 4]
+    recomputed = []
+    for t in range(tokens.shape[1]):
+        with torch.no_grad(), PruningEngine(m, None, plan, replay=record.kept):
+            recomputed.append(m(**grown(batch, tokens[:, :t]), use_cache=False).logits[:, -1])
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(recomputed, 1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("setting", "value", "words"), [
+    ("use_bidirectional_attention", True, "use_bidirectional_attention=True is not supported: every text token"),
+    ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0 is not supported: the scorers' attention has no"),
+])
+def test_gemma3_configs_the_engine_cannot_prune_are_refused_in_one_line(setting, value, words):
+    config = random_config("gemma3", "tiny", 4, 2)
+    setattr(config.text_config, setting, value)
+    with pytest.raises(UnsupportedModel, match=words) as caught:
+        FAMILIES.get("gemma3").check_config(config)
+    assert "\n" not in str(caught.value)

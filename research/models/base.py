@@ -14,9 +14,11 @@ family in ``research/models/``) says where the engine finds:
   (:meth:`VLMAdapter.vision_layout`: the image-token count, or ``None`` when the image decides it).
 
 What every family shares needs no spec: position ids are ``[..., B, S]`` with the sequence on the
-last axis (LLaMA-style ``[B, S]``; Qwen2-VL's multimodal ``[3, B, S]`` or ``[4, B, S]``), every
-decoder layer receives the same mask and rotary ``position_embeddings`` (families whose layers
-differ, e.g. sliding-window layers beside global ones, are refused: :meth:`VLMAdapter.check_config`).
+last axis (LLaMA-style ``[B, S]``; Qwen2-VL's multimodal ``[3, B, S]`` or ``[4, B, S]``), and every
+decoder layer of one type (``config.text_config.layer_types``; one type where a config names none)
+receives the same mask and rotary ``position_embeddings``. A family whose layers are of several types
+(Gemma 3: sliding-window layers beside global ones, each type with its own mask and rotary base) says so
+(``mixed_layer_types``); any other config that mixes them is refused (:meth:`VLMAdapter.check_config`).
 
 The engine and the rest of the project name no model class: they ask :func:`adapter_for` (a loaded
 model) or :func:`family_of_config` (a ``config.json``) which adapter applies.
@@ -24,7 +26,7 @@ model) or :func:`family_of_config` (a ``config.json``) which adapter applies.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -90,6 +92,8 @@ class VLMAdapter:
     # DeepStack (Qwen3-VL): the language model's keywords for the visual positions [B, S] and the list of per-layer
     # visual features it adds to the first ``deepstack_layers`` layers' outputs; None: the family has none
     deepstack_keywords: ClassVar[tuple[str, str] | None] = None
+    # Its decoder layers may be of several types (``layer_types``), each type with its own mask and rotary embedding
+    mixed_layer_types: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         if type(model).__name__ != self.model_class:
@@ -110,10 +114,10 @@ class VLMAdapter:
     def check_config(cls, config: Any) -> None:
         """Refuse, in one line, a configuration the engine cannot prune correctly."""
         kinds = sorted(set(getattr(config.text_config, "layer_types", None) or []))
-        if len(kinds) > 1:
+        if len(kinds) > 1 and not cls.mixed_layer_types:
             raise UnsupportedModel(
-                f"{cls.model_class} with mixed decoder layer types {kinds} is not supported: the engine gives every "
-                "layer after a stage the same sliced mask and rotary embedding"
+                f"{cls.model_class} with mixed decoder layer types {kinds} is not supported: the engine slices each "
+                "type's mask and rotary embedding alike, tested on Gemma 3's mix only; supported: one layer type"
             )
         window, image_tokens = cls.sliding_window(config), cls.vision_layout(config).nominal_tokens
         if window is not None and window <= image_tokens:
@@ -135,6 +139,14 @@ class VLMAdapter:
     @classmethod
     def vision_layout(cls, config: Any) -> VisionLayout:
         raise NotImplementedError
+
+    @classmethod
+    def compact_positions_refusal(cls) -> str | None:
+        """Why ``positions=compact`` cannot run on this family (one line), or None when it can."""
+        if cls.position_axes > 1:
+            return (f"positions=compact renumbers 1-D positions; {cls.family}'s multimodal rotary positions have "
+                    f"{cls.position_axes} axes: use positions=original")
+        return None
 
     @classmethod
     def deepstack_layers(cls, config: Any) -> int:
@@ -173,6 +185,21 @@ class VLMAdapter:
     @property
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
+
+    def layer_types(self) -> list[str]:
+        """Each decoder layer's type (``config.text_config.layer_types``; all ``full_attention`` where the config
+        names none): layers of one type receive the same mask and rotary embedding."""
+        types = getattr(self.model.config.text_config, "layer_types", None)
+        return list(types) if types else ["full_attention"] * self.num_layers
+
+    def rotary_for(self, layer_idx: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """The rotary embedding of decoder layer ``layer_idx``'s type: ``rotary(x, position_ids=) -> (cos, sin)``."""
+        return self.rotary_emb
+
+    def flat_projection(self, output: torch.Tensor) -> torch.Tensor:
+        """A query / key source's output (``query_key_sources``) as ``[B, S, H*hd]``: projections give it so; a
+        per-head norm's ``[B, S, H, hd]`` is flattened."""
+        return flat_heads(output)
 
     def attention_projections(self, layer_idx: int) -> tuple[nn.Module, nn.Module]:
         """(q_proj, k_proj) of decoder layer ``layer_idx``."""
@@ -353,10 +380,6 @@ _LINEAR_ATTENTION = ("its language model runs linear-attention (Gated DeltaNet) 
 REFUSED_CLASSES: dict[str, str] = {
     "Qwen3_5ForConditionalGeneration": _LINEAR_ATTENTION,
     "Qwen3_5MoeForConditionalGeneration": _LINEAR_ATTENTION,
-    "Gemma3ForConditionalGeneration": "its sliding-window layers beside global ones need a mask and a rotary base "
-                                      "per layer type, and its image tokens attend to each other both ways in the "
-                                      "prefill; the engine gives every layer after a stage one sliced mask (not yet "
-                                      "supported)",
 }
 
 

@@ -105,7 +105,7 @@ def check_scorers(adapter: type[VLMAdapter], scorers: Iterable[Any]) -> None:
     """Refuse, in one line (UnsupportedModel), a scorer entry (``research.specs.ScorerSpec``) family ``adapter``
     cannot run: one that ranks by the vision tower's CLS attention (or reads its patch states) where the family does
     not map it onto its image tokens, one that merges inside the vision tower where the family cannot hand a shorter
-    image span on, or compact positions where its rotary positions have several axes."""
+    image span on, or compact positions where the family cannot renumber them (``compact_positions_refusal``)."""
     for scorer in scorers:
         if scorer.component.needs_vision_merging and not adapter.supports_vision_merging:
             raise UnsupportedModel(vision_merging_refusal(adapter, scorer.name))
@@ -121,9 +121,8 @@ def check_scorers(adapter: type[VLMAdapter], scorers: Iterable[Any]) -> None:
                 f"{adapter.family} ({adapter.model_class}) does not give (merged, cropped or CLS-less patches); drop "
                 f"it or use a model of family {[f for f in FAMILIES.names() if FAMILIES.get(f).has_cls_saliency]}"
             )
-        if scorer.positions == "compact" and adapter.position_axes > 1:
-            raise UnsupportedModel(f"positions=compact renumbers 1-D positions; {adapter.family}'s multimodal rotary "
-                                   f"positions have {adapter.position_axes} axes: use positions=original")
+        if scorer.positions == "compact" and adapter.compact_positions_refusal() is not None:
+            raise UnsupportedModel(adapter.compact_positions_refusal())
 
 
 def _auto_config(path: Path) -> Any:

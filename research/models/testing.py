@@ -435,3 +435,41 @@ def pixtral_image_span(rows: int, columns: int, image_token_id: int) -> torch.Te
     span = torch.tensor(row * rows)
     span[-1] = IMAGE_END_ID
     return span
+
+
+@RANDOM_CONFIGS.register("gemma3")
+def gemma3_config(size: str, num_layers: int | None, num_kv_heads: int | None) -> Any:
+    """Gemma 3: sliding-window and global layers alternating (tiny: S, F, S, F; mid: 5 sliding per global, as the
+    released models), their own rotary bases (10k / 1M), per-head query / key norms, and a SigLIP tower whose
+    patches the projector pools to ``mm_tokens_per_image`` image tokens (tiny 16, mid 256 as released: 32x32
+    patches pooled 2x2). The window (tiny 64, mid 1024) is longer than every prompt with its answer here."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    tiny = size == "tiny"
+    text = random_text_sizes(size, num_layers, num_kv_heads)
+    text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    period = 2 if tiny else 6  # one global layer every ``period``
+    types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+             for i in range(text["num_hidden_layers"])]
+    text_config = Gemma3TextConfig(**text, layer_types=types, sliding_window=64 if tiny else 1024,
+                                   query_pre_attn_scalar=text["head_dim"])
+    vision = SiglipVisionConfig(hidden_size=32 if tiny else 256, intermediate_size=64 if tiny else 512,
+                                num_hidden_layers=2, num_attention_heads=4, image_size=16 if tiny else 448,
+                                patch_size=2 if tiny else 14)
+    return Gemma3Config(text_config=text_config, vision_config=vision, mm_tokens_per_image=16 if tiny else 256,
+                        image_token_index=3, boi_token_index=4, eoi_token_index=5)
+
+
+@RANDOM_INPUTS.register("gemma3")
+def gemma3_inputs(model: nn.Module, question_lengths: Sequence[int], generator: torch.Generator,
+                  image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Rows of one square image each, laid out as Gemma 3's processor lays them out: ``<start_of_image>``, the
+    ``mm_tokens_per_image`` image tokens, ``<end_of_image>``; ``token_type_ids`` marks the image tokens (1), which
+    attend to each other both ways in the prefill."""
+    config = model.config
+    side = config.vision_config.image_size
+    pixels = torch.randn((len(question_lengths), 3, side, side), generator=generator)
+    inputs = left_padded(model, [config.mm_tokens_per_image] * len(question_lengths), question_lengths, generator,
+                         before=[config.boi_token_index], after=[config.eoi_token_index])
+    types = (inputs["input_ids"] == config.image_token_id).long()
+    return inputs | {"pixel_values": pixels, "token_type_ids": types}

@@ -7,8 +7,9 @@ No transformers code is copied or patched. The hooks, per forward of the multimo
   ``input_ids`` (prefill);
 * language model, pre-hook: the vision-language interface. Keeps a reference to the LLM input
   embeddings; with location -1 it prunes ``inputs_embeds`` and slices mask and positions;
-* every decoder layer, pre-hook: layer 0 keeps the per-call kwargs every layer receives (mask,
-  cos/sin, position ids); a layer after a stage gets them sliced (below);
+* every decoder layer, pre-hook: the first layer of each layer type (``adapter.layer_types()``: one type
+  in most families; Gemma 3's sliding and global layers) keeps the per-call kwargs every layer of that type
+  receives (mask, cos/sin, position ids); a layer after a stage gets its type's sliced (below);
 * ``q_proj`` / ``k_proj`` of pruning layers (or the per-head ``q_norm`` / ``k_norm`` after them, where a
   layer has them: Qwen3), forward hooks (prefill): keep references to the layer's own queries and keys
   before the rotary embedding, from which attention rows are recomputed only if a scorer asks;
@@ -17,9 +18,16 @@ No transformers code is copied or patched. The hooks, per forward of the multimo
   layer would compute on the unpruned output: that layer's input norm, ``q_proj`` and ``k_proj`` (and its
   query / key norms) run once more on the output, only then; one that asks for ``signals.normed_hidden``
   gets the output through the language model's final norm (DART), computed then too;
-* every layer after a stage: swaps in the mask / cos / sin / position ids sliced to the kept
+* every layer after a stage: swaps in its type's mask / cos / sin / position ids sliced to the kept
   tokens. In decode the kept set is fixed; mask columns are remapped to ``kept ∪ new tokens``
   for each stage's KV cache (DynamicCache, StaticCache and no cache alike).
+
+A language model that receives one mask per layer type (a dict, Gemma 3's, built by the multimodal model with its
+image tokens attending to each other both ways) gets each entry sliced at the interface in the prefill; in a
+decode step the types' masks agree (the sequence fits the sliding window, else it is refused, and a new token
+attends causally), so the interface hands the language model the remapped 2-D mask to build them from, and
+layers after a stage get layer 0's decode mask sliced (a type whose first layer runs after a stage has its mask
+sized on that layer's shorter cache).
 
 Merging after a decoder layer (SparseVLM's recycling) or at the vision-language interface (location -1, on the
 image embeddings the LLM receives): a scorer may also define ``keep_counts(signals,
@@ -53,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from research.models import adapter_for
-from research.models.base import UnsupportedModel, flat_heads, sliding_window_refusal, vision_merging_refusal
+from research.models.base import UnsupportedModel, sliding_window_refusal, vision_merging_refusal
 from research.pruning.compat import (
     cached_length,
     describe_failure,
@@ -129,7 +137,7 @@ class _Cut:
 class _Stage:
     location: int
     cut: _Cut  # of decoder layer 0's input
-    call_kwargs: dict | None = None  # sliced layer kwargs for the current call
+    call_kwargs: dict[str, dict] = field(default_factory=dict)  # layer type -> sliced layer kwargs, current call
 
 
 @dataclass
@@ -162,7 +170,8 @@ class _ForwardState:
         self.remaining: list[int] = []  # each row's vision tokens left after the stages so far
         self.base_len = layout.seq_len
         self.stages: list[_Stage] = []
-        self.base_kwargs: dict | None = None
+        self.base_kwargs: dict[str, dict] = {}  # layer type -> the kwargs its first layer received this call
+        self.model_mask: Tensor | None = None  # the multimodal model's 2-D attention mask of the current call
         self.captured: dict[str, Tensor] = {}
         self.capture_paused = False  # the engine itself is running projections (next-layer signals)
         self.memo: dict = {}
@@ -277,11 +286,8 @@ class PruningEngine:
         self.scorer = scorer
         self.plan = plan
         plan.check(self.adapter.num_layers)
-        if plan.positions == "compact" and self.adapter.position_axes > 1:
-            raise ValueError(
-                f"positions=compact renumbers 1-D positions; {self.adapter.family}'s {self.adapter.position_axes}-axis "
-                "multimodal rotary positions have no such renumbering: use positions=original"
-            )
+        if plan.positions == "compact" and self.adapter.compact_positions_refusal() is not None:
+            raise UnsupportedModel(self.adapter.compact_positions_refusal())
         self._fixed_vision = self.adapter.vision_layout(self.adapter.model.config).image_tokens
         self._window = self.adapter.sliding_window(self.adapter.model.config) if plan.locations else None
         if replay is not None and len(replay) != len(plan.locations):
@@ -297,6 +303,8 @@ class PruningEngine:
         self._tower_merge = self._vision_merge() if getattr(scorer, "needs_vision_merging", False) else None
         # DeepStack features are added by the engine, on the kept slots, before any hook reads a layer's output
         self._deepstack_layers = self.adapter.deepstack_layers(self.adapter.model.config)
+        self._layer_types = self.adapter.layer_types()  # layers of one type receive the same mask and rotary
+        self._first_of_type = {kind: self._layer_types.index(kind) for kind in dict.fromkeys(self._layer_types)}
         self.observe = observe
         self._observed = [] if observe is None else list(
             range(self.adapter.num_layers) if observe_layers is None else observe_layers
@@ -331,8 +339,9 @@ class PruningEngine:
         for idx in range(self._deepstack_layers):  # before the pruning hooks, which see the features added
             hook = self._timed(self._make_deepstack_hook(idx))
             self._handles.append(a.decoder_layers[idx].register_forward_hook(hook))
-        if self._layer_locations:  # layer 0 keeps the call's kwargs; layers after the first stage slice them
-            for idx in [0, *range(self._layer_locations[0] + 1, a.num_layers)]:
+        if self._layer_locations:  # each type's first layer keeps the call's kwargs; layers after the first stage
+            after = range(self._layer_locations[0] + 1, a.num_layers)  # slice them
+            for idx in sorted(set(self._first_of_type.values()) | set(after)):
                 self._hook_pre(a.decoder_layers[idx], self._make_layer_input_hook(idx))
         for idx in sorted(set(self._layer_locations) | set(self._observed)):
             queries, keys = a.query_key_sources(idx)
@@ -390,11 +399,18 @@ class PruningEngine:
         if input_ids is None:
             raise ValueError("the pruning engine needs input_ids to locate the image tokens")
         self._finish_prefill()
-        if self._state is not None and cached_length(find_cache(args, kwargs)) > 0:
+        decode = self._state is not None and cached_length(find_cache(args, kwargs)) > 0
+        if isinstance(kwargs.get("attention_mask"), dict) and (
+                decode or bool((input_ids == self.adapter.image_token_id).any())):
+            raise unsupported_call("the model got one prepared mask per layer type (generate() builds them for a "
+                                   "static KV cache): the pruning engine reads padding from the 2-D mask and cannot "
+                                   "remap masks sized on fixed caches; use a dynamic cache")
+        if decode:
             self._state.is_prefill = False  # a cached decode step of the last prefill
-            self._state.base_kwargs = None
+            self._state.base_kwargs = {}
+            self._state.model_mask = kwargs.get("attention_mask")
             for stage in self._state.stages:
-                stage.call_kwargs = None
+                stage.call_kwargs = {}
         elif bool((input_ids == self.adapter.image_token_id).any()):
             layout = read_layout(input_ids, self.adapter.image_token_id, kwargs.get("attention_mask"))
             self._state = _ForwardState(layout)
@@ -439,7 +455,12 @@ class PruningEngine:
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
         pruned = st.input_len - cut.kept.shape[1]
-        if mask is None:
+        if isinstance(mask, dict):  # one mask per layer type (Gemma 3)
+            if st.is_prefill:
+                kwargs["attention_mask"] = {kind: self._sliced_type_mask(st, cut, each) for kind, each in mask.items()}
+            # a decode step: the types' masks agree; the language model builds them from the remapped 2-D one
+            mask = None if st.is_prefill else self._decode_mask(st, inputs_embeds, pruned)
+        elif mask is None:
             # No mask means no padding. Kept tokens keep position ids with gaps, which transformers reads as
             # packed sequences when it gets no mask, and filler slots must be masked: say "no padding" explicitly.
             width = st.input_len if st.is_prefill else st.past_len + pruned + inputs_embeds.shape[1]
@@ -461,6 +482,24 @@ class PruningEngine:
             # it is in cache coordinates and needs no remapping.
         kwargs["position_ids"] = self._positions_at_interface(st, kwargs, cut)
         return args, kwargs
+
+    @staticmethod
+    def _decode_mask(st: _ForwardState, inputs_embeds: Tensor, pruned: int) -> Tensor:
+        """The multimodal model's 2-D mask of this decode step (all ones where it got none), original columns."""
+        if st.model_mask is not None:
+            return st.model_mask
+        width = st.past_len + pruned + inputs_embeds.shape[1]
+        return torch.ones(inputs_embeds.shape[0], width, dtype=torch.long, device=inputs_embeds.device)
+
+    def _sliced_type_mask(self, st: _ForwardState, cut: _Cut, mask: Tensor | None) -> Tensor | None:
+        """One layer type's prefill mask (``[B or 1, 1, S, W]``, or None: transformers found it plainly causal and
+        unpadded) sliced to the interface's kept tokens; a None one is made explicit when filler slots need hiding."""
+        if mask is None:
+            if not cut.has_fillers:
+                return None  # causal over the kept tokens is causal
+            mask = self._unmasked_causal(st, st.input_len)
+        width = _key_width(mask.shape[-1], st.input_len - cut.kept.shape[1], st.static_cache)
+        return slice_mask(mask, cut.kept, cut.columns(st.input_len, width))
 
     def _take_deepstack(self, kwargs: dict, inputs_embeds: Tensor) -> DeepStack | None:
         """Take the DeepStack inputs out of the language model's call (``kwargs``, edited) as dense per-layer
@@ -542,7 +581,7 @@ class PruningEngine:
                 return
             st = self._state
             if st is not None and st.is_prefill and not st.capture_paused:
-                st.captured[name] = flat_heads(output)  # [B, S, H*hd]
+                st.captured[name] = self.adapter.flat_projection(output)  # [B, S, H*hd]
 
         return capture
 
@@ -590,26 +629,34 @@ class PruningEngine:
             mask=kwargs.get("attention_mask"), num_heads=self.adapter.num_heads,
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(layer_idx),
             memo=st.memo, hidden=hidden, final_norm=self.adapter.final_norm,
-            **self._position_signals(kwargs),
+            **self._position_signals(kwargs, layer_idx),
         )
         if layer_idx + 1 < self.adapter.num_layers:
             signals.next_layer_fn = lambda: self._next_layer_signals(st, signals, hidden)
         return signals
 
-    def _position_signals(self, kwargs: dict) -> dict:
+    def _position_signals(self, kwargs: dict, layer_idx: int) -> dict:
         """The layer's 1-D position ids and the model's rotary embedding (``Signals.keys(from_row_start=True)``
         renumbers with them); none for multimodal positions, which transformers numbers per row already."""
         if self.adapter.position_axes > 1:
             return {}
-        return {"position_ids": kwargs.get("position_ids"), "rotary": self.adapter.rotary_emb}
+        return {"position_ids": kwargs.get("position_ids"), "rotary": self.adapter.rotary_for(layer_idx)}
 
     def _next_layer_signals(self, st: _ForwardState, current: Signals, hidden: Tensor) -> Signals:
         """Signals of layer ``current.layer_idx + 1`` on the current, still unpruned sequence.
 
-        Every decoder layer of the families the adapters cover receives the same rotary cos/sin and
-        mask objects (sliced alike after each stage), so the next layer's are the current layer's.
+        Every decoder layer of one type receives the same rotary cos/sin and mask (sliced alike after each
+        stage), so a next layer of the current one's type gets the current layer's; one of another type (Gemma 3)
+        gets its own type's rotary at the current layer's positions, and the current mask, which its type's
+        equals while the sequence fits the sliding window (longer ones are refused).
         """
         nxt = current.layer_idx + 1
+        cos, sin = current.cos, current.sin
+        if self._layer_types[nxt] != self._layer_types[current.layer_idx]:
+            if current.position_ids is None:
+                raise unsupported_call(f"decoder layer {current.layer_idx} received no position_ids: the pruning "
+                                       f"engine cannot rotate layer {nxt}'s keys with its own type's rotary embedding")
+            cos, sin = self.adapter.rotary_for(nxt)(hidden, position_ids=current.position_ids)
         st.capture_paused = True  # these calls are ours: not the next layer's own forward
         try:
             with torch.no_grad():
@@ -618,7 +665,7 @@ class PruningEngine:
             st.capture_paused = False
         return Signals(
             layout=current.layout, interface=current.interface, layer_idx=nxt, stage=current.stage,
-            q=q, k=k, cos=current.cos, sin=current.sin, mask=current.mask, num_heads=self.adapter.num_heads,
+            q=q, k=k, cos=cos, sin=sin, mask=current.mask, num_heads=self.adapter.num_heads,
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.attention_scaling(nxt),
             memo=current.memo, view="next",
         )
@@ -738,17 +785,17 @@ class PruningEngine:
             st.record.tokens_per_layer[layer] = int(mean) if mean == int(mean) else mean
 
     def _make_layer_input_hook(self, layer_idx: int) -> Any:
-        """Before decoder layer ``layer_idx``: layer 0 keeps the call's kwargs that every layer receives;
-        a layer after a stage gets them sliced to that stage's kept tokens."""
+        """Before decoder layer ``layer_idx``: the first layer of a type keeps the call's kwargs that every layer
+        of that type receives; a layer after a stage gets its type's sliced to that stage's kept tokens."""
+        kind = self._layer_types[layer_idx]
 
         def slice_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
             st = self._state
             if st is None:
                 return None
-            if layer_idx == 0:
-                st.base_kwargs = kwargs
-                return None
-            if st.base_kwargs is None:
+            if layer_idx == self._first_of_type[kind]:
+                st.base_kwargs[kind] = kwargs
+            if kind not in st.base_kwargs or self._layer_types[0] not in st.base_kwargs:
                 return None
             stage = None
             for candidate in st.stages:
@@ -756,9 +803,9 @@ class PruningEngine:
                     stage = candidate
             if stage is None:
                 return None
-            if stage.call_kwargs is None:
-                stage.call_kwargs = self._stage_kwargs(st, stage)
-            return args, {**kwargs, **stage.call_kwargs}
+            if kind not in stage.call_kwargs:
+                stage.call_kwargs[kind] = self._stage_kwargs(st, stage, kind)
+            return args, {**kwargs, **stage.call_kwargs[kind]}
 
         return slice_inputs
 
@@ -770,13 +817,14 @@ class PruningEngine:
                                    "tell which of its slots are written")
         return causal_mask(query_len, st.past_len, st.layout.valid.device)
 
-    def _stage_kwargs(self, st: _ForwardState, stage: _Stage) -> dict:
-        """Layer kwargs of this call sliced to the stage's kept tokens."""
-        base = st.base_kwargs
+    def _stage_kwargs(self, st: _ForwardState, stage: _Stage, kind: str) -> dict:
+        """The kwargs of this call's layers of type ``kind`` sliced to the stage's kept tokens. A decode step's mask
+        is layer 0's for every type (module doc: they agree there, and only layer 0's has layer 0's width)."""
+        base = st.base_kwargs[kind]
         cut = stage.cut
-        cos, sin = required(base, "position_embeddings", "decoder layer 0")
+        cos, sin = required(base, "position_embeddings", f"decoder layer {self._first_of_type[kind]}")
         pos = base.get("position_ids")
-        mask = base.get("attention_mask")
+        mask = (base if st.is_prefill else st.base_kwargs[self._layer_types[0]]).get("attention_mask")
         if mask is None and cut.has_fillers:
             # transformers' sdpa path passes no mask when nothing is padded; filler slots must still be hidden
             mask = self._unmasked_causal(st, cos.shape[-2])
@@ -791,7 +839,7 @@ class PruningEngine:
             out["attention_mask"] = slice_mask(mask, cut.kept if st.is_prefill else None, columns)
         if self.plan.positions == "compact" and pos is not None:
             pos = pos - (cut.shift if st.is_prefill else cut.dropped)
-            cos, sin = self.adapter.rotary_emb(cos, position_ids=pos)
+            cos, sin = self.adapter.rotary_for(self._first_of_type[kind])(cos, position_ids=pos)
         out["position_embeddings"] = (cos, sin)
         if pos is not None:
             out["position_ids"] = pos
