@@ -445,13 +445,14 @@ class PruningEngine:
             if self._deepstack_layers:
                 kwargs = dict(kwargs)
                 st.deepstack = self._take_deepstack(kwargs, inputs_embeds)
+        unpruned = (args, kwargs) if st.is_prefill and self._deepstack_layers else None  # DeepStack taken out
         if not self.plan.locations or self.plan.locations[0] != INTERFACE:
-            return (args, kwargs) if st.deepstack is not None and st.is_prefill else None
+            return unpruned
         if st.is_prefill:
             self._prune_at_interface(st, kwargs)
         cut = st.interface_cut
         if cut is None:
-            return (args, kwargs) if st.deepstack is not None and st.is_prefill else None
+            return unpruned
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
         pruned = st.input_len - cut.kept.shape[1]
@@ -505,8 +506,9 @@ class PruningEngine:
         """Take the DeepStack inputs out of the language model's call (``kwargs``, edited) as dense per-layer
         features [B, S, D] on the visual slots, for the engine to add on the kept slots (``DeepStack``)."""
         mask_key, features_key = self.adapter.deepstack_keywords
-        if mask_key not in kwargs or features_key not in kwargs:
-            required(kwargs, mask_key if mask_key not in kwargs else features_key, "the language model")
+        for key in (mask_key, features_key):
+            if key not in kwargs:  # a renamed keyword: one line naming the installed transformers
+                required(kwargs, key, "the language model")
         visual, features = kwargs[mask_key], kwargs[features_key]
         kwargs[mask_key] = kwargs[features_key] = None
         if features is None:
