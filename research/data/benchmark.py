@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 import pyarrow.parquet as pq
 
 from research.data.snapshot import ImageColumn, ImageRef, SnapshotError, read_columns, shard_files, snapshot_folder
+from research.report.statistics import UnitScores, mean_units
 
 DEFAULT_MAX_NEW_TOKENS = 3  # a dataset that does not say (shapes: one-word answers and </s>)
 # lmms-eval's stop strings for a task whose config names none: its ``fewshot_delimiter`` (``api/task.py``)
@@ -31,6 +32,11 @@ class Scoring(Protocol):
     def score(self, rows: Sequence[dict]) -> dict[str, float]: ...
 
     def sample_score(self, row: dict) -> float: ...
+
+    def units(self, rows: Sequence[dict]) -> dict[str, UnitScores]:
+        """The metrics of ``score()`` that have confidence intervals, each as its units (the headline first):
+        what :mod:`research.report.statistics` resamples."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ class AnswerAccuracy:
 
     def sample_score(self, row: dict) -> float:
         return self.metric([row["prediction"]], [row["answer"]])
+
+    def units(self, rows: Sequence[dict]) -> dict[str, UnitScores]:
+        """Accuracy: the mean of one score per sample."""
+        return {"accuracy": mean_units([r["id"] for r in rows], [self.sample_score(r) for r in rows])}
 
 
 def scoring_of(dataset: Any) -> Scoring:
@@ -142,6 +152,10 @@ class SnapshotBenchmark:
         if not rows:
             raise ValueError(f"{self.description}: no predictions to score")
         return {"accuracy": 100.0 * sum(self.sample_score(r) for r in rows) / len(rows)}
+
+    def units(self, rows: Sequence[dict]) -> dict[str, UnitScores]:
+        """The default ``accuracy``: 100 x the mean per-sample score, a sample a unit."""
+        return {"accuracy": mean_units([r["id"] for r in rows], [self.sample_score(r) for r in rows], 100.0)}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(split={self.split!r}, size={len(self)}, directory={str(self.directory)!r})"

@@ -16,12 +16,14 @@ stores as the string "nan" is an option text "nan" there ("banana" names it), as
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 
 from research.data import DATASETS
 from research.data.benchmark import BenchmarkSample, SnapshotBenchmark
 from research.data.metrics import mmbench_letter, mmbench_scores
 from research.data.snapshot import ImageRef
+from research.report.statistics import UnitScores, mean_units
 
 OPTION_KEYS = ("A", "B", "C", "D", "E")
 OPTIONS_HEADER = "There are several options:"
@@ -78,3 +80,13 @@ class MMBench(SnapshotBenchmark):
 
     def score(self, rows: Sequence[dict]) -> dict[str, float]:
         return mmbench_scores([{**r["target"], "answer": r["answer"], "prediction": r["prediction"]} for r in rows])
+
+    def units(self, rows: Sequence[dict]) -> dict[str, UnitScores]:
+        """``accuracy`` over its unit, a question with its circular copies (1 when every copy is right, as
+        :func:`mmbench_scores` counts it), x100."""
+        groups: dict[int, list[dict]] = defaultdict(list)
+        for r in rows:
+            groups[r["target"]["index"] % 1_000_000].append(r)
+        scored = {key: group for key, group in groups.items() if any(r["target"]["index"] < 1_000_000 for r in group)}
+        hits = [self.score(group)["accuracy"] / 100.0 for group in scored.values()]
+        return {"accuracy": mean_units([str(key) for key in scored], hits, 100.0)}

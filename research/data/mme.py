@@ -7,13 +7,14 @@ yes or no." and appends the short-answer suffix; 16 new tokens. Headline ``total
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from research.data import DATASETS
 from research.data.benchmark import BenchmarkSample, SnapshotBenchmark, log_dropped
 from research.data.metrics import mme_correct, mme_scores
 from research.data.snapshot import ImageRef
+from research.report.statistics import UnitScores, stratified_sum_units
 
 OWN_SUFFIX = " Please answer yes or no."
 
@@ -57,3 +58,15 @@ class MME(SnapshotBenchmark):
         if not complete:
             raise ValueError(f"{self.description}: no image has both of its questions answered")
         return {**mme_scores(complete), "incomplete_pairs": float(incomplete)}
+
+    def units(self, rows: Sequence[dict]) -> dict[str, UnitScores]:
+        """``total`` over its unit, the image with its two questions (accuracy + accuracy+ of the pair, x100),
+        resampled within its subtask: the score is the sum of the subtasks' means (images without both
+        questions are left out, as :meth:`score` leaves them)."""
+        pairs: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for r in rows:
+            pairs[r["target"]["category"], r["target"]["question_id"]].append(self.sample_score(r))
+        complete = {key: scores for key, scores in pairs.items() if len(scores) == 2}
+        values = [100.0 * sum(scores) / 2 + 100.0 * (sum(scores) == 2) for scores in complete.values()]
+        return {"total": stratified_sum_units([f"{c}/{q}" for c, q in complete], values,
+                                              [c for c, _ in complete])}

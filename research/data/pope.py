@@ -14,6 +14,7 @@ from research.data import DATASETS
 from research.data.benchmark import BenchmarkSample, SnapshotBenchmark
 from research.data.metrics import pope_scores
 from research.data.snapshot import ImageRef
+from research.report.statistics import UnitScores, f1_units, mean_units
 
 
 @DATASETS.register("pope")
@@ -37,3 +38,16 @@ class POPE(SnapshotBenchmark):
         """:func:`pope_scores`, in percent (accuracy is the headline; ``f1`` is what POPE papers print)."""
         scores = pope_scores([r["prediction"] for r in rows], [r["answer"] for r in rows])
         return {key: 100.0 * value for key, value in scores.items()}
+
+    def units(self, rows: Sequence[dict]) -> dict[str, UnitScores]:
+        """``accuracy`` (a 0/1 score per sample) and ``f1`` (2 TP / (2 TP + FP + FN) from each sample's flags,
+        a prediction other than exactly "yes" / "no" being neither positive nor negative), a sample a unit."""
+        ids = [r["id"] for r in rows]
+        said = [r["prediction"].lower().strip() for r in rows]
+        truth = [r["answer"].lower().strip() for r in rows]
+        return {
+            "accuracy": mean_units(ids, [self.sample_score(r) for r in rows], 100.0),
+            "f1": f1_units(ids, [p == "yes" and t == "yes" for p, t in zip(said, truth)],
+                           [p == "yes" and t == "no" for p, t in zip(said, truth)],
+                           [p == "no" and t == "yes" for p, t in zip(said, truth)]),
+        }
