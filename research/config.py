@@ -58,6 +58,9 @@ class EvalConfig:
     decode_tokens: int = 8  # tokens generated to time decoding
     overlays: int = 3  # fixed images whose kept tokens are drawn per combination
     analysis_samples: int = 64  # samples whose attention dynamics each combination logs (0: none)
+    bootstrap: int = 9999  # paired bootstrap resamples of every interval (0: no intervals or tests)
+    confidence: float = 0.95  # the intervals' level; a difference is significant at 1 - confidence (Holm)
+    interval: str = "BCa"  # scipy.stats.bootstrap's method: BCa | percentile | basic
 
 
 @dataclass
@@ -83,6 +86,10 @@ class RunConfig:
     positions: str = "original"  # original | compact (renumber kept tokens)
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # the combination each one is tested against besides vanilla, at its budget (and schedule / scorer where the
+    # reference does not name them): a scorer name or label, or {scorer: ..., schedule: ..., budget: ...};
+    # null: `random` at the same schedule and budget when the sweep has it
+    reference: Any = None
     seed: int = 0
     verbose: bool = False  # library output too (Lightning's notices, the weights-loading bar)
     output_dir: str = "runs"
@@ -192,6 +199,7 @@ def validate(cfg: RunConfig) -> None:
     if unknown:
         raise ConfigError(f"data.paths names {unknown}, not among data.name {names}")
     _check_devices(cfg)
+    _check_statistics(cfg)
     if cfg.analysis is not None and cfg.analysis not in ANALYSES:
         raise ConfigError(f"unknown analysis {cfg.analysis!r}; choose one of {list(ANALYSES)}")
     for key, items in (("budgets", cfg.budgets), ("scorers", cfg.scorers), ("schedules", cfg.schedules)):
@@ -233,6 +241,21 @@ def _check_devices(cfg: RunConfig) -> None:
     if cfg.trainer.devices > 1:
         raise ConfigError(f"model.device_map={device_map} shards one model over the devices; it does not combine "
                           f"with trainer.devices={cfg.trainer.devices} (data-parallel copies): choose one")
+
+
+def _check_statistics(cfg: RunConfig) -> None:
+    """``eval.bootstrap`` / ``confidence`` / ``interval`` and the shape of ``reference``."""
+    from research.report.statistics import METHODS
+    from research.sweep import parse_reference
+
+    if cfg.eval.bootstrap < 0:
+        raise ConfigError(f"eval.bootstrap={cfg.eval.bootstrap} out of range; valid: 0 (no statistics) or the "
+                          "number of resamples, e.g. 9999")
+    if not 0 < cfg.eval.confidence < 1:
+        raise ConfigError(f"eval.confidence={cfg.eval.confidence} out of range; valid: a level in (0, 1), e.g. 0.95")
+    if cfg.eval.interval not in METHODS:
+        raise ConfigError(f"unknown eval.interval {cfg.eval.interval!r}; choose one of {list(METHODS)}")
+    parse_reference(cfg.reference)
 
 
 DEFAULT_EXAMPLES = {"budgets": "[64]", "scorers": "[text_prior]", "schedules": "[{name: layers, layers: [1, 10, 20]}]"}

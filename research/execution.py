@@ -4,6 +4,7 @@ predict loop on every dataset, reusing finished results; a failing combination i
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -15,10 +16,19 @@ from research.calibration import calibrate
 from research.experiment import Experiment
 from research.output import SweepOutput
 from research.report.runs import combination_title, run_directory, run_logger
+from research.report.significance import (
+    add_seed_spread,
+    add_statistics,
+    benchmark_statistics_columns,
+    combination_seconds,
+    settings_of,
+    statistics_notes,
+)
 from research.report.summary import (
     benchmark_columns,
     summarise,
     summarise_benchmarks,
+    summary_columns,
 )
 from research.resume import fingerprint, resume_line, stale_reason
 from research.stopping import StopSignal, finished_line
@@ -115,13 +125,29 @@ class Sweep:
                     self.vanilla[task.name] = (result["accuracy"], result["flops"])
 
     def summarise(self, combos: list[Combination]) -> list[dict]:
-        """``summary.csv`` / ``summary.md``: one dataset's layout, or Table 1's over several benchmarks."""
-        if self.experiment.data.per_benchmark:
+        """``summary.csv`` / ``summary.md``: one dataset's layout, or Table 1's over several benchmarks, with the
+        statistics of every combination (research.report.significance) and what they cost."""
+        experiment, output = self.experiment, self.output
+        per_benchmark = experiment.data.per_benchmark
+        if per_benchmark:
             rows = summarise_benchmarks(combos, self.results, self.tasks)
-            self.output.write_summary(rows, benchmark_columns(self.tasks))
-            return rows
-        rows = summarise(combos, self.results[self.tasks[0].name])
-        self.output.write_summary(rows)
+        else:
+            rows = summarise(combos, self.results[self.tasks[0].name])
+        settings = settings_of(experiment.eval, experiment.seed)
+        start = time.perf_counter()
+        extra = add_statistics(rows, combos, self.results, self.tasks, output, settings, per_benchmark) \
+            if output.writes else {}  # rank 0 reads the predictions it wrote
+        add_seed_spread(rows, combos, "avg_ratio" if per_benchmark else "accuracy")
+        seconds = time.perf_counter() - start
+        if per_benchmark:
+            columns = benchmark_columns(self.tasks)
+            columns[-2:-2] = benchmark_statistics_columns(self.tasks, extra)  # before status and error
+        else:
+            columns = summary_columns(extra.get(self.tasks[0].name, ()))
+        notes = statistics_notes(settings, seconds, combination_seconds(self.results), combos)
+        output.write_summary(rows, columns, per_benchmark, notes)
+        if settings.resamples:
+            output.print(notes[-1])
         return rows
 
 
@@ -132,10 +158,11 @@ def run_combination(
     """One combination in its own Lightning predict loop; any error is recorded, not raised (except a
     failed write, which stops the sweep). Its predictions replace the old file only once it finished."""
     record: dict[str, Any] = {"combination": combo.__dict__, "fingerprint": key}
+    start = time.perf_counter()
     try:
         metrics = predict_combination(experiment, combo, adapter, processor, task, vanilla, output,
                                       label or combination_title(combo))
-        return {**record, **metrics, "status": "ok", "error": ""}
+        return {**record, **metrics, "wall_seconds": time.perf_counter() - start, "status": "ok", "error": ""}
     except StopSweep:
         raise
     except Exception as error:  # one combination failing must not stop the sweep

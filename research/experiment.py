@@ -110,6 +110,7 @@ class Experiment:
     cache_dir: Path  # <output_dir>/.cache, shared by the experiments of one output_dir
     calibrations: tuple[Calibration, ...]
     config_yaml: str  # the configuration as given, written beside the results
+    reference: Any = None  # research.sweep.ReferenceSpec: what each combination is tested against besides vanilla
 
 
 def resolve(cfg: RunConfig, model: ModelSpec | None = None) -> Experiment:
@@ -117,6 +118,7 @@ def resolve(cfg: RunConfig, model: ModelSpec | None = None) -> Experiment:
     ``cfg.model``'s checkpoint plans for a shape alone (:meth:`ModelSpec.of_shape`)."""
     from research.models.registry import check_scorers, inspect_checkpoint
     from research.pruning.plan import POSITION_MODES
+    from research.sweep import parse_reference
 
     names = tuple(dataset_names(cfg))
     scorers = parse_scorers(cfg.scorers, cfg.positions, POSITION_MODES)
@@ -148,5 +150,6 @@ def resolve(cfg: RunConfig, model: ModelSpec | None = None) -> Experiment:
         budgets=tuple(float(b) for b in cfg.budgets), counting=cfg.counting, positions=cfg.positions, eval=cfg.eval,
         trainer=cfg.trainer, seed=cfg.seed, output_dir=Path(cfg.output_dir) / cfg.experiment, cache_dir=cache_dir,
         calibrations=calibrations, config_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+        reference=parse_reference(cfg.reference),
     )
 

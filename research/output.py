@@ -91,16 +91,18 @@ class SweepOutput:
             self.replace_run(run_directory(self.directory, combo, folder))
         log_failure(self.directory, combo, num_vision, error, folder)
 
-    def write_summary(self, rows: list[dict], columns: list[str] | None = None) -> None:
-        """``summary.csv`` / ``summary.md``: one dataset's layout, or (``columns``) the several-benchmark one."""
+    def write_summary(self, rows: list[dict], columns: list[str], per_benchmark: bool = False,
+                      notes: list[str] | None = None) -> None:
+        """``summary.csv`` / ``summary.md``: one dataset's layout, or the several-benchmark one; ``notes`` end
+        ``summary.md`` (how the statistics were computed, their cost)."""
         from research.report.summary import write_benchmark_summary, write_summary
 
         if not self.writes:
             return
-        if columns is None:
-            write_summary(self.directory, rows)
+        if per_benchmark:
+            write_benchmark_summary(self.directory, rows, columns, notes or [])
         else:
-            write_benchmark_summary(self.directory, rows, columns)
+            write_summary(self.directory, rows, columns, notes or [])
 
     def log_summary_figures(self, rows: list[dict], num_samples: int, chance: float | None) -> None:
         from research.report.summary import log_summary_figures

@@ -9,6 +9,7 @@ the rest of the project uses.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Sequence
@@ -99,15 +100,40 @@ def entry(spec: Any) -> tuple[str, dict]:
     raise ConfigError(f"an entry must be a name or a mapping with a 'name' key, got {spec!r}")
 
 
+def expand_seeds(registry: Registry[Any], name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """An entry's parameters, once per seed of its ``seeds: [...]`` (a seeded component: one entry per seed, as
+    if each were listed with its ``seed``); an entry without ``seeds`` as it is."""
+    if "seeds" not in params:
+        return [params]
+    seeds = params["seeds"]
+    if name in registry and "seed" not in inspect.signature(registry.get(name)).parameters:
+        raise ConfigError(f"{registry.kind} {name!r} takes no seed, so 'seeds' does not apply; seeded "
+                          f"{registry.kind}s: {[n for n in registry.names() if _seeded(registry.get(n))]}")
+    if "seed" in params:
+        raise ConfigError(f"{registry.kind} {name!r}: give seed or seeds, not both")
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                              for x in seeds) or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"{registry.kind} {name!r}: seeds must be a non-empty list of distinct integers, "
+                          f"got {seeds!r}")
+    rest = {k: v for k, v in params.items() if k != "seeds"}
+    return [{**rest, "seed": seed} for seed in seeds]
+
+
+def _seeded(component: Any) -> bool:
+    return "seed" in inspect.signature(component).parameters
+
+
 def parse_schedules(specs: Sequence[Any], owner: str | None = None) -> tuple[ScheduleSpec, ...]:
-    """The experiment's ``schedules`` (``owner`` None) or a scorer entry's own, checked (each is built once).
+    """The experiment's ``schedules`` (``owner`` None) or a scorer entry's own, checked (each is built once); an
+    entry with ``seeds: [...]`` is one entry per seed.
 
     A changepoint entry without ``layers`` or ``histogram`` calibrates on the model: only the experiment's may."""
     from schedules import SCHEDULES
 
+    entries = [(name, seeded) for name, params in map(entry, specs)
+               for seeded in expand_seeds(SCHEDULES, name, params)]
     parsed = []
-    for index, spec in enumerate(specs):
-        name, params = entry(spec)
+    for index, (name, params) in enumerate(entries):
         build(SCHEDULES, name, params)
         samples = None
         if name == CHANGEPOINT and params.get("layers") is None and params.get("histogram") is None:
@@ -121,28 +147,35 @@ def parse_schedules(specs: Sequence[Any], owner: str | None = None) -> tuple[Sch
 
 def parse_scorers(specs: Sequence[Any], positions: str, position_modes: Sequence[str]) -> tuple[ScorerSpec, ...]:
     """The experiment's ``scorers``, checked (each is built once), with the protocol each runs under: its own
-    ``schedules`` / ``positions`` where the entry gives them, else the experiment's (``positions``)."""
+    ``schedules`` / ``positions`` where the entry gives them, else the experiment's (``positions``). An entry
+    with ``seeds: [...]`` is one entry per seed."""
     from scorers import SCORERS
 
     parsed = []
-    for spec in specs:
-        name, params = entry(spec)
-        protocol = {key: params.pop(key) for key in SCORER_PROTOCOL if key in params}
-        build(SCORERS, name, params)
-        own_positions = protocol.get("positions", positions)
-        if own_positions not in position_modes:
-            raise ConfigError(f"scorer {name!r}: unknown positions {own_positions!r}; "
-                              f"choose one of {list(position_modes)}")
-        schedules = None
-        if "schedules" in protocol:
-            if SCORERS.get(name).pre_llm:
-                raise ConfigError(f"scorer {name!r} prunes once before the LLM: schedules do not apply to it")
-            if not isinstance(protocol["schedules"], list) or not protocol["schedules"]:
-                raise ConfigError(f"scorer {name!r}: schedules must be a non-empty list of schedule entries, "
-                                  f"got {protocol['schedules']!r}")
-            schedules = parse_schedules(protocol["schedules"], owner=name)
-        parsed.append(ScorerSpec(name, params, own_positions, "positions" in protocol, schedules))
+    for name, given in map(entry, specs):
+        protocol = {key: given.pop(key) for key in SCORER_PROTOCOL if key in given}
+        for params in expand_seeds(SCORERS, name, given):
+            parsed.append(_scorer_spec(name, params, protocol, positions, position_modes))
     return tuple(parsed)
+
+
+def _scorer_spec(name: str, params: dict[str, Any], protocol: dict[str, Any], positions: str,
+                 position_modes: Sequence[str]) -> ScorerSpec:
+    from scorers import SCORERS
+
+    build(SCORERS, name, params)
+    own_positions = protocol.get("positions", positions)
+    if own_positions not in position_modes:
+        raise ConfigError(f"scorer {name!r}: unknown positions {own_positions!r}; choose one of {list(position_modes)}")
+    schedules = None
+    if "schedules" in protocol:
+        if SCORERS.get(name).pre_llm:
+            raise ConfigError(f"scorer {name!r} prunes once before the LLM: schedules do not apply to it")
+        if not isinstance(protocol["schedules"], list) or not protocol["schedules"]:
+            raise ConfigError(f"scorer {name!r}: schedules must be a non-empty list of schedule entries, "
+                              f"got {protocol['schedules']!r}")
+        schedules = parse_schedules(protocol["schedules"], owner=name)
+    return ScorerSpec(name, params, own_positions, "positions" in protocol, schedules)
 
 
 LAYER_LABEL_KEYS = {"layers", "scale_from", "prune_before", "counts", "reference_tokens"}  # a listed schedule's

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from research.experiment import Experiment
 from research.pruning import PruningPlan
@@ -29,6 +32,8 @@ class Combination:
     own_positions: bool = False  # positions came from the scorer entry (and are part of the name)
     schedule_name: str = ""  # registry name of the schedule ("" for vanilla and interface scorers)
     relative: bool = False  # keep holds fractions of each row's image tokens (a budget < 1)
+    reference: str = ""  # name of the combination it is tested against besides vanilla ("" for none)
+    same_plan_as: str = ""  # name of an earlier combination that runs the identical plan ("" for none)
 
     @property
     def is_vanilla(self) -> bool:
@@ -132,4 +137,92 @@ def plan_sweep(experiment: Experiment, histograms: dict[int, list[int]] | None =
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"the sweep lists the same combination twice: {duplicates}")
+    mark_identical_plans(combos)
+    assign_references(combos, experiment.reference, complete=not (pending and allow_pending))
     return combos
+
+
+def plan_key(combo: Combination) -> tuple:
+    """What a combination computes: its scorer with its parameters and its plan (schedules that draw the same
+    layers and counts run the same thing)."""
+    return (combo.scorer_label, combo.positions, tuple(combo.locations), tuple(combo.keep), combo.relative)
+
+
+def mark_identical_plans(combos: list[Combination]) -> None:
+    """Set ``same_plan_as`` on each combination whose plan an earlier one of the sweep runs already (e.g. two
+    random-layer seeds that drew the same layers): one result serves both, and figures must not hide one."""
+    first: dict[tuple, str] = {}
+    for combo in combos:
+        if combo.is_vanilla or combo.error:
+            continue
+        combo.same_plan_as = first.setdefault(plan_key(combo), combo.name)
+        if combo.same_plan_as == combo.name:
+            combo.same_plan_as = ""
+
+
+REFERENCE_KEYS = ("scorer", "schedule", "budget")
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """The combination each one is tested against besides vanilla: the one whose scorer / schedule / budget are
+    those named (a registry name or a label), the others the combination's own. ``given``: named in the
+    configuration (ambiguity or no match is an error); else the default, ``random`` where the sweep has it."""
+
+    scorer: str | None = "random"
+    schedule: str | None = None
+    budget: float | None = None
+    given: bool = False
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}={getattr(self, k)}" for k in REFERENCE_KEYS if getattr(self, k) is not None)
+
+    def names(self, combo: Combination) -> bool:
+        """``combo`` is of the reference kind (has every field the spec names)."""
+        return ((self.scorer is None or self.scorer in (combo.scorer, combo.scorer_label))
+                and (self.schedule is None or self.schedule in (combo.schedule_name, combo.schedule,
+                                                                combo.schedule.split("@")[0]))
+                and (self.budget is None or self.budget == combo.budget))
+
+    def serves(self, reference: Combination, combo: Combination) -> bool:
+        """``reference`` is ``combo``'s: of the reference kind, and equal to it in every field not named."""
+        return (self.names(reference) and reference.positions == combo.positions
+                and (self.scorer is not None or reference.scorer_label == combo.scorer_label)
+                and (self.schedule is not None or reference.schedule == combo.schedule)
+                and (self.budget is not None or reference.budget == combo.budget))
+
+
+def parse_reference(value: Any) -> ReferenceSpec:
+    """``reference``: null (the default), a scorer name or label, or a mapping of scorer / schedule / budget."""
+    if value is None:
+        return ReferenceSpec()
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, str):
+        return ReferenceSpec(scorer=value, given=True)
+    if not isinstance(value, dict) or not value or set(value) - set(REFERENCE_KEYS):
+        raise ConfigError(f"reference must be a scorer name or a mapping of {list(REFERENCE_KEYS)}, got {value!r}")
+    try:
+        budget = None if value.get("budget") is None else float(value["budget"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"reference budget must be a number, got {value['budget']!r}") from None
+    return ReferenceSpec(value.get("scorer"), value.get("schedule"), budget, given=True)
+
+
+def assign_references(combos: list[Combination], spec: ReferenceSpec, complete: bool = True) -> None:
+    """Set each combination's ``reference``. A reference the configuration names must be one combination for
+    each that has one and must serve at least one (``complete``: every schedule's layers are known); the default
+    takes the first match and may serve none."""
+    pruned = [c for c in combos if not c.is_vanilla and not c.error]
+    for combo in pruned:
+        if spec.names(combo):
+            continue  # a reference itself
+        matches = [r for r in pruned if r is not combo and spec.serves(r, combo)]
+        if len(matches) > 1 and spec.given:
+            raise ConfigError(f"reference ({spec}) matches {len(matches)} combinations for {combo.name}: "
+                              f"{[m.name for m in matches]}; name one (e.g. its scorer label)")
+        combo.reference = matches[0].name if matches else ""
+    if spec.given and complete and pruned and not any(c.reference for c in pruned):
+        raise ConfigError(f"reference ({spec}) matches no combination of the sweep; its scorers: "
+                          f"{sorted({c.scorer_label for c in pruned})}, schedules: "
+                          f"{sorted({c.schedule for c in pruned})}")

@@ -69,7 +69,18 @@ def test_two_benchmarks_table1_layout_tensorboard_and_resume_per_benchmark(micro
     assert list(table[0]) == ["scorer", "schedule", "layers", "budget", "keep", "positions", "mme", "mme_ratio",
                               "pope", "pope_ratio", "avg_ratio", "flops_ratio", "prefill_ms", "avg_tokens",
                               "computed_avg_tokens", "mme_skipped", "pope_skipped", "mme_prefill_ms", "mme_gflops",
-                              "pope_prefill_ms", "pope_gflops", "status", "error"]
+                              "pope_prefill_ms", "pope_gflops", "mme_ci_low", "mme_ci_high", "mme_ratio_ci_low",
+                              "mme_ratio_ci_high", "mme_delta", "mme_p_vs_vanilla", "mme_p_vs_ref", "pope_ci_low",
+                              "pope_ci_high", "pope_ratio_ci_low", "pope_ratio_ci_high", "pope_delta",
+                              "pope_p_vs_vanilla", "pope_p_vs_ref", "pope_f1", "pope_f1_ci_low", "pope_f1_ci_high",
+                              "avg_ratio_ci_low", "avg_ratio_ci_high", "reference", "same_plan_as", "seeds_mean",
+                              "seeds_sd", "seeds_n", "status", "error"]
+    vanilla, pruned = table  # the micro model answers nothing right: every score 0
+    for name in ("pope", "pope_f1"):  # POPE's headline and F1 with their intervals: zero width at 0
+        assert [(r[name], r[f"{name}_ci_low"], r[f"{name}_ci_high"]) for r in table] == [("0.0", "0.0", "0.0")] * 2
+    assert vanilla["pope_p_vs_vanilla"] == "" and pruned["pope_p_vs_vanilla"] == "1.0"  # identical: p = 1
+    # the fixture's MME has one image per subtask: nothing to resample within a subtask, so no interval
+    assert (pruned["mme_ci_low"], pruned["mme_ci_high"]) == ("", "")
     assert [r["mme_skipped"] for r in table] == ["0", "0"]
     header = (out / "bench_sweep" / "summary.md").read_text().splitlines()[0]
     assert "| mme | mme_ratio | pope | pope_ratio | avg_ratio |" in header
@@ -181,6 +192,6 @@ def test_readme_benchmark_sweep_with_the_shipped_model(tmp_path):
         done = subprocess.run([sys.executable, "-m", *command.split()[2:]], capture_output=True, text=True,
                               timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
-    header, rule, vanilla, pruned = (out / "main_table" / "summary.md").read_text().splitlines()
+    header, rule, vanilla, pruned, blank, *notes = (out / "main_table" / "summary.md").read_text().splitlines()
     assert "| mme | mme_ratio | pope | pope_ratio | avg_ratio |" in header
     assert vanilla.startswith("| vanilla |") and pruned.startswith("| text_prior |") and "| ok |" in pruned

@@ -58,7 +58,8 @@ def test_sweep_writes_summary_tensorboard_and_resumes(micro_model, experiment, t
     assert {"scorer", "schedule", "layers", "budget", "accuracy", "accuracy_ratio", "prefill_ms", "flops_ratio",
             "avg_tokens", "status"} <= set(summary[0])
     assert float(summary[2]["flops_ratio"]) < float(summary[1]["flops_ratio"]) < 1.0  # budget 24 < 48 < all
-    assert (out / "tiny_sweep" / "summary.md").read_text().count("\n") == 2 + len(rows)
+    table, notes = (out / "tiny_sweep" / "summary.md").read_text().split("\n\n")
+    assert table.count("\n") == 1 + len(rows) and notes.startswith("Intervals: 95% paired bootstrap (BCa")
     predictions = (out / "tiny_sweep" / "predictions" / "vanilla.jsonl").read_text().splitlines()
     assert len(predictions) == 6 and '"correct"' in predictions[0]
 
@@ -610,7 +611,7 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
     printed = capsys.readouterr()
     assert "[3/3] tb_broken / layers" in printed.out + printed.err
     table = printed.out[printed.out.index("scorer "):printed.out.index("full table in")].splitlines()
-    assert table[0].split() == ["scorer", "schedule", "budget", "accuracy", "ratio", "flops_ratio", "status"]
+    assert table[0].split() == ["scorer", "schedule", "budget", "accuracy", "95%", "CI", "ratio", "flops_ratio", "status"]
     assert all(len(line) <= 120 for line in table)
     assert any(line.startswith("failed: tb_broken / layers") and "always fails" in line for line in table)
 

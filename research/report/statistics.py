@@ -142,24 +142,28 @@ def _bootstrap(pairs: Sequence[tuple[UnitScores, UnitScores]],
                statistic: Callable[[list[tuple[np.ndarray, np.ndarray]]], np.ndarray],
                settings: BootstrapSettings) -> list[Estimate]:
     """``statistic`` (of each pair's two metrics, ``[...]`` each) with its bootstrap intervals: the units of every
-    pair and stratum resampled on their own (scipy's independent samples), the same units for both of a pair."""
-    groups = [(index, [np.flatnonzero(a.strata == s) for s in np.unique(a.strata)])
-              for index, (a, _) in enumerate(pairs)]
-    samples = tuple(units for _, strata in groups for units in strata)
+    pair and stratum resampled on their own (scipy's independent samples), the same units for both of a pair. A
+    stratum of one unit stays as it is (nothing to resample it from); with no stratum of two units or more there
+    is no interval (``nan`` bounds)."""
+    strata = [(index, np.flatnonzero(a.strata == s)) for index, (a, _) in enumerate(pairs) for s in np.unique(a.strata)]
+    samples = tuple(units for _, units in strata if len(units) > 1)
 
     def vectorized(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
-        metrics, start = [], 0
         lead = np.broadcast_shapes(*(r.shape[:-1] for r in resampled))  # the jackknife resamples one sample only
-        resampled = tuple(np.broadcast_to(r, lead + r.shape[-1:]) for r in resampled)
-        for index, strata in groups:
-            units = np.concatenate(resampled[start:start + len(strata)], axis=-1)  # [..., n] global unit indices
-            start += len(strata)
-            a, b = pairs[index]
-            metrics.append((a.metric(units), b.metric(units)))
+        drawn = iter(np.broadcast_to(r, lead + r.shape[-1:]) for r in resampled)
+        parts: list[list[np.ndarray]] = [[] for _ in pairs]
+        for index, units in strata:
+            parts[index].append(next(drawn) if len(units) > 1 else np.broadcast_to(units, lead + units.shape))
+        metrics = []
+        for (a, b), units in zip(pairs, parts):
+            index = np.concatenate(units, axis=-1)  # [..., n] global unit indices, each stratum in its places
+            metrics.append((a.metric(index), b.metric(index)))
         with np.errstate(divide="ignore", invalid="ignore"):
             return statistic(metrics)
 
-    point = vectorized(*samples)
+    point = np.atleast_1d(vectorized(*samples))
+    if not samples:
+        return [Estimate(float(value), np.nan, np.nan) for value in point]
     options = {"vectorized": True, "confidence_level": settings.confidence, "rng": settings.seed,
                "batch": _batch(sum(map(len, samples)), settings.resamples)}
     with warnings.catch_warnings():  # a degenerate distribution is handled below
@@ -167,14 +171,14 @@ def _bootstrap(pairs: Sequence[tuple[UnitScores, UnitScores]],
         result = stats.bootstrap(samples, vectorized, n_resamples=settings.resamples, method=settings.method,
                                  **options)
         low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
-        if settings.method == "BCa" and np.isnan(low).any():  # e.g. a stratum of one unit: no jackknife
+        if settings.method == "BCa" and np.isnan(low).any():  # e.g. strata of two units: a degenerate jackknife
             fallback = stats.bootstrap(samples, vectorized, n_resamples=0, method="percentile",
                                        bootstrap_result=result, **options).confidence_interval
             low = np.where(np.isnan(low), np.atleast_1d(fallback.low), low)
             high = np.where(np.isnan(high), np.atleast_1d(fallback.high), high)
     spread = np.ptp(np.atleast_2d(result.bootstrap_distribution), axis=-1)
     estimates = []
-    for i, value in enumerate(np.atleast_1d(point)):
+    for i, value in enumerate(point):
         if spread[i] == 0:  # every resample gives the same value: that value, zero width
             low[i] = high[i] = value
         estimates.append(Estimate(float(value), float(low[i]), float(high[i])))

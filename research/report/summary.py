@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from research.report.runs import remove_run
+from research.report.significance import statistics_columns
 from research.storage import write_atomic
 from research.sweep import Combination
 
@@ -16,12 +18,21 @@ if TYPE_CHECKING:
     from research.tasks import Task
 
 
-SUMMARY_COLUMNS = [
+BASE_COLUMNS = [
     "scorer", "schedule", "layers", "budget", "keep", "positions", "accuracy", "accuracy_ratio", "prefill_ms",
     "prefill_p90_ms", "decode_ms_per_token", "scoring_ms", "peak_memory_mb", "gflops", "flops_ratio", "avg_tokens",
     "computed_avg_tokens", "skipped_images", "adjacent_miou", "shift_layers", "relevant_recall", "eval_s", "analysis_s",
     "status", "error",
 ]
+
+
+def summary_columns(extra_metrics: Sequence[str] = ()) -> list[str]:
+    """``summary.csv``'s columns of one dataset: the base ones with the statistics after ``accuracy_ratio``."""
+    at = BASE_COLUMNS.index("accuracy_ratio") + 1
+    return BASE_COLUMNS[:at] + statistics_columns(extra_metrics) + BASE_COLUMNS[at:]
+
+
+SUMMARY_COLUMNS = summary_columns()
 
 
 def combination_columns(combo: Combination) -> dict[str, Any]:
@@ -76,20 +87,63 @@ def dynamics_columns(result: dict) -> dict[str, Any]:
             "eval_s": rounded("eval_seconds", 2), "analysis_s": rounded("analysis_seconds", 2)}
 
 
-def write_summary(out: Path, rows: list[dict]) -> None:
-    shown = [c for c in SUMMARY_COLUMNS if c not in ("prefill_p90_ms", "peak_memory_mb")]
-    write_tables(out, rows, SUMMARY_COLUMNS, shown)
+MD_HIDDEN = ("prefill_p90_ms", "peak_memory_mb")  # summary.csv only
 
 
-def write_tables(out: Path, rows: list[dict], columns: list[str], shown: list[str]) -> None:
-    """``summary.csv`` with ``columns`` and ``summary.md`` with the ``shown`` ones."""
+def write_summary(out: Path, rows: list[dict], columns: list[str] | None = None, notes: Sequence[str] = ()) -> None:
+    """``summary.csv`` (``columns``: :func:`summary_columns`) and ``summary.md``: each metric with its interval
+    in one cell, the tests against vanilla and the reference in words, then ``notes`` (method, timing)."""
+    columns = columns or SUMMARY_COLUMNS
+    extra = [c[: -len("_ci_low")] for c in columns if c.endswith("_ci_low") and c[: -len("_ci_low")] in columns]
+    cells = [{**row, **{m: with_interval(row, m) for m in ["accuracy", "accuracy_ratio", *extra]},
+              "vs vanilla": versus(row, "delta_vs_vanilla", "p_vs_vanilla", "significant_vs_vanilla"),
+              "vs reference": versus(row, "delta_vs_ref", "p_vs_ref", "significant_vs_ref", row.get("reference", "")),
+              "seeds": seed_cell(row)} for row in rows]
+    statistics = set(statistics_columns(extra)) - set(extra)
+    shown = []
+    for column in columns:
+        if column in MD_HIDDEN or column in statistics:
+            continue
+        shown.append(column)
+        if column == "accuracy_ratio":
+            shown += ["vs vanilla", "vs reference", "same_plan_as", "seeds"]
+    write_tables(out, rows, columns, shown, cells, notes)
+
+
+def with_interval(row: dict, metric: str) -> str:
+    """``0.514 [0.49, 0.538]`` (the value alone when it has no interval)."""
+    value, low, high = row.get(metric, ""), row.get(f"{metric}_ci_low", ""), row.get(f"{metric}_ci_high", "")
+    return f"{value} [{low:.4g}, {high:.4g}]" if value != "" and low != "" and high != "" else str(value)
+
+
+def versus(row: dict, delta: str, p: str, significant: str, name: str = "") -> str:
+    """``-0.0342 [-0.05, -0.02], p=0.001`` or ``n.s.`` marked: a difference, its interval and its corrected p."""
+    if row.get(p, "") == "":
+        return ""
+    bounds = ""
+    if row.get(f"{delta.split('_vs_')[0]}_ci_low", "") != "" and delta == "delta_vs_vanilla":
+        bounds = f" [{row['delta_ci_low']:+.4g}, {row['delta_ci_high']:+.4g}]"
+    mark = " (n.s.)" if row.get(significant) == "no" else ""
+    return f"{f'{name}: ' if name else ''}{row[delta]:+.4g}{bounds}, p={row[p]:.3g}{mark}"
+
+
+def seed_cell(row: dict) -> str:
+    """``0.903 ± 0.012 (n=5)``: the mean and standard deviation over the seeds of the row's group."""
+    return f"{row['seeds_mean']} ± {row['seeds_sd']} (n={row['seeds_n']})" if row.get("seeds_n", "") != "" else ""
+
+
+def write_tables(out: Path, rows: list[dict], columns: list[str], shown: list[str],
+                 cells: list[dict] | None = None, notes: Sequence[str] = ()) -> None:
+    """``summary.csv`` with ``columns`` of ``rows`` and ``summary.md`` with the ``shown`` ones of ``cells``
+    (``rows`` by default), then ``notes``."""
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
+    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "summary.csv", table.getvalue())
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(str(row[c]) for c in shown) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in shown) + " |" for row in cells or rows]
+    lines += [""] + list(notes) if notes else []
     write_atomic(out / "summary.md", "\n".join(lines) + "\n")
 
 
@@ -151,10 +205,18 @@ def summarise_benchmarks(combos: list[Combination], results: dict[str, dict[str,
     return rows
 
 
-def write_benchmark_summary(out: Path, rows: list[dict], columns: list[str]) -> None:
-    """``summary.csv`` (every column) and ``summary.md`` in the Table-1 layout."""
-    write_tables(out, rows, columns, [c for c in columns if c not in ("layers", "keep", "positions",
-                 "computed_avg_tokens") and not c.endswith(tuple(f"_{m}" for m in PER_BENCHMARK_MEASURES))])
+def write_benchmark_summary(out: Path, rows: list[dict], columns: list[str], notes: Sequence[str] = ()) -> None:
+    """``summary.csv`` (every column) and ``summary.md`` in the Table-1 layout, each benchmark's headline and the
+    average ratio with their intervals."""
+    intervals = [c[: -len("_ci_low")] for c in columns if c.endswith("_ci_low")]
+    statistics = {f"{m}_{bound}" for m in intervals for bound in ("ci_low", "ci_high")}
+    statistics |= {c for c in columns if c.endswith(("_p_vs_vanilla", "_p_vs_ref", "_delta"))}
+    cells = [{**row, **{m: with_interval(row, m) for m in intervals if m in row}, "seeds": seed_cell(row)}
+             for row in rows]
+    hidden = ("layers", "keep", "positions", "computed_avg_tokens", "seeds_mean", "seeds_sd", "seeds_n")
+    shown = [c for c in columns if c not in hidden and c not in statistics
+             and not c.endswith(tuple(f"_{m}" for m in PER_BENCHMARK_MEASURES))]
+    write_tables(out, rows, columns, shown + ["seeds"] * any(cell["seeds"] for cell in cells), cells, notes)
 
 
 def combination_label(row: dict) -> str:
@@ -163,7 +225,8 @@ def combination_label(row: dict) -> str:
 
 
 COMPACT_COLUMNS = {"scorer": "scorer", "schedule": "schedule", "budget": "budget", "accuracy": "accuracy",
-                   "accuracy_ratio": "ratio", "flops_ratio": "flops_ratio", "status": "status"}
+                   "accuracy_ci": "95% CI", "accuracy_ratio": "ratio", "flops_ratio": "flops_ratio",
+                   "vs_reference": "vs ref", "status": "status"}
 
 
 def compact_columns(rows: list[dict]) -> dict[str, str]:
@@ -173,7 +236,20 @@ def compact_columns(rows: list[dict]) -> dict[str, str]:
         return COMPACT_COLUMNS
     benchmarks = [c[: -len("_ratio")] for c in rows[0] if c.endswith("_ratio") and c[: -len("_ratio")] in rows[0]]
     return {"scorer": "scorer", "schedule": "schedule", "budget": "budget", **{b: b for b in benchmarks},
-            "avg_ratio": "avg_ratio", "status": "status"}
+            "avg_ratio": "avg_ratio", "avg_ratio_ci": "95% CI", "status": "status"}
+
+
+def compact_cells(row: dict) -> dict:
+    """The compact table's derived cells: an interval as ``low-high`` and the test against the reference as
+    ``n.s.`` (not significant) or its corrected p."""
+    def bounds(metric: str) -> str:
+        low, high = row.get(f"{metric}_ci_low", ""), row.get(f"{metric}_ci_high", "")
+        return f"{low:.3g}-{high:.3g}" if low != "" and high != "" else ""
+
+    p = row.get("p_vs_ref", "")
+    vs_reference = "" if p == "" else "n.s." if row.get("significant_vs_ref") == "no" else f"p={p:.2g}"
+    return {**row, "accuracy_ci": bounds("accuracy"), "avg_ratio_ci": bounds("avg_ratio"),
+            "vs_reference": vs_reference}
 
 
 def compact_table(rows: list[dict], width: int = 120) -> str:
@@ -183,7 +259,10 @@ def compact_table(rows: list[dict], width: int = 120) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     columns = compact_columns(rows)
-    table = [[cell(row[c]) for c in columns] for row in rows]
+    cells = [compact_cells(row) for row in rows]
+    derived = ("accuracy_ci", "avg_ratio_ci", "vs_reference")  # left out when no row has one (no statistics)
+    columns = {c: h for c, h in columns.items() if c not in derived or any(cell[c] for cell in cells)}
+    table = [[cell(row.get(c, "")) for c in columns] for row in cells]
     widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(columns.values())]
     excess = sum(widths) + 2 * (len(widths) - 1) - width
     while excess > 0 and max(widths[:2]) > 12:  # shorten the wider of scorer and schedule, a character at a time
