@@ -5,7 +5,8 @@ decides the numbers, not the files the code happens to live in, so a refactor (a
 unrelated function edited beside it, a comment or docstring changed) reuses results, while an edited ``score()``
 does not:
 
-* ``config``: model, data settings, eval settings, seed, positions, counting (the command's knobs);
+* ``config``: model, data settings, eval settings (not the summary's statistics: ``SUMMARY_ONLY``), seed, positions,
+  counting (the command's knobs);
 * ``weights``: the checkpoint (:func:`research.storage.weights_digest`);
 * ``engine``: :data:`research.pruning.ENGINE_NUMERICS`, a version bumped by hand when the engine's numerics change.
   The engine is shared by every combination and deep (hooks, signals, cache surgery); hashing its code would
@@ -47,6 +48,9 @@ PROJECT_PACKAGES = ("research", "scorers", "schedules")
 VERSIONED_BY_HAND = "research.pruning"  # the engine: ENGINE_NUMERICS, not its code
 
 
+SUMMARY_ONLY = ("bootstrap", "confidence", "interval")  # eval settings of the summary's statistics, not of a result
+
+
 def fingerprint(experiment: Experiment, combo: Combination, weights: str, task: Any = None) -> dict[str, str]:
     """Everything a finished combination's result depends on, by part (a re-run names the parts that changed).
 
@@ -62,8 +66,9 @@ def fingerprint(experiment: Experiment, combo: Combination, weights: str, task: 
         data, tokens = experiment.data.settings, experiment.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     else:
         data, tokens = task.data_key, task.max_new_tokens
+    run_settings = {k: v for k, v in dataclasses.asdict(experiment.eval).items() if k not in SUMMARY_ONLY}
     keys = {"model": experiment.model.settings, "data": data,
-            "eval": {**dataclasses.asdict(experiment.eval), "max_new_tokens": tokens}, "seed": experiment.seed,
+            "eval": {**run_settings, "max_new_tokens": tokens}, "seed": experiment.seed,
             "positions": experiment.positions, "counting": experiment.counting}
     config = json.dumps(OmegaConf.to_container(OmegaConf.structured(keys)), sort_keys=True)
     plan = {"locations": combo.locations, "keep": combo.keep, "positions": combo.positions,

@@ -171,3 +171,17 @@ def test_the_terminal_table_and_summary_md_mark_a_difference_to_the_reference_th
     markdown = (tmp_path / "summary.md").read_text()
     assert "0.9 [0.85, 0.94]" in markdown
     assert "random / layers[1] / 36: +0.01, p=0.41 (n.s.)" in markdown and "+0.08, p=0.0004 |" in markdown
+
+
+def test_the_statistics_settings_do_not_make_finished_results_stale():
+    """Intervals are recomputed from the predictions at every summary: changing them must not re-run anything."""
+    from research.experiment import resolve
+    from research.resume import fingerprint
+    from research.sweep import plan_sweep
+
+    keys = []
+    for settings in ([], ["eval.bootstrap=0", "eval.confidence=0.9", "eval.interval=percentile", "reference=fastv"],
+                     ["eval.overlays=1"]):
+        experiment = resolve(load_config(["experiment=main_table", "scorers=[text_prior, fastv]", *settings]))
+        keys.append(fingerprint(experiment, plan_sweep(experiment, allow_pending=True)[1], "weights"))
+    assert keys[0] == keys[1] and keys[0]["config"] != keys[2]["config"]  # an eval setting of the run does count
