@@ -14,7 +14,7 @@ import lightning as L
 from research.calibration import calibrate
 from research.experiment import Experiment
 from research.output import SweepOutput
-from research.report.runs import combination_title, run_directory, run_logger
+from research.report.runs import combination_title, earlier_run, run_directory, run_logger, run_path
 from research.report.summary import (
     benchmark_columns,
     summarise,
@@ -83,6 +83,7 @@ class Sweep:
         """Each combination on each dataset, in order: reused when it finished before with the same fingerprint,
         recorded as failed when its plan could not be solved, run otherwise."""
         experiment, output = self.experiment, self.output
+        self.combos = combos  # the summary run names them (research.run)
         weights = weights_digest(experiment.model.directory)
         pairs = [(task, combo) for combo in combos for task in self.tasks]
         keys = {(t.name, c.name): fingerprint(experiment, c, weights, t) for t, c in pairs}
@@ -100,14 +101,20 @@ class Sweep:
                     self.running = run_directory(output.directory, combo, task.folder)
                     output.log_failure(combo, experiment.model.num_vision, combo.error, task.folder, anew=True)
                     result = {"combination": combo.__dict__, "fingerprint": keys[pair], "status": "failed",
-                              "error": combo.error}
+                              "error": combo.error, "run": run_path(combo, task.folder)}
                 elif stale[pair] is None:
                     output.print(f"{label}: reused (finished earlier, unchanged)")
                     result = previous[pair]
+                    if output.move_run(earlier_run(result, combo, task.folder), run_path(combo, task.folder)):
+                        result = {**result, "run": run_path(combo, task.folder)}
+                        output.write_json(files[pair], result)
                 else:
+                    if previous[pair] is not None:  # its earlier run under another name would stay beside it
+                        output.replace_run(output.tensorboard(earlier_run(previous[pair], combo, task.folder)))
                     self.running = output.replace_run(run_directory(output.directory, combo, task.folder))
                     result = run_combination(experiment, combo, adapter, processor, task, self.vanilla[task.name],
                                              output, keys[pair], label)
+                    result["run"] = run_path(combo, task.folder)  # where a later re-run finds its run
                     output.write_json(files[pair], result)
                 self.results[task.name][combo.name] = result
                 self.running = None

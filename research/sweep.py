@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from research.experiment import Experiment
 from research.pruning import PruningPlan
+from research.report.labels import combination_labels
 from research.specs import ConfigError, ScheduleSpec, build, label, slug
 from schedules import solve_budget
 from scorers import SCORERS
@@ -29,6 +30,7 @@ class Combination:
     own_positions: bool = False  # positions came from the scorer entry (and are part of the name)
     schedule_name: str = ""  # registry name of the schedule ("" for vanilla and interface scorers)
     relative: bool = False  # keep holds fractions of each row's image tokens (a budget < 1)
+    label: str = ""  # the short label users see everywhere (research.report.labels), set by plan_sweep
 
     @property
     def is_vanilla(self) -> bool:
@@ -132,4 +134,7 @@ def plan_sweep(experiment: Experiment, histograms: dict[int, list[int]] | None =
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"the sweep lists the same combination twice: {duplicates}")
+    labels = combination_labels(combos)
+    for combo in combos:
+        combo.label = labels[combo.name]
     return combos
