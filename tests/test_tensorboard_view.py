@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from research.config import load_config
 from research.run import run
+from research.sweep import Combination
 
 FAST = ["data.limit=6", "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=0",
         "eval.analysis_samples=3"]
@@ -65,6 +66,26 @@ def legend_and_tick_labels(figure) -> list[str]:
     for legend in figure.legends:
         labels += [t.get_text() for t in legend.get_texts()]
     return labels
+
+
+def test_labels_put_what_tells_combinations_apart_first_budgets_as_written_parts_directory_safe():
+    from research.report.labels import combination_labels
+
+    vanilla = Combination("vanilla", "-", None)
+    ablation = [vanilla] + [Combination("text_prior", schedule, 64.0) for schedule in
+                            ("layers[1-10-20/32]", "random(seed=0)", "uniform(num_stages=3,start=1)")]
+    assert list(combination_labels(ablation).values()) == [
+        "vanilla", "layers[1-10-20_of32]/text_prior/64", "random(seed=0)/text_prior/64",
+        "uniform(num_stages=3,start=1)/text_prior/64"]
+    scorers = [Combination("fastv", "layers[2]", budget, scorer_params={"query": "all"})
+               for budget in (64.0, 0.3333, 128.0)] + [Combination("text_prior", "layers[2]", 64.0)]
+    assert list(combination_labels(scorers).values()) == [  # 3 budgets, then 2 scorers, then the constant
+        "64/fastv(query=all)/layers[2]", "0.3333/fastv(query=all)/layers[2]", "128/fastv(query=all)/layers[2]",
+        "64/text_prior/layers[2]"]
+    own = [Combination("text_prior", "layers[2]", 64.0),
+           Combination("text_prior", "layers[2]", 64.0, positions="compact", own_positions=True)]
+    assert list(combination_labels(own).values()) == ["original/text_prior/layers[2]/64",
+                                                      "compact/text_prior/layers[2]/64"]
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +168,8 @@ def test_summary_text_table_has_one_row_per_combination(sweep):
     assert "combination" in lines[0] and "status" in lines[0] and "shift layers" in lines[0]
 
 
-STATISTICS = {"accuracy_ratio": 0.9, "accuracy_ci_low": 0.1, "accuracy_ci_high": 0.9, "delta_vs_vanilla": -0.05, "delta_ci_low": -0.2,
-              "delta_ci_high": 0.1, "accuracy_ratio_ci_low": 0.5, "accuracy_ratio_ci_high": 1.5, "p_vs_vanilla": 0.5,
+STATISTICS = {"accuracy_ratio": 0.9, "accuracy_ci_low": 0.1, "accuracy_ci_high": 0.9, "delta_vs_vanilla": -0.05,
+              "delta_ci_low": -0.2, "delta_ci_high": 0.1, "accuracy_ratio_ci_low": 0.5, "accuracy_ratio_ci_high": 1.5, "p_vs_vanilla": 0.5,
               "reference": "", "p_vs_ref": "", "significant_vs_ref": "", "same_plan_as": ""}
 
 
