@@ -169,8 +169,8 @@ def test_summary_text_table_has_one_row_per_combination(sweep):
 
 
 STATISTICS = {"accuracy_ratio": 0.9, "accuracy_ci_low": 0.1, "accuracy_ci_high": 0.9, "delta_vs_vanilla": -0.05,
-              "delta_ci_low": -0.2, "delta_ci_high": 0.1, "accuracy_ratio_ci_low": 0.5, "accuracy_ratio_ci_high": 1.5, "p_vs_vanilla": 0.5,
-              "reference": "", "p_vs_ref": "", "significant_vs_ref": "", "same_plan_as": ""}
+              "delta_ci_low": -0.2, "delta_ci_high": 0.1, "accuracy_ratio_ci_low": 0.5, "accuracy_ratio_ci_high": 1.5,
+              "p_vs_vanilla": 0.5, "reference": "", "p_vs_ref": "", "significant_vs_ref": "", "same_plan_as": ""}
 
 
 @pytest.mark.slow
