@@ -81,7 +81,7 @@ def test_two_benchmarks_table1_layout_tensorboard_and_resume_per_benchmark(micro
     assert {"metrics/accuracy", "metrics/total", "metrics/perception", "metrics/cognition"} <= scalars(
         tensorboard / "mme" / "vanilla")
     assert {"metrics/accuracy", "metrics/precision", "metrics/recall", "metrics/f1", "metrics/yes_ratio"} <= scalars(
-        tensorboard / "pope" / "text_prior" / "layers0-2" / "b24")
+        tensorboard / "pope" / "text_prior" / "layers[0-2]" / "24")
 
     capsys.readouterr()
     run(cfg)

@@ -70,6 +70,8 @@ def log_shift_histogram(writer: Any, histogram: np.ndarray, layers: list[int] | 
 
     # One bar per layer (TensorBoard's own histograms would rebin these integer counts).
     title = "attention-shift layers" + (f" -> prune after {layers}" if layers is not None else "")
+    if source:  # what, on which split, how many samples: on the figure too (two lines at card width)
+        title = source.replace(": ", ":\n", 1) + (f" -> prune after {layers}" if layers is not None else "")
     writer.add_figure(f"{tag}/shift_histogram", histogram_bars(np.asarray(histogram), title, "layer"), 0)
     if layers is not None:
         writer.add_text(f"{tag}/changepoint_layers", f"{source} -> prune after layers {layers}" if source
