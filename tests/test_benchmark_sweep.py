@@ -82,6 +82,12 @@ def test_two_benchmarks_table1_layout_tensorboard_and_resume_per_benchmark(micro
         tensorboard / "mme" / "vanilla")
     assert {"metrics/accuracy", "metrics/precision", "metrics/recall", "metrics/f1", "metrics/yes_ratio"} <= scalars(
         tensorboard / "pope" / "text_prior" / "layers[0-2]" / "24")
+    summary = EventAccumulator(str(tensorboard / "summary"), size_guidance={"tensors": 0})
+    summary.Reload()  # the summary run over several benchmarks: the one HParams experiment and the table
+    assert "_hparams_/experiment" in summary.PluginTagToContent("hparams")
+    table = summary.Tensors("combinations/text_summary")[0].tensor_proto.string_val[0].decode().splitlines()
+    assert "| mme | pope | avg ratio |" in table[0] and len(table) == 2 + len(rows)
+    assert {"avg_ratio", "mme/tokens_per_layer", "pope/tokens_per_layer"} <= set(summary.Tags()["images"])
 
     capsys.readouterr()
     run(cfg)

@@ -111,7 +111,7 @@ def test_accuracy_ratio_bars_one_bar_per_combination() -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == list(ratios)
     assert [line.get_label() for line in ax.lines] == ["vanilla", "chance"]
     assert list(ax.lines[0].get_xdata()) == [1.0, 1.0]
-    assert ax.get_title() == "accuracy ratio per combination (N = 6)"
+    assert ax.get_title(loc="right") == "accuracy ratio (N = 6)"
     _png(fig)
 
 

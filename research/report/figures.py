@@ -115,6 +115,13 @@ TOKENS_PER_LAYER = ("image tokens each decoder layer runs on", "image tokens")  
 RELEVANT_RECALL = ("relevant-patch recall per layer", "relevant patches kept")
 
 
+def _style(index: int) -> dict:
+    """The colour and marker of the ``index``-th line: ten colours, then the same with another marker (so an
+    eleventh line never looks like the first)."""
+    colours, markers = [f"C{i}" for i in range(10)], ["o", "s", "^", "D", "v"]
+    return {"color": colours[index % 10], "marker": markers[index // 10 % len(markers)]}
+
+
 def _card_figure(height: float) -> Figure:
     """A figure as wide as a TensorBoard card, its text at least :data:`FONT` pt, laid out so nothing overlaps."""
     fig = Figure(figsize=(CARD_WIDTH, height), layout="constrained")
@@ -189,10 +196,10 @@ def _accuracy_curves(results: dict[str, Sequence[Point | tuple[float, float]]], 
     fig = _card_figure(3.4)
     ax = fig.subplots()
     hollow = False
-    for name, points in results.items():
+    for index, (name, points) in enumerate(results.items()):
         pts = sorted((_point(p) for p in points), key=lambda p: (p.x, p.y))
         xs, ys = [p.x for p in pts], [p.y for p in pts]
-        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        (line,) = ax.plot(xs, ys, label=name, **_style(index))
         known = [p for p in pts if p.low is not None and p.high is not None]
         if known:  # an interval that leaves its estimate out (a skewed bootstrap) is drawn to its far bound
             ax.errorbar([p.x for p in known], [p.y for p in known], fmt="none", capsize=3, color=line.get_color(),
@@ -200,8 +207,8 @@ def _accuracy_curves(results: dict[str, Sequence[Point | tuple[float, float]]], 
         same = [p for p in pts if p.same_as]
         if same:
             hollow = True
-            ax.plot([p.x for p in same], [p.y for p in same], marker="o", markersize=9, linestyle="none",
-                    markerfacecolor="white", markeredgecolor=line.get_color())
+            ax.plot([p.x for p in same], [p.y for p in same], marker=line.get_marker(), markersize=9,
+                    linestyle="none", markerfacecolor="white", markeredgecolor=line.get_color())
     _reference_lines(ax, vanilla, chance)
     if hollow:  # one legend entry says what a hollow marker is
         ax.plot([], [], marker="o", markerfacecolor="white", markeredgecolor="black", linestyle="none",
@@ -260,8 +267,9 @@ def accuracy_ratio_bars(ratios: dict[str, float], chance_ratio: float | None = N
     ax.set_xlabel("accuracy / vanilla accuracy", fontsize=FONT + 1)
     ax.tick_params(axis="x", labelsize=FONT)
     if n is not None:
-        ax.set_title(_title("accuracy ratio per combination", n), fontsize=FONT + 1)
-    ax.legend(fontsize=FONT, loc="lower right")
+        ax.set_title(_title("accuracy ratio", n), fontsize=FONT + 1, loc="right")
+    fig.set_size_inches(CARD_WIDTH, fig.get_figheight() + 0.3)  # the legend below the bars, clear of them
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=FONT, ncols=2, frameon=False)
     return fig
 
 
@@ -284,10 +292,10 @@ def layer_curves(curves: dict[str, Sequence[float]], what: tuple[str, str], n: i
     title, ylabel = what
     fig = _card_figure(3.2)
     ax = fig.subplots()
-    for label, values in curves.items():
+    for index, (label, values) in enumerate(curves.items()):
         other = same_as.get(label)
-        ax.plot(np.arange(len(values)), values, marker="o", markersize=3, linestyle="--" if other else "-",
-                label=f"{label} = {other}" if other else label)
+        ax.plot(np.arange(len(values)), values, markersize=4, linestyle="--" if other else "-",
+                label=f"{label} = {other}" if other else label, **_style(index))
     ax.set_xlabel("decoder layer", fontsize=FONT + 1)
     ax.set_ylabel(ylabel, fontsize=FONT + 1)
     ax.tick_params(labelsize=FONT)
