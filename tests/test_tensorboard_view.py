@@ -223,3 +223,27 @@ def test_statistics_columns_show_once_after_resume_and_old_run_names_move(sweep,
     summary = logged["summary"]
     table = next(text(summary, t) for t in summary.Tags()["tensors"] if t.endswith("text_summary"))
     assert "[0.1, 0.9]" in table, table
+
+
+def test_summary_table_cells_and_statistics_of_either_layout():
+    from research.report.board import run_statistics, summary_table
+
+    rows = [
+        {"accuracy": 0.514, "accuracy_ci_low": 0.49, "accuracy_ci_high": 0.54, "accuracy_ratio": 0.9,
+         "accuracy_ratio_ci_low": 0.85, "accuracy_ratio_ci_high": 0.95, "delta_vs_vanilla": -0.06, "delta_ci_low": "",
+         "p_vs_vanilla": 0.012, "reference": "random(seed=0)/text_prior/64", "p_vs_ref": 0.4,
+         "significant_vs_ref": "no", "same_plan_as": "single(layer=1)/text_prior/64", "status": "ok",
+         "shift_layers": "3 4"},
+        {"accuracy": "", "status": "failed", "error": "ValueError: a | b", "shift_layers": ""},  # no statistics
+    ]
+    lines = summary_table(rows, ["random(seed=2)/text_prior/64", "broken/text_prior/64"]).splitlines()
+    assert lines[2].split(" | ")[1:] == [
+        "0.514 [0.49, 0.54]", "0.9 [0.85, 0.95]", "-0.06", "0.012", "random(seed=0)/text_prior/64", "0.4 (n.s.)",
+        "single(layer=1)/text_prior/64", "ok", "3 4 |"]
+    assert "failed: ValueError: a \\| b" in lines[3] and len(lines) == 4
+    assert run_statistics(rows[0], "") == {"accuracy_ci_low": 0.49, "accuracy_ci_high": 0.54,
+                                           "delta_vs_vanilla": -0.06, "accuracy_ratio_ci_low": 0.85,
+                                           "accuracy_ratio_ci_high": 0.95, "p_vs_vanilla": 0.012, "p_vs_ref": 0.4}
+    assert run_statistics(rows[1], "") == {}
+    assert run_statistics({"mme_ci_low": 0.1, "mme_ci_high": "", "mme_p_vs_vanilla": 0.03, "pope_ci_low": 0.5},
+                          "mme") == {"accuracy_ci_low": 0.1, "p_vs_vanilla": 0.03}
