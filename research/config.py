@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from research.specs import ConfigError, parse_schedules, parse_scorers
+from research.specs import ConfigError, parse_reference, parse_schedules, parse_scorers
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "dataset_names", "experiment_names"]
 
@@ -246,7 +246,6 @@ def _check_devices(cfg: RunConfig) -> None:
 def _check_statistics(cfg: RunConfig) -> None:
     """``eval.bootstrap`` / ``confidence`` / ``interval`` and the shape of ``reference``."""
     from research.report.statistics import METHODS
-    from research.sweep import parse_reference
 
     if cfg.eval.bootstrap < 0:
         raise ConfigError(f"eval.bootstrap={cfg.eval.bootstrap} out of range; valid: 0 (no statistics) or the "

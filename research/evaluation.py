@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from research.combination import Combination
 from research.data.benchmark import Scoring, cut_at_stop
 from research.data.images import decodable, sample_image
 from research.pruning import PruningEngine
 from research.pruning.timing import Timer
-from research.report.figures import token_overlay
+from research.report.figures import TOKENS_PER_LAYER, layer_curves, token_overlay
 from research.report.flops import flops_for_model
-from research.report.runs import log_hparams
+from research.report.runs import log_hparams, run_name
 from research.storage import write_atomic
-from research.sweep import Combination
 
 
 class CombinationModule(L.LightningModule):
@@ -223,9 +223,8 @@ class TensorBoardReport(Callback):
         writer = trainer.logger.experiment
         for qtype, value in by_type.items():
             writer.add_scalar(f"accuracy_by_type/{qtype}", value, 0)
-        for layer, count in enumerate(tokens_per_layer):
-            writer.add_scalar("tokens_per_layer", count, layer)
-        writer.add_text("status", "ok", 0)
+        # A per-layer curve is a figure, not scalar steps (TensorBoard would smooth them into wrong values).
+        writer.add_figure("tokens_per_layer", layer_curves({run_name(combo): tokens_per_layer}, TOKENS_PER_LAYER), 0)
         # Each metric is written once, as the scalar ``metrics/<name>``: Lightning's ``log_hyperparams`` writes the
         # metric dict as scalars itself and the HParams dashboard reads those same tags.
         log_hparams(trainer.logger, combo, num_vision, {**metrics, "failed": 0})

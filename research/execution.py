@@ -13,9 +13,10 @@ from typing import Any
 import lightning as L
 
 from research.calibration import calibrate
+from research.combination import Combination
 from research.experiment import Experiment
 from research.output import SweepOutput
-from research.report.runs import combination_title, run_directory, run_logger
+from research.report.runs import combination_title, earlier_run, run_directory, run_logger, run_path
 from research.report.significance import (
     add_seed_spread,
     add_statistics,
@@ -33,7 +34,7 @@ from research.report.summary import (
 from research.resume import fingerprint, resume_line, stale_reason
 from research.stopping import StopSignal, finished_line
 from research.storage import StopSweep, read_json, weights_digest
-from research.sweep import Combination, plan_sweep
+from research.sweep import plan_sweep
 from research.tasks import Task
 
 
@@ -93,6 +94,7 @@ class Sweep:
         """Each combination on each dataset, in order: reused when it finished before with the same fingerprint,
         recorded as failed when its plan could not be solved, run otherwise."""
         experiment, output = self.experiment, self.output
+        self.combos = combos  # the summary run names them (research.run)
         weights = weights_digest(experiment.model.directory)
         pairs = [(task, combo) for combo in combos for task in self.tasks]
         keys = {(t.name, c.name): fingerprint(experiment, c, weights, t) for t, c in pairs}
@@ -110,14 +112,20 @@ class Sweep:
                     self.running = run_directory(output.directory, combo, task.folder)
                     output.log_failure(combo, experiment.model.num_vision, combo.error, task.folder, anew=True)
                     result = {"combination": combo.__dict__, "fingerprint": keys[pair], "status": "failed",
-                              "error": combo.error}
+                              "error": combo.error, "run": run_path(combo, task.folder)}
                 elif stale[pair] is None:
                     output.print(f"{label}: reused (finished earlier, unchanged)")
                     result = previous[pair]
+                    if output.move_run(earlier_run(result, combo, task.folder), run_path(combo, task.folder)):
+                        result = {**result, "run": run_path(combo, task.folder)}
+                        output.write_json(files[pair], result)
                 else:
+                    if previous[pair] is not None:  # its earlier run under another name would stay beside it
+                        output.replace_run(output.tensorboard(earlier_run(previous[pair], combo, task.folder)))
                     self.running = output.replace_run(run_directory(output.directory, combo, task.folder))
                     result = run_combination(experiment, combo, adapter, processor, task, self.vanilla[task.name],
                                              output, keys[pair], label)
+                    result["run"] = run_path(combo, task.folder)  # where a later re-run finds its run
                     output.write_json(files[pair], result)
                 self.results[task.name][combo.name] = result
                 self.running = None
@@ -135,8 +143,10 @@ class Sweep:
             rows = summarise(combos, self.results[self.tasks[0].name])
         settings = settings_of(experiment.eval, experiment.seed)
         start = time.perf_counter()
-        extra = add_statistics(rows, combos, self.results, self.tasks, output, settings, per_benchmark) \
-            if output.writes else {}  # rank 0 reads the predictions it wrote
+        extra = {}
+        if output.writes:  # rank 0 reads the predictions it wrote
+            extra = add_statistics(rows, combos, self.results, self.tasks, output.predictions_file, settings,
+                                   per_benchmark)
         add_seed_spread(rows, combos, "avg_ratio" if per_benchmark else "accuracy")
         seconds = time.perf_counter() - start
         if per_benchmark:

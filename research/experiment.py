@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from research.config import EvalConfig, ModelConfig, RunConfig, TrainerConfig, dataset_names
-from research.specs import ConfigError, ScheduleSpec, ScorerSpec, parse_schedules, parse_scorers
+from research.specs import ConfigError, ScheduleSpec, ScorerSpec, parse_reference, parse_schedules, parse_scorers
 from research.storage import read_json
 
 
@@ -118,7 +118,6 @@ def resolve(cfg: RunConfig, model: ModelSpec | None = None) -> Experiment:
     ``cfg.model``'s checkpoint plans for a shape alone (:meth:`ModelSpec.of_shape`)."""
     from research.models.registry import check_scorers, inspect_checkpoint
     from research.pruning.plan import POSITION_MODES
-    from research.sweep import parse_reference
 
     names = tuple(dataset_names(cfg))
     scorers = parse_scorers(cfg.scorers, cfg.positions, POSITION_MODES)

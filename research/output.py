@@ -80,6 +80,12 @@ class SweepOutput:
             remove_run(path)
         return path
 
+    def move_run(self, old: str, new: str) -> bool:
+        """Move the run ``tensorboard/<old>`` to ``tensorboard/<new>`` (research.report.runs.move_run)."""
+        from research.report.runs import move_run
+
+        return move_run(self.tensorboard(), old, new) if self.writes else old != new
+
     def log_failure(self, combo: Any, num_vision: int, error: str, folder: str = "", anew: bool = False) -> None:
         """A failed combination's TensorBoard trace (``anew``: replacing what an earlier run logged there)."""
         from research.report.runs import log_failure, run_directory
@@ -104,11 +110,13 @@ class SweepOutput:
         else:
             write_summary(self.directory, rows, columns, notes or [])
 
-    def log_summary_figures(self, rows: list[dict], num_samples: int, chance: float | None) -> None:
-        from research.report.summary import log_summary_figures
+    def log_summary_run(self, rows: list[dict], combos: list[Any], results: dict[str, dict[str, dict]],
+                        folders: dict[str, str], num_samples: int, chance: float | None) -> None:
+        """The ``summary`` TensorBoard run and each run's statistics (research.report.board)."""
+        from research.report.board import log_summary_run
 
         if self.writes:
-            log_summary_figures(self.directory, rows, num_samples, chance)
+            log_summary_run(self.directory, rows, combos, results, folders, num_samples, chance)
 
     def log_calibration(self, index: int, histogram: list[int], layers: list[int], samples: int, split: str) -> None:
         """The layers a changepoint entry derived, printed and logged to the ``calibration`` run."""
@@ -120,5 +128,8 @@ class SweepOutput:
             return
         print(f"changepoint schedule derived from {samples} samples of the {split!r} split: prune after layers "
               f"{layers}", flush=True)
+        group = f"changepoint_schedule_{index}"  # the experiment's schedules[index]
         with SummaryWriter(self.tensorboard("calibration")) as writer:
-            log_shift_histogram(writer, np.asarray(histogram), layers, f"changepoint_{index}")
+            log_shift_histogram(writer, np.asarray(histogram), layers, group,
+                                f"schedules[{index}]: attention-shift histogram of {samples} samples of split "
+                                f"{split!r}")

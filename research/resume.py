@@ -39,8 +39,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from research.combination import Combination
 from research.experiment import Experiment
-from research.sweep import Combination
 
 FORMAT = "2"  # 1: whole source files were hashed; 2: what decides the numbers (this module)
 FORMAT_CHANGED = "fingerprint format changed"

@@ -3,7 +3,7 @@
 ``main(argv)`` only parses; ``run(cfg)`` does the work (and is what tests call). Results go to
 ``<output_dir>/<experiment>/``: ``summary.csv``, ``summary.md``, ``config.yaml``, ``predictions/``
 (JSONL per combination), ``results/`` (JSON per combination: what a re-run reuses) and
-``tensorboard/`` (one run per combination, ``<scorer>/<schedule>/b<budget>``, plus ``summary``;
+``tensorboard/`` (one run per combination, named by its label (research.report.labels), plus ``summary``;
 ``tensorboard --logdir runs/<experiment>/tensorboard``).
 """
 
@@ -38,11 +38,13 @@ def run(cfg: RunConfig) -> list[dict]:
     # The lock comes before the data and the model load, so a second run into this directory is told at once.
     with output.locked():
         tasks = open_tasks(experiment)
-        rows = Sweep(experiment, output, tasks).run()
-        if experiment.analysis is None and not experiment.data.per_benchmark:
+        sweep = Sweep(experiment, output, tasks)
+        rows = sweep.run()
+        if experiment.analysis is None:  # the summary run, every time (also resumed, also several benchmarks)
             task = tasks[0]
             try:
-                output.log_summary_figures(rows, len(task.samples), chance_accuracy(task.dataset, task.samples))
+                output.log_summary_run(rows, sweep.combos, sweep.results, {t.name: t.folder for t in tasks},
+                                       len(task.samples), chance_accuracy(task.dataset, task.samples))
             except StopSignal as stop:
                 raise StopSignal(stop.signum, finished_line(rows, output.directory)) from None
         return rows

@@ -200,3 +200,52 @@ def slug(text: str) -> str:
     """A file-name-safe form of a label: ``layers[1-10-20]`` -> ``layers1-10-20``, ``/32`` -> ``_of32``."""
     text = text.replace("/", "_of")
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", re.sub(r"[\[\]()]", "", text)).strip("_")
+
+
+REFERENCE_KEYS = ("scorer", "schedule", "budget")
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """The combination each one is tested against besides vanilla: the one whose scorer / schedule / budget are
+    those named (a registry name or a label), the others the combination's own. ``given``: named in the
+    configuration (ambiguity or no match is an error); else the default, ``random`` where the sweep has it."""
+
+    scorer: str | None = "random"
+    schedule: str | None = None
+    budget: float | None = None
+    given: bool = False
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k}={getattr(self, k)}" for k in REFERENCE_KEYS if getattr(self, k) is not None)
+
+    def names(self, combo: Any) -> bool:
+        """``combo`` is of the reference kind (has every field the spec names)."""
+        return ((self.scorer is None or self.scorer in (combo.scorer, combo.scorer_label))
+                and (self.schedule is None or self.schedule in (combo.schedule_name, combo.schedule,
+                                                                combo.schedule.split("@")[0]))
+                and (self.budget is None or self.budget == combo.budget))
+
+    def serves(self, reference: Any, combo: Any) -> bool:
+        """``reference`` is ``combo``'s: of the reference kind, and equal to it in every field not named."""
+        return (self.names(reference) and reference.positions == combo.positions
+                and (self.scorer is not None or reference.scorer_label == combo.scorer_label)
+                and (self.schedule is not None or reference.schedule == combo.schedule)
+                and (self.budget is not None or reference.budget == combo.budget))
+
+
+def parse_reference(value: Any) -> ReferenceSpec:
+    """``reference``: null (the default), a scorer name or label, or a mapping of scorer / schedule / budget."""
+    if value is None:
+        return ReferenceSpec()
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, str):
+        return ReferenceSpec(scorer=value, given=True)
+    if not isinstance(value, dict) or not value or set(value) - set(REFERENCE_KEYS):
+        raise ConfigError(f"reference must be a scorer name or a mapping of {list(REFERENCE_KEYS)}, got {value!r}")
+    try:
+        budget = None if value.get("budget") is None else float(value["budget"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"reference budget must be a number, got {value['budget']!r}") from None
+    return ReferenceSpec(value.get("scorer"), value.get("schedule"), budget, given=True)

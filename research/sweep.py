@@ -2,65 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import logging
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
+from research.combination import Combination
 from research.experiment import Experiment
-from research.pruning import PruningPlan
-from research.specs import ConfigError, ScheduleSpec, build, label, slug
+from research.report.labels import combination_labels
+from research.specs import ConfigError, ReferenceSpec, ScheduleSpec
 from schedules import solve_budget
 from scorers import SCORERS
 
 INTERFACE_SCHEDULE = "interface"  # pre-LLM scorers prune once, before the LLM, whatever the schedules
-
-
-@dataclass
-class Combination:
-    scorer: str
-    schedule: str  # label, e.g. layers[1-10-20]
-    budget: float | None  # average retained vision tokens (a fraction of them if < 1); None = vanilla
-    locations: list[int] = field(default_factory=list)
-    keep: list[float] = field(default_factory=list)  # per stage: tokens, or fractions of a row's (relative)
-    reported_avg: float = 0.0  # under the configured counting convention
-    computed_avg: float = 0.0  # what actually ran
-    scorer_params: dict = field(default_factory=dict)
-    schedule_params: dict = field(default_factory=dict)
-    error: str = ""  # why it cannot run (a calibrated schedule that cannot reach the budget); "" = runnable
-    positions: str = "original"  # the plan's positions: the experiment's, or the scorer entry's own
-    own_positions: bool = False  # positions came from the scorer entry (and are part of the name)
-    schedule_name: str = ""  # registry name of the schedule ("" for vanilla and interface scorers)
-    relative: bool = False  # keep holds fractions of each row's image tokens (a budget < 1)
-    reference: str = ""  # name of the combination it is tested against besides vanilla ("" for none)
-    same_plan_as: str = ""  # name of an earlier combination that runs the identical plan ("" for none)
-
-    @property
-    def is_vanilla(self) -> bool:
-        return self.budget is None
-
-    @property
-    def name(self) -> str:
-        if self.is_vanilla:
-            return "vanilla"
-        return slug(f"{self.scorer_label}__{self.schedule}__b{self.budget:g}{self.positions_suffix}")
-
-    @property
-    def positions_suffix(self) -> str:
-        """``__<positions>`` when the scorer entry chose its own positions (part of names), else ""."""
-        return f"__{self.positions}" if self.own_positions else ""
-
-    @property
-    def scorer_label(self) -> str:
-        """The scorer with its parameters: ``fastv(query="all")``."""
-        return label(self.scorer, self.scorer_params)
-
-    def plan(self, positions: str | None = None) -> PruningPlan:
-        """The engine's plan; ``positions`` defaults to the combination's own."""
-        return PruningPlan.of(self.locations, self.keep, positions or self.positions, relative=self.relative)
-
-    def make_scorer(self):
-        return build(SCORERS, self.scorer, self.scorer_params)
 
 
 def is_fraction(budget: float) -> bool:
@@ -137,8 +88,11 @@ def plan_sweep(experiment: Experiment, histograms: dict[int, list[int]] | None =
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"the sweep lists the same combination twice: {duplicates}")
+    labels = combination_labels(combos)
+    for combo in combos:
+        combo.label = labels[combo.name]
     mark_identical_plans(combos)
-    assign_references(combos, experiment.reference, complete=not (pending and allow_pending))
+    assign_references(combos, experiment.reference, warn=not allow_pending)
     return combos
 
 
@@ -160,59 +114,10 @@ def mark_identical_plans(combos: list[Combination]) -> None:
             combo.same_plan_as = ""
 
 
-REFERENCE_KEYS = ("scorer", "schedule", "budget")
-
-
-@dataclass(frozen=True)
-class ReferenceSpec:
-    """The combination each one is tested against besides vanilla: the one whose scorer / schedule / budget are
-    those named (a registry name or a label), the others the combination's own. ``given``: named in the
-    configuration (ambiguity or no match is an error); else the default, ``random`` where the sweep has it."""
-
-    scorer: str | None = "random"
-    schedule: str | None = None
-    budget: float | None = None
-    given: bool = False
-
-    def __str__(self) -> str:
-        return ", ".join(f"{k}={getattr(self, k)}" for k in REFERENCE_KEYS if getattr(self, k) is not None)
-
-    def names(self, combo: Combination) -> bool:
-        """``combo`` is of the reference kind (has every field the spec names)."""
-        return ((self.scorer is None or self.scorer in (combo.scorer, combo.scorer_label))
-                and (self.schedule is None or self.schedule in (combo.schedule_name, combo.schedule,
-                                                                combo.schedule.split("@")[0]))
-                and (self.budget is None or self.budget == combo.budget))
-
-    def serves(self, reference: Combination, combo: Combination) -> bool:
-        """``reference`` is ``combo``'s: of the reference kind, and equal to it in every field not named."""
-        return (self.names(reference) and reference.positions == combo.positions
-                and (self.scorer is not None or reference.scorer_label == combo.scorer_label)
-                and (self.schedule is not None or reference.schedule == combo.schedule)
-                and (self.budget is not None or reference.budget == combo.budget))
-
-
-def parse_reference(value: Any) -> ReferenceSpec:
-    """``reference``: null (the default), a scorer name or label, or a mapping of scorer / schedule / budget."""
-    if value is None:
-        return ReferenceSpec()
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value)
-    if isinstance(value, str):
-        return ReferenceSpec(scorer=value, given=True)
-    if not isinstance(value, dict) or not value or set(value) - set(REFERENCE_KEYS):
-        raise ConfigError(f"reference must be a scorer name or a mapping of {list(REFERENCE_KEYS)}, got {value!r}")
-    try:
-        budget = None if value.get("budget") is None else float(value["budget"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"reference budget must be a number, got {value['budget']!r}") from None
-    return ReferenceSpec(value.get("scorer"), value.get("schedule"), budget, given=True)
-
-
-def assign_references(combos: list[Combination], spec: ReferenceSpec, complete: bool = True) -> None:
+def assign_references(combos: list[Combination], spec: ReferenceSpec, warn: bool = True) -> None:
     """Set each combination's ``reference``. A reference the configuration names must be one combination for
-    each that has one and must serve at least one (``complete``: every schedule's layers are known); the default
-    takes the first match and may serve none."""
+    each that has one (else a ConfigError line); one that serves none (an experiment's reference with its
+    schedules overridden) is a warning (``warn``: the sweep's final plan). The default takes the first match."""
     pruned = [c for c in combos if not c.is_vanilla and not c.error]
     for combo in pruned:
         if spec.names(combo):
@@ -222,7 +127,7 @@ def assign_references(combos: list[Combination], spec: ReferenceSpec, complete: 
             raise ConfigError(f"reference ({spec}) matches {len(matches)} combinations for {combo.name}: "
                               f"{[m.name for m in matches]}; name one (e.g. its scorer label)")
         combo.reference = matches[0].name if matches else ""
-    if spec.given and complete and pruned and not any(c.reference for c in pruned):
-        raise ConfigError(f"reference ({spec}) matches no combination of the sweep; its scorers: "
-                          f"{sorted({c.scorer_label for c in pruned})}, schedules: "
-                          f"{sorted({c.schedule for c in pruned})}")
+    if spec.given and warn and pruned and not any(c.reference for c in pruned):  # e.g. schedules= overridden
+        logging.getLogger(__name__).warning(
+            "reference (%s) matches no combination of this sweep, so nothing is tested against it; its scorers: "
+            "%s, schedules: %s", spec, sorted({c.scorer_label for c in pruned}), sorted({c.schedule for c in pruned}))

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from research.combination import Combination
 from research.config import load_config
 from research.data.fixtures import WRITERS
 from research.experiment import resolve
 from research.report.summary import summarise_benchmarks
 from research.run import main, run
-from research.sweep import Combination
 from research.tasks import open_tasks
 
 FAST = ["eval.batch_size=2", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1",
@@ -92,7 +92,13 @@ def test_two_benchmarks_table1_layout_tensorboard_and_resume_per_benchmark(micro
     assert {"metrics/accuracy", "metrics/total", "metrics/perception", "metrics/cognition"} <= scalars(
         tensorboard / "mme" / "vanilla")
     assert {"metrics/accuracy", "metrics/precision", "metrics/recall", "metrics/f1", "metrics/yes_ratio"} <= scalars(
-        tensorboard / "pope" / "text_prior" / "layers0-2" / "b24")
+        tensorboard / "pope" / "text_prior" / "layers[0-2]" / "24")
+    summary = EventAccumulator(str(tensorboard / "summary"), size_guidance={"tensors": 0})
+    summary.Reload()  # the summary run over several benchmarks: the one HParams experiment and the table
+    assert "_hparams_/experiment" in summary.PluginTagToContent("hparams")
+    table = summary.Tensors("combinations/text_summary")[0].tensor_proto.string_val[0].decode().splitlines()
+    assert "| mme | pope | avg ratio |" in table[0] and len(table) == 2 + len(rows)
+    assert {"avg_ratio", "mme/tokens_per_layer", "pope/tokens_per_layer"} <= set(summary.Tags()["images"])
 
     capsys.readouterr()
     run(cfg)

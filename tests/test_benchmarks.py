@@ -155,9 +155,9 @@ def test_stop_strings_are_lmms_evals(name):
 
 @pytest.mark.parametrize("family", sorted(CUT))
 def test_an_answer_is_cut_where_lmms_evals_wrapper_for_the_family_cuts_it(root, family):
+    from research.combination import Combination
     from research.evaluation import CombinationModule
     from research.models import FAMILIES
-    from research.sweep import Combination
 
     assert sorted(CUT) == FAMILIES.names()
     gqa, mmbench = DATASETS.get("gqa")(root=str(root)), DATASETS.get("mmbench")(root=str(root))

@@ -111,7 +111,7 @@ def test_accuracy_ratio_bars_one_bar_per_combination() -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == list(ratios)
     assert [line.get_label() for line in ax.lines] == ["vanilla", "chance"]
     assert list(ax.lines[0].get_xdata()) == [1.0, 1.0]
-    assert ax.get_title() == "accuracy ratio per combination (N = 6)"
+    assert ax.get_title(loc="right") == "accuracy ratio (N = 6)"
     _png(fig)
 
 
@@ -140,3 +140,65 @@ def test_histogram_bars() -> None:
     assert len(fig.axes[0].patches) == 4
     assert fig.axes[0].get_xlabel() == "layer"
     _png(fig)
+
+
+LONG_LABELS = [f"random(seed={i})/text_prior/64" for i in range(5)] + [
+    "layers[1-10-20_of32]/text_prior/64", "uniform(num_stages=3,start=1)/text_prior/64",
+    "uniform(num_stages=4,start=0)/text_prior/64", "changepoint(samples=200)@val/text_prior/64",
+    "single(layer=1)/text_prior/64"]
+
+
+def _texts(fig: Figure) -> list:
+    from matplotlib.text import Text
+
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def _assert_readable_on_a_card(fig: Figure) -> None:
+    """At TensorBoard's ~500 px card width every text is >= 9 pt and no two texts overlap."""
+    fig.canvas.draw()
+    scale = min(1.0, 500 / (fig.get_figwidth() * fig.dpi))  # TensorBoard shrinks a wider image to the card
+    texts = _texts(fig)
+    small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() * scale < 9]
+    assert not small, small
+    ticks = {id(t): axis for ax in fig.axes for axis, labels in (("x", ax.get_xticklabels()),
+                                                                 ("y", ax.get_yticklabels())) for t in labels}
+    boxes = [(t.get_text(), ticks.get(id(t), "text"), t.get_window_extent()) for t in texts]
+    overlapping = [(a, b) for i, (a, kind_a, box_a) in enumerate(boxes) for b, kind_b, box_b in boxes[i + 1:]
+                   if box_a.overlaps(box_b) and {kind_a, kind_b} != {"x", "y"}]  # the corner where two axes meet
+    assert not overlapping, overlapping
+
+
+def test_summary_figures_are_readable_at_card_size_with_long_legends_outside() -> None:
+    ratios = {label: 0.9 - 0.01 * i for i, label in enumerate(LONG_LABELS)}
+    _assert_readable_on_a_card(accuracy_ratio_bars(ratios, chance_ratio=0.4, n=200))
+    lines = {label.rsplit("/", 1)[0]: [(0.5 + 0.01 * i, 0.5), (0.7, 0.6 - 0.01 * i)] for i, label in
+             enumerate(LONG_LABELS)}
+    for figure in (accuracy_vs_flops(lines, vanilla=0.6, chance=0.25, n=200),
+                   accuracy_vs_budget(lines, vanilla=0.6, chance=0.25, n=200)):
+        _assert_readable_on_a_card(figure)
+        ax = figure.axes[0]
+        assert ax.get_legend() is None and figure.legends  # a long legend lies below the axes, not on the lines
+        assert not figure.legends[0].get_window_extent().overlaps(ax.get_window_extent())
+
+
+def test_identical_plans_are_marked_and_intervals_drawn() -> None:
+    from research.report.figures import RELEVANT_RECALL, Point, layer_curves
+
+    same = {"random(seed=2)/text_prior/64": "single(layer=1)/text_prior/64"}
+    ratios = {"single(layer=1)/text_prior/64": 0.9, "random(seed=2)/text_prior/64": 0.9}
+    fig = accuracy_ratio_bars(ratios, intervals={"single(layer=1)/text_prior/64": (0.8, 0.95)}, same_as=same)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "single(layer=1)/text_prior/64", "random(seed=2)/text_prior/64\n= single(layer=1)/text_prior/64"]
+    assert [bool(p.get_hatch()) for p in ax.patches] == [False, True]  # the second hides nothing: hatched
+    assert any(getattr(c, "errorbar", None) is not None for c in ax.containers)
+    _assert_readable_on_a_card(fig)
+    fig = accuracy_vs_flops({"text_prior": [Point(0.5, 0.6, 0.55, 0.65), Point(0.4, 0.5, same_as="x")]}, 0.7)
+    ax = fig.axes[0]
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
+    assert len(hollow) == 2 and list(hollow[0].get_xdata()) == [0.4]  # the point, and its legend entry
+    assert any(getattr(c, "has_yerr", False) for c in ax.containers)
+    curves = layer_curves({"a/64": [1.0, 0.5], "b/64": [1.0, 0.5]}, RELEVANT_RECALL, n=8, same_as={"b/64": "a/64"})
+    assert [line.get_label() for line in curves.axes[0].lines] == ["a/64", "b/64 = a/64"]
+    assert curves.axes[0].lines[1].get_linestyle() == "--" and "N = 8" in curves.axes[0].get_title()

@@ -63,7 +63,7 @@ def test_sweep_writes_summary_tensorboard_and_resumes(micro_model, experiment, t
     predictions = (out / "tiny_sweep" / "predictions" / "vanilla.jsonl").read_text().splitlines()
     assert len(predictions) == 6 and '"correct"' in predictions[0]
 
-    run_dir = out / "tiny_sweep" / "tensorboard" / "text_prior" / "layers0-2" / "b24"  # run "text_prior/layers0-2/b24"
+    run_dir = out / "tiny_sweep" / "tensorboard" / "text_prior" / "24" / "layers[0-2]"  # its label: what differs first
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
@@ -71,7 +71,8 @@ def test_sweep_writes_summary_tensorboard_and_resumes(micro_model, experiment, t
     assert any(tag.startswith("kept_tokens/") for tag in tags["images"])
     assert events.PluginTagToContent("hparams")  # the HParams dashboard entry of this combination
     summary_figures = _events(out / "tiny_sweep" / "tensorboard" / "summary").Tags()["images"]
-    assert set(summary_figures) == {"accuracy_vs_budget", "accuracy_vs_flops", "accuracy_ratio"}
+    assert set(summary_figures) == {"accuracy_vs_budget", "accuracy_vs_flops", "accuracy_ratio", "tokens_per_layer",
+                                    "dynamics/relevant_recall"}
 
     # Re-running the same command reuses every finished combination (none runs again: no clock needed)
     # and yields the same summary.
@@ -553,18 +554,17 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
                                 "scorers=[{name: random, seed: 3}, tb_broken]")))
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     board = out / "tiny_sweep" / "tensorboard"
-    ok_run = board / "randomseed=3" / "layers0-2" / "b24"
+    ok_run = board / "random(seed=3)" / "layers[0-2]" / "24"
     events = _events(ok_run)
     scalars = set(events.Tags()["scalars"])
     assert not any(tag.startswith("hparams/") for tag in scalars)  # each value once, under metrics/
     assert {"metrics/accuracy", "metrics/flops_ratio", "metrics/failed", "metrics/gflops"} <= scalars
-    series = {"tokens_per_layer", "dynamics/relevant_recall"}  # x = layer: one point per decoder layer
     for tag in scalars:
         steps = [event.step for event in events.Scalars(tag)]
-        assert steps == (list(range(4)) if tag in series else [0]), (tag, steps)  # never written twice
+        assert steps == [0], (tag, steps)  # never written twice; per-layer curves are figures
     assert events.Scalars("metrics/failed")[0].value == 0
     assert 0 < events.Scalars("metrics/flops_ratio")[0].value < 1
-    assert _text(events, "status") == "ok"
+    assert "status/text_summary" not in events.Tags()["tensors"]  # an ok run has no status card (the table says)
     hparams_yaml = (ok_run / "hparams.yaml").read_text()
     assert "scorer.seed" in hparams_yaml and "schedule.layers" in hparams_yaml
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -572,20 +572,24 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
     content = events.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["scorer.seed"].string_value == "3"
-    experiment_info = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert "_hparams_/experiment" not in content  # the summary run holds the sweep's one experiment
+    summary_content = _events(board / "summary").PluginTagToContent("hparams")
+    experiment_info = plugin_data_pb2.HParamsPluginData.FromString(summary_content["_hparams_/experiment"]).experiment
     assert {m.name.tag for m in experiment_info.metric_infos} >= {"metrics/accuracy", "metrics/flops_ratio"}
 
     assert any(tag.startswith("kept_tokens/") for tag in events.Tags()["images"])
     # Attention dynamics of the pruned model, on eval.analysis_samples=4 samples, next to its evaluation.
     for run_dir in (ok_run, board / "vanilla"):
         dynamics = _events(run_dir)
-        assert {"dynamics/text_miou", "dynamics/shift_histogram"} <= set(dynamics.Tags()["images"])
+        assert {"dynamics/text_miou", "dynamics/shift_histogram", "dynamics/relevant_recall"} <= set(
+            dynamics.Tags()["images"])
         assert {"metrics/adjacent_miou", "metrics/relevant_recall", "metrics/analysis_seconds",
                 "metrics/analysis_share"} <= set(dynamics.Tags()["scalars"])
         assert _text(dynamics, "dynamics/shift_layers").startswith("[")
-    recall = [e.value for e in events.Scalars("dynamics/relevant_recall")]
+    results = out / "tiny_sweep" / "results"
+    recall = json.loads((results / "randomseed=3__layers0-2__b24.json").read_text())["relevant_recall_per_layer"]
     assert recall[0] == 1.0 and recall[1] < 1.0  # layer 0 runs on every patch; a stage after it drops some
-    assert [e.value for e in _events(board / "vanilla").Scalars("dynamics/relevant_recall")] == [1.0] * 4
+    assert json.loads((results / "vanilla.json").read_text())["relevant_recall_per_layer"] == [1.0] * 4
     summary_row = read_summary(out)[1]
     assert float(summary_row["relevant_recall"]) == pytest.approx(recall[-1], abs=1e-4)
     assert 0 <= float(summary_row["adjacent_miou"]) <= 1 and summary_row["shift_layers"]
@@ -597,9 +601,10 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
     assert titles[0][0].startswith("after layer 0: ") and titles[0][0].endswith(" kept")
 
     summary = _events(board / "summary").Tags()["images"]
-    assert set(summary) == {"accuracy_vs_flops", "accuracy_ratio"}  # one budget: no accuracy-vs-budget curve
+    assert set(summary) == {"accuracy_vs_flops", "accuracy_ratio", "tokens_per_layer",
+                            "dynamics/relevant_recall"}  # one budget: no accuracy-vs-budget curve
 
-    failed = _events(board / "tb_broken" / "layers0-2" / "b24")
+    failed = _events(board / "tb_broken" / "layers[0-2]" / "24")
     assert failed.Scalars("metrics/failed")[0].value == 1
     assert "this scorer always fails" in _text(failed, "status")
 
@@ -609,9 +614,10 @@ def test_single_budget_tensorboard_logs_each_value_once_with_status_flops_ratio_
     assert main(args(experiment, micro_model, out, "imports=[tb_broken_scorer]", "budgets=[24]",
                      "scorers=[{name: random, seed: 3}, tb_broken]")) == 1
     printed = capsys.readouterr()
-    assert "[3/3] tb_broken / layers" in printed.out + printed.err
+    assert "[3/3] tb_broken/layers[0-2]/24" in printed.out + printed.err  # the progress bar: the run's label
     table = printed.out[printed.out.index("scorer "):printed.out.index("full table in")].splitlines()
-    assert table[0].split() == ["scorer", "schedule", "budget", "accuracy", "95%", "CI", "ratio", "flops_ratio", "status"]
+    assert table[0].split() == ["scorer", "schedule", "budget", "accuracy", "95%", "CI", "ratio", "flops_ratio",
+                                "status"]
     assert all(len(line) <= 120 for line in table)
     assert any(line.startswith("failed: tb_broken / layers") and "always fails" in line for line in table)
 

@@ -180,7 +180,7 @@ def test_calibration_prints_and_logs_the_layers_of_the_entrys_own_parameters(tmp
     logged = {}
     monkeypatch.setattr(collect, "attention_shift_histogram", lambda *args, **kwargs: torch.tensor(histogram))
     monkeypatch.setattr(collect, "log_shift_histogram",
-                        lambda writer, counts, layers, tag: logged.__setitem__(tag, layers))
+                        lambda writer, counts, layers, tag, source: logged.__setitem__(tag, (layers, source)))
     cfg = load_config([f"output_dir={tmp_path}", "scorers=[text_prior]", "budgets=[100]",
                        "schedules=[{name: changepoint, samples: 2, level: 0.6, early_fraction: 0.5}]"])
     experiment = resolve(cfg)
@@ -188,7 +188,9 @@ def test_calibration_prints_and_logs_the_layers_of_the_entrys_own_parameters(tmp
     four_layers = dataclasses.replace(experiment.model, num_layers=len(histogram))
     four_layers = dataclasses.replace(experiment, model=four_layers)
     assert [c.locations for c in plan_sweep(four_layers, histograms) if not c.is_vanilla] == [[2]]
-    assert logged == {"changepoint_0": [2]}
+    # the calibration run says what it shows, on which split and how many samples
+    assert logged == {"changepoint_schedule_0": ([2], "schedules[0]: attention-shift histogram of 2 samples of split "
+                                                      f"{experiment.data.calibration_split!r}")}
     assert "prune after layers [2]" in capsys.readouterr().out
 
 

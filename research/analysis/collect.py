@@ -61,14 +61,21 @@ def attention_shift_histogram(adapter: Any, processor: Any, samples: Sequence[An
     return shifts.histogram
 
 
-def log_shift_histogram(writer: Any, histogram: np.ndarray, layers: list[int] | None, tag: str) -> None:
+def log_shift_histogram(writer: Any, histogram: np.ndarray, layers: list[int] | None, tag: str,
+                        source: str = "") -> None:
+    """``<tag>/shift_histogram`` (one bar per layer) and, with ``layers``, the text ``<tag>/changepoint_layers``:
+    ``<source> -> prune after layers [3, 4]`` (``source`` says what was observed, on which split, how many
+    samples)."""
     from research.report.figures import histogram_bars
 
     # One bar per layer (TensorBoard's own histograms would rebin these integer counts).
     title = "attention-shift layers" + (f" -> prune after {layers}" if layers is not None else "")
+    if source:  # what, on which split, how many samples: on the figure too (two lines at card width)
+        title = source.replace(": ", ":\n", 1) + (f" -> prune after {layers}" if layers is not None else "")
     writer.add_figure(f"{tag}/shift_histogram", histogram_bars(np.asarray(histogram), title, "layer"), 0)
     if layers is not None:
-        writer.add_text(f"{tag}/changepoint_layers", str(layers), 0)
+        writer.add_text(f"{tag}/changepoint_layers", f"{source} -> prune after layers {layers}" if source
+                        else str(layers), 0)
     writer.flush()
 
 

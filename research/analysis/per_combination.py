@@ -127,11 +127,12 @@ def observe_combination(module: Any, samples: Sequence[Any], batch_size: int) ->
     }
 
 
-def log_dynamics(writer: Any, result: dict[str, Any]) -> None:
+def log_dynamics(writer: Any, result: dict[str, Any], label: str) -> None:
     """The figures of :func:`observe_combination` in a combination's TensorBoard run: ``dynamics/text_miou``
     (heatmap), ``dynamics/shift_histogram`` (one bar per layer), ``dynamics/shift_layers`` (text) and
-    ``dynamics/relevant_recall`` (x = layer); their headline values are the run's ``metrics/`` scalars."""
-    from research.report.figures import heatmap, histogram_bars
+    ``dynamics/relevant_recall`` (a curve over the layers, named ``label``); their headline values are the run's
+    ``metrics/`` scalars."""
+    from research.report.figures import RELEVANT_RECALL, heatmap, histogram_bars, layer_curves
 
     n = result["analysis_samples"]
     matrix = np.asarray(result["text_miou"])
@@ -143,8 +144,9 @@ def log_dynamics(writer: Any, result: dict[str, Any]) -> None:
         np.asarray(result["shift_histogram"]), f"attention shifts -> layers {result['shift_layers']} (N={n})",
         "layer"), 0)
     writer.add_text("dynamics/shift_layers", str(result["shift_layers"]), 0)
-    for layer, value in enumerate(result["relevant_recall_per_layer"] or []):
-        writer.add_scalar("dynamics/relevant_recall", value, layer)
+    if result["relevant_recall_per_layer"]:  # a figure: scalar steps would be smoothed into wrong values
+        writer.add_figure("dynamics/relevant_recall", layer_curves(
+            {label: result["relevant_recall_per_layer"]}, RELEVANT_RECALL, n), 0)
 
 
 class AttentionDynamicsReport(Callback):
@@ -158,12 +160,13 @@ class AttentionDynamicsReport(Callback):
 
     def on_predict_end(self, trainer: Any, module: Any) -> None:
         from research.data.images import decodable
+        from research.report.runs import run_name
 
         samples = decodable(self.samples, [])[0]
         if not samples or not module.rows:
             return
         result = observe_combination(module, samples, self.batch_size)
-        log_dynamics(trainer.logger.experiment, result)
+        log_dynamics(trainer.logger.experiment, result, run_name(module.combo))
         headline = {"adjacent_miou": result["adjacent_miou"], "analysis_seconds": result["analysis_seconds"],
                     "analysis_share": result["analysis_seconds"] / max(module.eval_seconds, 1e-9)}
         if result["relevant_recall"] is not None:

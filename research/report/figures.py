@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -93,6 +94,50 @@ def token_overlay(
     return fig
 
 
+CARD_WIDTH = 5.0  # inches: 500 px at matplotlib's 100 dpi, the width of a TensorBoard image card
+FONT = 9  # the smallest font (pt) on a figure meant for a card
+LEGEND_INSIDE = 3  # a legend with more entries goes below the axes
+
+
+@dataclass(frozen=True)
+class Point:
+    """One combination on an accuracy figure: ``x``, ``y``, the interval of ``y`` (``low``, ``high``; ``None``
+    where not known) and ``same_as``: the label of an earlier combination that ran the identical plan ("")."""
+
+    x: float
+    y: float
+    low: float | None = None
+    high: float | None = None
+    same_as: str = ""
+
+
+TOKENS_PER_LAYER = ("image tokens each decoder layer runs on", "image tokens")  # layer_curves' (title, y label)
+RELEVANT_RECALL = ("relevant-patch recall per layer", "relevant patches kept")
+
+
+def _style(index: int) -> dict:
+    """The colour and marker of the ``index``-th line: ten colours, then the same with another marker (so an
+    eleventh line never looks like the first)."""
+    colours, markers = [f"C{i}" for i in range(10)], ["o", "s", "^", "D", "v"]
+    return {"color": colours[index % 10], "marker": markers[index // 10 % len(markers)]}
+
+
+def _card_figure(height: float) -> Figure:
+    """A figure as wide as a TensorBoard card, its text at least :data:`FONT` pt, laid out so nothing overlaps."""
+    fig = Figure(figsize=(CARD_WIDTH, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _legend(fig: Figure, ax, entries: int) -> None:
+    """The legend inside the axes when short, else below them (one entry a line, long labels stay whole)."""
+    if entries <= LEGEND_INSIDE:
+        ax.legend(fontsize=FONT)
+        return
+    fig.set_size_inches(CARD_WIDTH, fig.get_figheight() + 0.2 * entries)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=FONT, ncols=1, frameon=False)
+
+
 def _reference_lines(ax, vanilla: float | None, chance: float | None) -> None:
     """Vanilla (dashed grey) and chance (dotted red) as horizontal lines, each skipped when ``None``."""
     if vanilla is not None:
@@ -105,12 +150,17 @@ def _title(title: str, n: int | None) -> str:
     return title if n is None else f"{title} (N = {n})"
 
 
-def accuracy_vs_budget(results: dict[str, Sequence[tuple[float, float]]], vanilla: float | None,
+def _point(point: Point | tuple) -> Point:
+    return point if isinstance(point, Point) else Point(*point)
+
+
+def accuracy_vs_budget(results: dict[str, Sequence[Point | tuple[float, float]]], vanilla: float | None,
                        chance: float | None = None, n: int | None = None) -> Figure:
-    """Accuracy against the average retained vision tokens, one line per scorer.
+    """Accuracy against the average retained vision tokens, one line per scorer / schedule.
 
     Args:
-        results: Scorer name -> ``[(budget, accuracy), ...]``.
+        results: Line label -> its points (:class:`Point`, or ``(budget, accuracy)``); a point's interval is
+            drawn as a y error bar, a point with ``same_as`` hollow.
         vanilla: Unpruned accuracy, drawn as a dashed horizontal line; ``None`` to omit.
         chance: Chance-level accuracy, drawn as a dotted line; ``None`` to omit.
         n: Number of evaluated samples, stated in the title; ``None`` for no title.
@@ -121,12 +171,13 @@ def accuracy_vs_budget(results: dict[str, Sequence[tuple[float, float]]], vanill
     return _accuracy_curves(results, vanilla, chance, n, "average retained vision tokens", "accuracy vs budget")
 
 
-def accuracy_vs_flops(results: dict[str, Sequence[tuple[float, float]]], vanilla: float | None,
+def accuracy_vs_flops(results: dict[str, Sequence[Point | tuple[float, float]]], vanilla: float | None,
                       chance: float | None = None, n: int | None = None) -> Figure:
     """Accuracy against the prefill FLOPs relative to vanilla, one line (or point) per scorer / schedule.
 
     Args:
-        results: Scorer name -> ``[(flops_ratio, accuracy), ...]``.
+        results: Line label -> its points (:class:`Point`, or ``(flops_ratio, accuracy)``); intervals and
+            identical plans drawn as in :func:`accuracy_vs_budget`.
         vanilla: Unpruned accuracy: a dashed horizontal line and a star at FLOPs ratio 1; ``None`` to omit.
         chance: Chance-level accuracy, drawn as a dotted line; ``None`` to omit.
         n: Number of evaluated samples, stated in the title; ``None`` for no title.
@@ -140,50 +191,118 @@ def accuracy_vs_flops(results: dict[str, Sequence[tuple[float, float]]], vanilla
     return fig
 
 
-def _accuracy_curves(results: dict[str, Sequence[tuple[float, float]]], vanilla: float | None,
+def _accuracy_curves(results: dict[str, Sequence[Point | tuple[float, float]]], vanilla: float | None,
                      chance: float | None, n: int | None, xlabel: str, title: str) -> Figure:
-    fig = _new_figure((5.0, 3.6))
+    fig = _card_figure(3.4)
     ax = fig.subplots()
-    for name, points in results.items():
-        pts = sorted(points)
-        ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=name)
+    hollow = False
+    for index, (name, points) in enumerate(results.items()):
+        pts = sorted((_point(p) for p in points), key=lambda p: (p.x, p.y))
+        xs, ys = [p.x for p in pts], [p.y for p in pts]
+        (line,) = ax.plot(xs, ys, label=name, **_style(index))
+        known = [p for p in pts if p.low is not None and p.high is not None]
+        if known:  # an interval that leaves its estimate out (a skewed bootstrap) is drawn to its far bound
+            ax.errorbar([p.x for p in known], [p.y for p in known], fmt="none", capsize=3, color=line.get_color(),
+                        yerr=[[max(0.0, p.y - p.low) for p in known], [max(0.0, p.high - p.y) for p in known]])
+        same = [p for p in pts if p.same_as]
+        if same:
+            hollow = True
+            ax.plot([p.x for p in same], [p.y for p in same], marker=line.get_marker(), markersize=9,
+                    linestyle="none", markerfacecolor="white", markeredgecolor=line.get_color())
     _reference_lines(ax, vanilla, chance)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy")
+    if hollow:  # one legend entry says what a hollow marker is
+        ax.plot([], [], marker="o", markerfacecolor="white", markeredgecolor="black", linestyle="none",
+                label="same plan as another (see table)")
+    ax.set_xlabel(xlabel, fontsize=FONT + 1)
+    ax.set_ylabel("accuracy", fontsize=FONT + 1)
+    ax.tick_params(labelsize=FONT)
     if n is not None:
-        ax.set_title(_title(title, n), fontsize=10)
+        ax.set_title(_title(title, n), fontsize=FONT + 1)
     ax.grid(alpha=0.3)
-    if results or vanilla is not None or chance is not None:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    entries = len(results) + (vanilla is not None) + (chance is not None) + hollow
+    if entries:
+        _legend(fig, ax, entries)
     return fig
 
 
-def accuracy_ratio_bars(ratios: dict[str, float], chance_ratio: float | None = None, n: int | None = None) -> Figure:
+def accuracy_ratio_bars(ratios: dict[str, float], chance_ratio: float | None = None, n: int | None = None,
+                        intervals: dict[str, tuple[float, float]] | None = None,
+                        same_as: dict[str, str] | None = None) -> Figure:
     """One horizontal bar per combination: its accuracy relative to vanilla (vanilla = 1, a dashed line).
 
     Args:
         ratios: Combination label -> accuracy / vanilla accuracy, drawn top to bottom in this order.
         chance_ratio: Chance-level accuracy / vanilla accuracy, drawn as a dotted line; ``None`` to omit.
         n: Number of evaluated samples, stated in the title; ``None`` for no title.
+        intervals: Combination label -> the ratio's interval ``(low, high)``, drawn as x error bars.
+        same_as: Combination label -> the label of an earlier combination that ran the identical plan: its bar is
+            hatched and its tick reads ``<label>`` then ``= <other>`` on a second line.
 
     Returns:
         A single-axes figure.
     """
-    labels = list(ratios)
-    fig = _new_figure((6.5, 1.2 + 0.35 * max(len(labels), 2)))
+    labels, intervals, same_as = list(ratios), intervals or {}, same_as or {}
+    lines = len(labels) + sum(1 for k in labels if same_as.get(k))
+    fig = _card_figure(1.3 + 0.3 * max(lines, 2))
     ax = fig.subplots()
-    ax.barh(np.arange(len(labels)), [ratios[k] for k in labels], height=0.7)
-    ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
+    values = [ratios[k] for k in labels]
+    errors = None
+    if any(k in intervals for k in labels):  # a combination without an interval: no bar
+        # an interval that leaves its estimate out (a skewed bootstrap) is drawn from the estimate to its far bound
+        low = [max(0.0, v - intervals[k][0]) if k in intervals else 0.0 for k, v in zip(labels, values)]
+        high = [max(0.0, intervals[k][1] - v) if k in intervals else 0.0 for k, v in zip(labels, values)]
+        errors = [low, high]
+    bars = ax.barh(np.arange(len(labels)), values, height=0.7, xerr=errors, capsize=3 if errors else 0)
+    for bar, k in zip(bars, labels):
+        if same_as.get(k):
+            bar.set_hatch("//")
+            bar.set_facecolor("white")
+            bar.set_edgecolor("tab:blue")
+    ticks = [f"{k}\n= {same_as[k]}" if same_as.get(k) else k for k in labels]
+    ax.set_yticks(np.arange(len(labels)), ticks, fontsize=FONT)
     ax.invert_yaxis()
     ax.axvline(1.0, color="grey", linestyle="--", label="vanilla")
     if chance_ratio is not None:
         ax.axvline(chance_ratio, color="tab:red", linestyle=":", label="chance")
-    ax.set_xlabel("accuracy / vanilla accuracy")
+    ax.set_xlabel("accuracy / vanilla accuracy", fontsize=FONT + 1)
+    ax.tick_params(axis="x", labelsize=FONT)
     if n is not None:
-        ax.set_title(_title("accuracy ratio per combination", n), fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+        ax.set_title(_title("accuracy ratio", n), fontsize=FONT + 1, loc="right")
+    fig.set_size_inches(CARD_WIDTH, fig.get_figheight() + 0.3)  # the legend below the bars, clear of them
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=FONT, ncols=2, frameon=False)
+    return fig
+
+
+def layer_curves(curves: dict[str, Sequence[float]], what: tuple[str, str], n: int | None = None,
+                 same_as: dict[str, str] | None = None) -> Figure:
+    """A per-layer value of each combination (tokens per layer, relevant-patch recall) as one line each, x = the
+    decoder layer: a figure, where TensorBoard's scalar smoothing cannot redraw it.
+
+    Args:
+        curves: Combination label -> its value at each decoder layer.
+        what: ``(title, y label)``, e.g. :data:`TOKENS_PER_LAYER`.
+        n: Number of samples the values were measured on, stated in the title; ``None`` for none.
+        same_as: Combination label -> the label of an earlier one with the identical plan: dashed, its legend entry
+            ``<label> = <other>``.
+
+    Returns:
+        A single-axes figure.
+    """
+    same_as = same_as or {}
+    title, ylabel = what
+    fig = _card_figure(3.2)
+    ax = fig.subplots()
+    for index, (label, values) in enumerate(curves.items()):
+        other = same_as.get(label)
+        ax.plot(np.arange(len(values)), values, markersize=4, linestyle="--" if other else "-",
+                label=f"{label} = {other}" if other else label, **_style(index))
+    ax.set_xlabel("decoder layer", fontsize=FONT + 1)
+    ax.set_ylabel(ylabel, fontsize=FONT + 1)
+    ax.tick_params(labelsize=FONT)
+    ax.set_title(_title(title, n), fontsize=FONT + 1)
+    ax.grid(alpha=0.3)
+    if curves:
+        _legend(fig, ax, len(curves))
     return fig
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from research.combination import Combination
 from research.report.statistics import (
     BootstrapSettings,
     Estimate,
@@ -34,12 +35,11 @@ from research.report.statistics import (
     mean_ratio,
     paired_p,
 )
-from research.sweep import Combination
 
 if TYPE_CHECKING:
-    from research.output import SweepOutput
     from research.tasks import Task
 
+PredictionsFile = Callable[[str, str], Path]  # (combination name, dataset folder) -> its predictions file
 REFERENCE_COLUMNS = ["reference", "same_plan_as", "seeds_mean", "seeds_sd", "seeds_n"]
 COMPARISON_COLUMNS = ["delta_vs_vanilla", "delta_ci_low", "delta_ci_high", "accuracy_ratio_ci_low",
                       "accuracy_ratio_ci_high", "p_vs_vanilla", "significant_vs_vanilla", "delta_vs_ref", "p_vs_ref",
@@ -81,14 +81,14 @@ def read_predictions(path: Path) -> list[dict] | None:
         return None
 
 
-def task_units(output: SweepOutput, task: Task, combos: Sequence[Combination],
+def task_units(predictions: PredictionsFile, task: Task, combos: Sequence[Combination],
                results: dict[str, dict]) -> dict[str, dict[str, UnitScores]]:
     """Per finished combination, its metrics' units on ``task``, from its predictions file."""
     units = {}
     for combo in combos:
         if results.get(combo.name, {}).get("status") != "ok":
             continue
-        rows = read_predictions(output.predictions_file(combo.name, task.folder))
+        rows = read_predictions(predictions(combo.name, task.folder))
         if rows:
             units[combo.name] = task.scoring.units(rows)
     return units
@@ -142,7 +142,7 @@ def _bounds(row: dict, prefix: str, estimate: Estimate | None) -> None:
 
 
 def add_statistics(rows: list[dict], combos: Sequence[Combination], results: dict[str, dict[str, dict]],
-                   tasks: Sequence[Task], output: SweepOutput, settings: BootstrapSettings,
+                   tasks: Sequence[Task], predictions: PredictionsFile, settings: BootstrapSettings,
                    per_benchmark: bool) -> dict[str, list[str]]:
     """Fill the statistics columns of the summary ``rows`` (one per combination, in ``combos``' order); returns
     per benchmark the metrics besides its headline that got intervals (e.g. POPE's ``f1``)."""
@@ -152,7 +152,7 @@ def add_statistics(rows: list[dict], combos: Sequence[Combination], results: dic
         row["same_plan_as"] = display(names[combo.same_plan_as]) if combo.same_plan_as else ""
     if settings.resamples == 0:
         return {}
-    units = {task.name: task_units(output, task, combos, results[task.name]) for task in tasks}
+    units = {task.name: task_units(predictions, task, combos, results[task.name]) for task in tasks}
     stats = {task.name: task_statistics(units[task.name], combos, task.scoring.headline, settings) for task in tasks}
     for row, combo in zip(rows, combos):
         if per_benchmark:

@@ -1,5 +1,5 @@
 """The sweep's summary: one row per combination (``summary.csv`` / ``summary.md``), the Table-1 layout over
-several benchmarks, the compact terminal table and the comparison figures of the ``summary`` TensorBoard run."""
+several benchmarks and the compact terminal table (the ``summary`` TensorBoard run: research.report.board)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from research.report.runs import remove_run
+from research.combination import Combination
 from research.report.significance import statistics_columns
 from research.storage import write_atomic
-from research.sweep import Combination
 
 if TYPE_CHECKING:
     from research.tasks import Task
@@ -278,32 +277,3 @@ def compact_table(rows: list[dict], width: int = 120) -> str:
         if row["status"] != "ok":
             lines.append(fit(f"failed: {combination_label(row)}: {row['error']}", width))
     return "\n".join(lines)
-
-
-def log_summary_figures(out: Path, rows: list[dict], num_samples: int, chance: float | None) -> None:
-    """The comparison figures of the experiment, in the ``summary`` run: accuracy vs budget (several budgets
-    only), accuracy vs FLOPs ratio and the accuracy ratio of every combination, each marking vanilla (and
-    chance, if known) and stating N, the number of evaluated samples."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from research.report.figures import accuracy_ratio_bars, accuracy_vs_budget, accuracy_vs_flops
-
-    ok = [r for r in rows if r["status"] == "ok" and r["scorer"] != "vanilla"]
-    vanilla_row = next((r for r in rows if r["scorer"] == "vanilla" and r["status"] == "ok"), None)
-    vanilla = float(vanilla_row["accuracy"]) if vanilla_row else None
-    n = num_samples - int(vanilla_row["skipped_images"] or 0) if vanilla_row else num_samples
-    by_budget: dict[str, list[tuple[float, float]]] = {}
-    by_flops: dict[str, list[tuple[float, float]]] = {}
-    for r in ok:
-        name = f"{r['scorer']} / {r['schedule']}"
-        by_budget.setdefault(name, []).append((float(r["budget"]), float(r["accuracy"])))
-        if r["flops_ratio"] != "":
-            by_flops.setdefault(name, []).append((float(r["flops_ratio"]), float(r["accuracy"])))
-    ratios = {combination_label(r): float(r["accuracy_ratio"]) for r in ok if r["accuracy_ratio"] != ""}
-    chance_ratio = chance / vanilla if chance is not None and vanilla else None
-    remove_run(out / "tensorboard" / "summary")  # each figure once, whatever ran before
-    with SummaryWriter(out / "tensorboard" / "summary") as writer:
-        if len({r["budget"] for r in ok}) >= 2:
-            writer.add_figure("accuracy_vs_budget", accuracy_vs_budget(by_budget, vanilla, chance, n), 0)
-        writer.add_figure("accuracy_vs_flops", accuracy_vs_flops(by_flops, vanilla, chance, n), 0)
-        writer.add_figure("accuracy_ratio", accuracy_ratio_bars(ratios, chance_ratio, n), 0)
