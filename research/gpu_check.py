@@ -556,12 +556,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repetitions", type=int, default=None, help="timed rounds (default: cuda 10, cpu 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU (1 = least noisy)")
     args = parser.parse_args(argv)
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s {args.budget_s}: give a positive number of seconds, e.g. 480")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: no CUDA device is visible to torch {torch.__version__}; choose --device cpu")
     if args.size == "7b" and args.device == "cpu" and os.environ.get("VTPRUNE_7B_ON_CPU") != "1":
         parser.error("--size 7b on the CPU allocates two 7B models; choose --size tiny (or set VTPRUNE_7B_ON_CPU=1)")
-    if args.budget_s <= 0:
-        parser.error(f"--budget-s {args.budget_s}: give a positive number of seconds, e.g. 480")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
