@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,7 +134,7 @@ def ceiling_forward(adapter: VLMAdapter, inputs: dict, tokens_per_layer: list[in
         hidden = kwargs["inputs_embeds"]
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = torch.arange(hidden.shape[1])[None]
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
         if positions.dim() == 3 and positions.shape[0] == 4:  # multimodal rotary with a text row in front
             positions = positions[1:]
         rotary = {}  # layer type -> (cos, sin): each type rotates with its own base (Gemma 3)
@@ -160,6 +161,22 @@ def time_once(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def interleaved_times(variants: dict[Any, Callable[[], object]], repetitions: int,
+                      time_fn: Callable[[Callable[[], object]], float] = time_once, warmup: int = 1
+                      ) -> dict[Any, list[float]]:
+    """Each variant's seconds over ``repetitions`` rounds, every round running all variants in turn (so a slow
+    spell of the machine touches them alike), after ``warmup`` untimed rounds. ``time_fn``: how one call is
+    timed (``time_once``: wall time; ``research.gpu_check``: CUDA events)."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[Any, list[float]] = {v: [] for v in variants}
+    for _ in range(repetitions):
+        for variant, fn in variants.items():
+            times[variant].append(time_fn(fn))
+    return times
 
 
 def run(repetitions: int = 7, threads: int = 1, family: str = "llava15",
@@ -211,12 +228,9 @@ def run(repetitions: int = 7, threads: int = 1, family: str = "llava15",
 
     for fn in variants.values():  # warm-up
         fn()
-    times: dict[str, list[float]] = {v: [] for v in variants}
     scoring.clear()  # drop the warm-up's figures
     in_hooks.clear()
-    for _ in range(repetitions):
-        for variant, fn in variants.items():
-            times[variant].append(time_once(fn))
+    times: dict[str, list[float]] = interleaved_times(variants, repetitions, warmup=0)
 
     vanilla = statistics.median(times["vanilla"])
     rows = {}
@@ -402,10 +416,7 @@ def interface_section(family: str = "llava15", image_tokens: Sequence[int] | Non
                 del variants[variant]
         for samples in scoring.values():
             samples.clear()  # drop the warm-up's figures
-        times: dict[tuple[int, str], list[float]] = {v: [] for v in variants}
-        for _ in range(repetitions):
-            for variant, fn in variants.items():
-                times[variant].append(time_once(fn))
+        times = interleaved_times(variants, repetitions, warmup=0)
     return interface_summary(times, scoring, keep) | {"skipped": skipped}
 
 

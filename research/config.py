@@ -67,6 +67,7 @@ class EvalConfig:
 class TrainerConfig:
     devices: int = 1  # data-parallel processes (DDP; gloo on CPU): each combination's samples split across them
     accelerator: str = "auto"  # Lightning's: auto | cpu | gpu
+    num_nodes: int = 1  # machines, each running `devices` processes (Lightning's multi-node DDP; torchrun or SLURM)
 
 
 @dataclass
@@ -210,7 +211,7 @@ def validate(cfg: RunConfig) -> None:
                      ("eval.latency_samples", cfg.eval.latency_samples, 0),
                      ("eval.decode_tokens", cfg.eval.decode_tokens, 1), ("eval.overlays", cfg.eval.overlays, 0),
                      ("eval.analysis_samples", cfg.eval.analysis_samples, 0),
-                     ("trainer.devices", cfg.trainer.devices, 1))
+                     ("trainer.devices", cfg.trainer.devices, 1), ("trainer.num_nodes", cfg.trainer.num_nodes, 1))
     for key, value, lowest in lowest_values:
         if value is not None and value < lowest:
             raise ConfigError(f"{key}={value} out of range; valid: an integer >= {lowest}"

@@ -1,5 +1,8 @@
-"""Several devices through Lightning: data-parallel combinations (``trainer.devices=N``) and sharded checkpoints
-(``model.device_map=auto``).
+"""Several devices through Lightning: data-parallel combinations (``trainer.devices=N``, on ``trainer.num_nodes=M``
+machines) and sharded checkpoints (``model.device_map=auto``).
+
+Several machines: Lightning's multi-node DDP, every node running the same ``python -m research.run ...`` under
+torchrun or SLURM (:func:`trainer_options`); the ranks then come from the launcher and Lightning starts no copies.
 
 Data-parallel: each combination's predict loop runs under Lightning's DDP strategy (``gloo`` on CPU). Its first
 ``trainer.predict`` makes Lightning's launcher start N-1 more copies of the command (``python -m research.run
@@ -67,17 +70,35 @@ def say(text: str) -> None:
         print(text, flush=True)
 
 
-def trainer_options(devices: int, accelerator: str) -> dict[str, Any]:
-    """``L.Trainer`` keyword arguments: one device, or DDP over ``devices`` processes (Lightning picks ``gloo``
-    on CPU, ``nccl`` on CUDA) with :class:`RankShare` in place of Lightning's sampler. On rank 0 this also
-    exports its pid for the copies' :func:`watch_rank_zero`."""
-    if devices == 1:
-        return {"accelerator": accelerator, "devices": 1}
+def trainer_options(devices: int, accelerator: str, num_nodes: int | None = None) -> dict[str, Any]:
+    """``L.Trainer`` keyword arguments: one device, or DDP over ``devices`` processes on each of ``num_nodes``
+    machines (Lightning picks ``gloo`` on CPU, ``nccl`` on CUDA) with :class:`RankShare` in place of Lightning's
+    sampler. ``num_nodes`` None: the launcher's count (:func:`launcher_nodes`). On rank 0 this also exports its
+    pid for the copies' :func:`watch_rank_zero`.
+
+    Several nodes: every node runs the same command, started by torchrun (``--nnodes M --node_rank R
+    --nproc_per_node N``) or by SLURM (``srun``, one task per device); Lightning reads the ranks from their
+    environment and starts no copies itself."""
+    nodes = launcher_nodes() if num_nodes is None else num_nodes
+    if devices == 1 and nodes == 1:
+        return {"accelerator": accelerator, "devices": 1, "num_nodes": 1}
     if is_rank_zero():
         os.environ[RANK_ZERO_PID] = str(os.getpid())
         logging.getLogger(LAUNCHER_LOGGER).setLevel(logging.INFO)  # its one line when it ends the ranks
-    return {"accelerator": accelerator, "devices": devices, "strategy": InStepDDP(timeout=COLLECTIVE_TIMEOUT),
-            "use_distributed_sampler": False}
+    return {"accelerator": accelerator, "devices": devices, "num_nodes": nodes,
+            "strategy": InStepDDP(timeout=COLLECTIVE_TIMEOUT), "use_distributed_sampler": False}
+
+
+def launcher_nodes() -> int:
+    """The number of nodes of the launch this process is part of: torchrun's ``WORLD_SIZE / LOCAL_WORLD_SIZE``,
+    SLURM's ``SLURM_NNODES`` (as Lightning detects either), else 1."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect() and "LOCAL_WORLD_SIZE" in os.environ:
+        return max(1, int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"]))
+    if SLURMEnvironment.detect() and "SLURM_NNODES" in os.environ:
+        return int(os.environ["SLURM_NNODES"])
+    return 1
 
 
 def stop_rank(line: str) -> None:

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,15 @@ import pytest
 from tiny import TIMING_COLUMNS
 
 from research.config import ConfigError, load_config
-from research.distributed import RANK_ZERO_PID, RankShare, batches, collective, gather_predictions
+from research.distributed import (
+    RANK_ZERO_PID,
+    RankShare,
+    batches,
+    collective,
+    gather_predictions,
+    launcher_nodes,
+    trainer_options,
+)
 from research.run import run
 from research.storage import StopSweep
 
@@ -127,6 +136,57 @@ def test_rank_one_exits_with_one_line_when_rank_zero_is_killed(micro_model, tmp_
     assert waited < 60
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _torchrun_node(node_rank: int, port: int, args: list[str]) -> subprocess.Popen:
+    """One "node" of a 2-node x 1-process torchrun launch on 127.0.0.1 (static rendezvous), running
+    ``python -m research.run *args``, in a session of its own."""
+    launch = ["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank), "--nproc_per_node", "1",
+              "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return subprocess.Popen([sys.executable, *launch, "-m", "research.run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_give_the_single_process_summary_and_each_sample_once(micro_model, tmp_path):
+    """``trainer.num_nodes=2``: Lightning's multi-node DDP as torchrun launches it (2 nodes x 1 process here)."""
+    common = [*SMALL, f"model.path={micro_model}", "scorers=[text_prior]"]
+    run(load_config([*common, f"output_dir={tmp_path / 'one'}"]))
+    port, args = _free_port(), [*common, f"output_dir={tmp_path / 'two'}", "trainer.num_nodes=2"]
+    nodes = [_torchrun_node(rank, port, args) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            _end_session(node)
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+    assert outputs[0].count("full table in") == 1 and "full table in" not in outputs[1]  # node 1 prints nothing
+    assert _summary(tmp_path / "two") == _summary(tmp_path / "one")
+    single, parallel = _predictions(tmp_path / "one"), _predictions(tmp_path / "two")
+    assert list(parallel) == list(single) == ["text_prior__layers1-10-20_of32__b32.jsonl", "vanilla.jsonl"]
+    for name, rows in parallel.items():
+        assert [r["index"] for r in rows] == list(range(7)), name  # each sample exactly once, in order
+        assert [r["prediction"] for r in rows] == [r["prediction"] for r in single[name]], name
+
+
+def test_num_nodes_reaches_lightning_with_ddp_and_the_launcher_count_is_the_default(monkeypatch):
+    options = trainer_options(1, "cpu", num_nodes=2)
+    assert options["num_nodes"] == 2 and options["devices"] == 1 and type(options["strategy"]).__name__ == "InStepDDP"
+    assert trainer_options(1, "cpu", num_nodes=1) == {"accelerator": "cpu", "devices": 1, "num_nodes": 1}
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "SLURM_NNODES"):
+        monkeypatch.delenv(name, raising=False)
+    assert launcher_nodes() == 1
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun --nnodes 3 --nproc_per_node 2
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launcher_nodes() == 3
+
+
 def test_gathered_predictions_count_a_repeated_sample_once():
     """A sampler that pads with repeats (torch's DistributedSampler) hands a sample to two ranks: it counts once."""
     rank_rows = [{"index": 0, "prediction": "a"}, {"index": 2, "prediction": "c"}, {"index": 0, "prediction": "a"}]
@@ -177,6 +237,7 @@ def test_a_failed_collective_on_a_copy_stops_it_with_one_line(monkeypatch, capsy
 
 @pytest.mark.parametrize("extra, message", [
     (["trainer.devices=0"], "trainer.devices=0 out of range"),
+    (["trainer.num_nodes=0"], "trainer.num_nodes=0 out of range; valid: an integer >= 1"),
     (["model.device_map=everywhere"], "unknown model.device_map 'everywhere'"),
 ])
 def test_bad_device_settings_are_one_line(extra, message):

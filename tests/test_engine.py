@@ -55,12 +55,14 @@ def kept_sequence(input_ids: torch.Tensor, kept_vision: torch.Tensor) -> torch.T
 
 @contextlib.contextmanager
 def masked_reference(model, inputs, record):
-    """The unpruned model, but every layer after a stage cannot attend to the keys that stage pruned."""
+    """The unpruned model, but every layer after a stage cannot attend to the keys that stage pruned (on the
+    inputs' device, the mask in the model's dtype)."""
     input_ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
     b, s = input_ids.shape
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    device, dtype = input_ids.device, next(model.parameters()).dtype
+    causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
     base = causal[None] & valid[:, None, :]
-    base |= torch.eye(s, dtype=torch.bool)[None]  # padding queries attend to themselves: no NaN rows
+    base |= torch.eye(s, dtype=torch.bool, device=device)[None]  # padding queries attend to themselves: no NaN rows
     is_vision = input_ids == IMAGE_TOKEN_ID
     handles = []
     for idx, layer in enumerate(model.model.language_model.layers):
@@ -69,7 +71,8 @@ def masked_reference(model, inputs, record):
             if location < idx:
                 pruned = is_vision.clone().scatter_(1, kept, False)
                 allowed &= ~pruned[:, None, :]
-        float_mask = torch.zeros(b, 1, s, s).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        float_mask = torch.zeros(b, 1, s, s, dtype=dtype, device=device).masked_fill(~allowed[:, None],
+                                                                                     torch.finfo(dtype).min)
         def swap(module, args, kwargs, mask=float_mask):
             return args, {**kwargs, "attention_mask": mask}
         handles.append(layer.register_forward_pre_hook(swap, with_kwargs=True))

@@ -1,8 +1,10 @@
 """Random-weight models of every family and their inputs, for tests and benchmarks (``research.bench``).
 
-Built from transformers' config classes (nothing is downloaded), in two sizes: ``tiny`` (tests) and ``mid``
-(benchmarks: text hidden 1024, 16 layers). One config function and one inputs function per family, registered
-under its name; a family's adapter module carries none of this.
+Built from transformers' config classes (nothing is downloaded), in three sizes: ``tiny`` (tests), ``mid``
+(benchmarks: text hidden 1024, 16 layers) and, for ``llava15`` and ``qwen2_vl``, ``7b``: the released 7B models'
+shapes (``research.gpu_check``; build those on a GPU, ``random_model(..., device="cuda", dtype=torch.bfloat16)``).
+One config function and one inputs function per family, registered under its name; a family's adapter module
+carries none of this.
 
 >>> model = random_model("llava15", num_layers=2)
 >>> batch = random_inputs(model, [5, 9])  # left-padded [BOS, prefix, <image tokens>, question] rows
@@ -39,21 +41,34 @@ def family_of_configuration(name: str) -> str:
 
 def random_config(family: str, size: str = "tiny", num_layers: int | None = None,
                   num_kv_heads: int | None = None) -> Any:
-    """The config of a random-weight model of ``family`` (``size``: tiny | mid; see :func:`random_text_sizes`)."""
-    if size not in ("tiny", "mid"):
-        raise ValueError(f"random model size {size!r} unknown; choose one of ['mid', 'tiny']")
+    """The config of a random-weight model of ``family`` (``size``: tiny | mid | 7b; see :func:`random_text_sizes`
+    and :data:`SEVEN_B_CONFIGS`)."""
+    if size not in ("tiny", "mid", "7b"):
+        raise ValueError(f"random model size {size!r} unknown; choose one of ['7b', 'mid', 'tiny']")
+    if size == "7b":
+        if family not in SEVEN_B_CONFIGS:
+            raise ValueError(f"random model size '7b' is given for {sorted(SEVEN_B_CONFIGS)} only, not {family!r}")
+        return SEVEN_B_CONFIGS[family](num_layers, num_kv_heads)
     return RANDOM_CONFIGS.get(family)(size, num_layers, num_kv_heads)
 
 
 def random_model(family: str, size: str = "tiny", num_layers: int | None = None, num_kv_heads: int | None = None,
-                 attn_implementation: str = "sdpa", seed: int = 0, vision_layers: int | None = None) -> nn.Module:
+                 attn_implementation: str = "sdpa", seed: int = 0, vision_layers: int | None = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """A random-weight model of ``family`` ready for tests: eval mode, the attention backend set, greedy
-    decoding that never stops early. ``vision_layers``: a vision tower of that depth (merging inside it)."""
+    decoding that never stops early. ``vision_layers``: a vision tower of that depth (merging inside it).
+    ``device`` / ``dtype``: built there directly, its weights initialised in that dtype (a 7B model on a GPU in
+    seconds, never in float32 on the CPU first)."""
     torch.manual_seed(seed)
     config = random_config(family, size, num_layers, num_kv_heads)
     if vision_layers is not None:
         config.vision_config.num_hidden_layers = vision_layers
-    model = FAMILIES.get(family_of_configuration(family)).model_type()(config)
+    model_class = FAMILIES.get(family_of_configuration(family)).model_type()
+    if device is None and dtype is None:
+        model = model_class(config)
+    else:
+        with torch.device(device or "cpu"):
+            model = model_class._from_config(config, dtype=dtype or torch.float32)
     model.config._attn_implementation = attn_implementation
     model.set_attn_implementation(attn_implementation)
     model.eval()
@@ -120,6 +135,41 @@ def left_pad(rows: Sequence[torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
 
 def _side(size: int | Sequence[int]) -> int:
     return size[0] if isinstance(size, (list, tuple)) else size
+
+
+# ---- the released 7B models' shapes (random weights) ------------------------------------------------------------
+def llava15_7b_config(num_layers: int | None, num_kv_heads: int | None) -> Any:
+    """LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24 layers, width 1024; features of the 23rd: 576 image tokens), a
+    2-layer GELU MLP projector and Vicuna-7B (LLaMA-7B: 32 layers, hidden 4096, MLP 11008, 32 heads)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=num_layers or 32, num_attention_heads=32,
+                       num_key_value_heads=num_kv_heads or 32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=3, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
+def qwen2_vl_7b_config(num_layers: int | None, num_kv_heads: int | None) -> Any:
+    """Qwen2-VL-7B: a 32-layer ViT (width 1280, patch 14, 2x2 merge: a 672-px image gives 576 tokens) and a Qwen2
+    LLM (28 layers, hidden 3584, MLP 18944, 28 query / 4 key-value heads, 3-D rotary sections 16 / 24 / 24)."""
+    from transformers import Qwen2VLConfig
+
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=num_layers or 28,
+                num_attention_heads=28, num_key_value_heads=num_kv_heads or 4, max_position_embeddings=32768,
+                rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=3, video_token_id=4,
+                         vision_start_token_id=5, vision_end_token_id=6)
+
+
+SEVEN_B_CONFIGS: dict[str, Callable[[int | None, int | None], Any]] = {
+    "llava15": llava15_7b_config, "qwen2_vl": qwen2_vl_7b_config}
 
 
 # ---- per family ---------------------------------------------------------------------------------------------
