@@ -67,7 +67,9 @@ class EvalConfig:
 class TrainerConfig:
     devices: int = 1  # data-parallel processes (DDP; gloo on CPU): each combination's samples split across them
     accelerator: str = "auto"  # Lightning's: auto | cpu | gpu
-    num_nodes: int = 1  # machines, each running `devices` processes (Lightning's multi-node DDP; torchrun or SLURM)
+    # machines, each running `devices` processes (Lightning's multi-node DDP, started by torchrun or SLURM);
+    # null: the launcher's count (1 without one)
+    num_nodes: int | None = None
 
 
 @dataclass

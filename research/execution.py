@@ -206,7 +206,7 @@ def predict_combination(experiment: Experiment, combo: Combination, adapter: Any
     reports.append(JsonlPredictionWriter(predictions, task.scoring))  # last: only a finished combination replaces it
     report = RankZeroReport(reports)
     trainer = L.Trainer(
-        **trainer_options(trainer_settings.devices, trainer_settings.accelerator),
+        **trainer_options(trainer_settings.devices, trainer_settings.accelerator, trainer_settings.num_nodes),
         logger=run_logger(output.directory, combo, task.folder), callbacks=[report, labelled_progress_bar(label)],
         enable_checkpointing=False, enable_model_summary=False,
     )

@@ -86,8 +86,10 @@ class ClipText:
 
     @torch.no_grad()
     def embed_patches(self, states: Tensor) -> Tensor:
-        """[B, V, E] unit-norm CLIP patch embeddings from vision-tower last hidden states [B, V, Dv]."""
+        """[B, V, E] unit-norm CLIP patch embeddings from vision-tower last hidden states [B, V, Dv] (cast to the
+        CLIP model's dtype: a bf16 / fp16 VLM hands its states in its own)."""
         vision = self.model.vision_model
+        states = states.to(self.model.visual_projection.weight.dtype)
         return F.normalize(self.model.visual_projection(vision.post_layernorm(states)), dim=-1)
 
 

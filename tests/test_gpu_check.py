@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from research import gpu_check
 from research.bench import interleaved_times
 from research.gpu_check import BUDGETS, LLM_SCORERS, PRUNED, Budget, main
 from research.models.testing import random_config, random_inputs, random_model
@@ -107,3 +108,15 @@ def test_cuda_without_a_device_is_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--device", "cuda", "--out", str(tmp_path)])
     assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_prefill_variant_runs_on_a_bf16_model(tmp_path):
+    """The GPU check times bf16 / fp16 models: every scorer must run on one (atp's fp32 CLIP once failed on a bf16
+    VLM's patch states: "expected m1 and m2 to have the same dtype")."""
+    device = torch.device("cpu")
+    setup = gpu_check.model_setup("llava15", "tiny", device, torch.bfloat16, tmp_path)
+    inputs = gpu_check.check_inputs(setup.model, "llava15", "tiny", 1, device, torch.bfloat16)
+    variants, _ = gpu_check.prefill_variants(setup, inputs, {})
+    runnable, failed = gpu_check.runnable(variants)
+    assert failed == {} and {"atp@64", "text_prior@64", "vanilla"} <= set(runnable)
