@@ -94,7 +94,8 @@ def test_two_processes_give_the_single_process_summary_and_each_sample_once(micr
         assert [r["index"] for r in rows] == list(range(7)), name  # each sample exactly once, in order
         assert [r["prediction"] for r in rows] == [r["prediction"] for r in single[name]], name
     vanilla = tmp_path / "two" / "main_table" / "tensorboard" / "vanilla"
-    assert len(list(vanilla.glob("events.out.tfevents.*"))) == 1  # one writer: rank 0's
+    files = [p.name for p in vanilla.glob("events.out.tfevents.*")]  # one writer, rank 0's: its run and, from the
+    assert sorted(f.endswith(".statistics") for f in files) == [False, True]  # summary, the run's statistics
 
 
 @pytest.mark.slow
