@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from research.config import ConfigError, load_config
-from research.report.statistics import BootstrapSettings, compare, holm, mcnemar_p, mean_units
 from research.run import run
+from research.statistics import BootstrapSettings, compare, holm, mcnemar_p, mean_units
 
 FAST = ["data.limit=40", "eval.batch_size=40", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=0",
         "eval.analysis_samples=0", "eval.bootstrap=999"]

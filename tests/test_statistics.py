@@ -1,4 +1,4 @@
-"""Paired intervals and tests (research.report.statistics) on synthetic scores with known answers, and every
+"""Paired intervals and tests (research.statistics) on synthetic scores with known answers, and every
 benchmark's units (what the bootstrap resamples) giving exactly the metric the benchmark reports."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from scipy import stats
 from research.data import DATASETS
 from research.data.benchmark import scoring_of
 from research.data.fixtures import WRITERS
-from research.report.statistics import (
+from research.statistics import (
     BootstrapSettings,
     compare,
     f1_units,

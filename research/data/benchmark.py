@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 import pyarrow.parquet as pq
 
 from research.data.snapshot import ImageColumn, ImageRef, SnapshotError, read_columns, shard_files, snapshot_folder
-from research.report.statistics import UnitScores, mean_units
+from research.statistics import UnitScores, mean_units
 
 DEFAULT_MAX_NEW_TOKENS = 3  # a dataset that does not say (shapes: one-word answers and </s>)
 # lmms-eval's stop strings for a task whose config names none: its ``fewshot_delimiter`` (``api/task.py``)
@@ -35,7 +35,7 @@ class Scoring(Protocol):
 
     def units(self, rows: Sequence[dict]) -> dict[str, UnitScores]:
         """The metrics of ``score()`` that have confidence intervals, each as its units (the headline first):
-        what :mod:`research.report.statistics` resamples."""
+        what :mod:`research.statistics` resamples."""
         ...
 
 

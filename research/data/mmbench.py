@@ -23,7 +23,7 @@ from research.data import DATASETS
 from research.data.benchmark import BenchmarkSample, SnapshotBenchmark
 from research.data.metrics import mmbench_letter, mmbench_scores
 from research.data.snapshot import ImageRef
-from research.report.statistics import UnitScores, mean_units
+from research.statistics import UnitScores, mean_units
 
 OPTION_KEYS = ("A", "B", "C", "D", "E")
 OPTIONS_HEADER = "There are several options:"

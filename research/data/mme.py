@@ -14,7 +14,7 @@ from research.data import DATASETS
 from research.data.benchmark import BenchmarkSample, SnapshotBenchmark, log_dropped
 from research.data.metrics import mme_correct, mme_scores
 from research.data.snapshot import ImageRef
-from research.report.statistics import UnitScores, stratified_sum_units
+from research.statistics import UnitScores, stratified_sum_units
 
 OWN_SUFFIX = " Please answer yes or no."
 

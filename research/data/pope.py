@@ -14,7 +14,7 @@ from research.data import DATASETS
 from research.data.benchmark import BenchmarkSample, SnapshotBenchmark
 from research.data.metrics import pope_scores
 from research.data.snapshot import ImageRef
-from research.report.statistics import UnitScores, f1_units, mean_units
+from research.statistics import UnitScores, f1_units, mean_units
 
 
 @DATASETS.register("pope")

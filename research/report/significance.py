@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from research.combination import Combination
-from research.report.statistics import (
+from research.statistics import (
     BootstrapSettings,
     Estimate,
     UnitScores,

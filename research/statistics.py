@@ -24,7 +24,6 @@ import numpy as np
 from scipy import stats
 
 Combine = Callable[[np.ndarray], np.ndarray]  # per-stratum means [..., S, k] -> the metric [...]
-METHODS = ("BCa", "percentile", "basic")
 
 
 @dataclass(frozen=True)
