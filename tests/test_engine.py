@@ -98,11 +98,10 @@ def test_full_budget_is_bitwise_vanilla(models, name, size):
     assert torch.equal(replayed, vanilla)
 
 
-@pytest.mark.parametrize("plan", [PLAN, INTERFACE_PLAN], ids=["layers-1-3", "interface"])
-@pytest.mark.parametrize("size", [1, 3])
-@pytest.mark.parametrize("name", ["sdpa", "eager", "gqa"])
-def test_pruned_forward_equals_masked_reference(models, name, size, plan):
-    model, inputs = models[name], batch(size)
+def pruned_and_masked_reference(model, inputs: dict, plan) -> tuple[torch.Tensor, torch.Tensor, object, torch.Tensor]:
+    """The pruned forward's logits ``[B, S_kept, V]``, the masked reference's at the same slots, the engine's record
+    and the kept slots that are not padding ``[B, S_kept]`` (``random`` for a plan before the LLM, ``text_prior``
+    otherwise); the plan's token counts checked on the way."""
     scorer = SCORERS.get("random" if plan is INTERFACE_PLAN else "text_prior")()
     pruned, engine = logits(model, inputs, {"scorer": scorer, "plan": plan})
     record = engine.last
@@ -113,6 +112,15 @@ def test_pruned_forward_equals_masked_reference(models, name, size, plan):
     reference = reference.gather(1, kept[:, :, None].expand(-1, -1, reference.shape[-1]))
     valid = inputs["attention_mask"].gather(1, kept).bool()
     assert pruned.shape == reference.shape
+    return pruned, reference, record, valid
+
+
+@pytest.mark.parametrize("plan", [PLAN, INTERFACE_PLAN], ids=["layers-1-3", "interface"])
+@pytest.mark.parametrize("size", [1, 3])
+@pytest.mark.parametrize("name", ["sdpa", "eager", "gqa"])
+def test_pruned_forward_equals_masked_reference(models, name, size, plan):
+    model, inputs = models[name], batch(size)
+    pruned, reference, record, valid = pruned_and_masked_reference(model, inputs, plan)
     torch.testing.assert_close(pruned[valid], reference[valid], atol=1e-4, rtol=0)
 
     # Negative control: renumbered (compact) positions are a different model and must not match.

@@ -30,9 +30,8 @@ from test_engine import (
     EmbeddingNorm,
     batch,
     greedy_with_cache,
-    kept_sequence,
     logits,
-    masked_reference,
+    pruned_and_masked_reference,
     recompute_without_cache,
 )
 from tiny import NUM_IMAGE_TOKENS, row, tiny_llava
@@ -79,17 +78,7 @@ def test_full_budget_is_bitwise_vanilla_on_the_gpu(half, size):
 @pytest.mark.parametrize("size", [1, 3])
 def test_pruned_forward_equals_masked_reference_on_the_gpu(half, size, plan):
     name, model = half
-    inputs = on_device(batch(size), DTYPES[name])
-    scorer = SCORERS.get("random" if plan is INTERFACE_PLAN else "text_prior")()
-    pruned, engine = logits(model, inputs, {"scorer": scorer, "plan": plan})
-    record = engine.last
-    assert record.tokens_per_layer == plan.tokens_per_layer(6, NUM_IMAGE_TOKENS)
-    kept = kept_sequence(inputs["input_ids"], record.kept[-1])
-    with masked_reference(model, inputs, record):
-        reference, _ = logits(model, inputs)
-    reference = reference.gather(1, kept[:, :, None].expand(-1, -1, reference.shape[-1]))
-    valid = inputs["attention_mask"].gather(1, kept).bool()
-    assert pruned.shape == reference.shape
+    pruned, reference, _, valid = pruned_and_masked_reference(model, on_device(batch(size), DTYPES[name]), plan)
     torch.testing.assert_close(pruned[valid].float(), reference[valid].float(), atol=PRUNED_ATOL[name], rtol=0)
 
 

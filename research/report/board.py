@@ -14,7 +14,6 @@ benchmarks), and the statistics it hands each combination's run.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from research.combination import Combination
 from research.report.runs import combination_hparams, remove_run, run_name
+from research.report.summary import cell, number
 
 STATISTICS_SUFFIX = ".statistics"
 # single-dataset summary columns written as each run's ``metrics/<column>`` (where a row has a number)
@@ -34,17 +34,6 @@ SHOWN_HPARAMS = ("combination", "scorer", "schedule")  # always among the column
 SHOWN_IF_DIFFERENT = ("budget", "layers")
 TABLE_TAG = "combinations"
 CURVES = {"tokens_per_layer": "tokens_per_layer", "dynamics/relevant_recall": "relevant_recall_per_layer"}
-
-
-def number(value: Any) -> float | None:
-    """``value`` as a finite float, or ``None`` ("" and missing columns, text, NaN)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value == "":
-        return None
-    try:
-        result = float(value)
-    except ValueError:
-        return None
-    return result if math.isfinite(result) else None
 
 
 def log_summary_run(out: Path, rows: list[dict], combos: list[Combination], results: dict[str, dict[str, dict]],
@@ -160,15 +149,6 @@ def experiment_summary(combos: list[Combination], metrics: list[str]) -> Any:
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=[hp.Metric(tag).as_proto() for tag in metrics],
                                     time_created_secs=time.time())
     return hparams_summary(EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
-
-
-def cell(value: Any, low: Any = None, high: Any = None) -> str:
-    """``0.514 [0.49, 0.54]``: a number with its interval where both bounds are known; text as it is."""
-    x = number(value)
-    if x is None:
-        return str(value if value is not None else "").replace("|", "\\|")
-    lo, hi = number(low), number(high)
-    return f"{x:.3g} [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else f"{x:.3g}"
 
 
 def status_cell(row: dict) -> str:

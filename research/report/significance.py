@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from research.combination import Combination
+from research.report.runs import combo_label
 from research.statistics import (
     BootstrapSettings,
     Estimate,
@@ -148,8 +149,8 @@ def add_statistics(rows: list[dict], combos: Sequence[Combination], results: dic
     per benchmark the metrics besides its headline that got intervals (e.g. POPE's ``f1``)."""
     names = {combo.name: combo for combo in combos}
     for row, combo in zip(rows, combos):
-        row["reference"] = display(names[combo.reference]) if combo.reference else ""
-        row["same_plan_as"] = display(names[combo.same_plan_as]) if combo.same_plan_as else ""
+        row["reference"] = combo_label(names[combo.reference]) if combo.reference else ""
+        row["same_plan_as"] = combo_label(names[combo.same_plan_as]) if combo.same_plan_as else ""
     if settings.resamples == 0:
         return {}
     units = {task.name: task_units(predictions, task, combos, results[task.name]) for task in tasks}
@@ -199,16 +200,6 @@ def _benchmark_row(row: dict, combo: Combination, tasks: Sequence[Task], units: 
         if not combo.is_vanilla and combo.name in task_units_ and "vanilla" in task_units_:
             pairs.append((task_units_[combo.name][headline], task_units_["vanilla"][headline]))
     _bounds(row, "avg_ratio", mean_ratio(pairs, settings) if len(pairs) == len(tasks) else None)
-
-
-def display(combo: Combination) -> str:
-    """How the summary names a combination: its label."""
-    label = getattr(combo, "label", "")
-    if label:
-        return label
-    if combo.is_vanilla:
-        return "vanilla"
-    return f"{combo.scorer_label} / {combo.schedule} / {combo.budget:g}"
 
 
 def seed_key(combo: Combination) -> tuple | None:

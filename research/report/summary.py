@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,9 +111,30 @@ def write_summary(out: Path, rows: list[dict], columns: list[str] | None = None,
 
 
 def with_interval(row: dict, metric: str) -> str:
-    """``0.514 [0.49, 0.538]`` (the value alone when it has no interval)."""
-    value, low, high = row.get(metric, ""), row.get(f"{metric}_ci_low", ""), row.get(f"{metric}_ci_high", "")
-    return f"{value} [{low:.4g}, {high:.4g}]" if value != "" and low != "" and high != "" else str(value)
+    """A row's ``metric`` with its interval: ``0.514 [0.49, 0.538]`` (see :func:`cell`)."""
+    return cell(row.get(metric, ""), row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high"))
+
+
+def number(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` ("" and missing columns, text, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or value == "":
+        return None
+    try:
+        result = float(value)
+    except ValueError:
+        return None
+    return result if math.isfinite(result) else None
+
+
+def cell(value: Any, low: Any = None, high: Any = None) -> str:
+    """A table cell (summary.md, TensorBoard's text table): a number to 4 significant digits with its interval
+    where both bounds are known (``0.514 [0.49, 0.54]``; MME's ``1865 [1820, 1903]``); text as it is, ``|``
+    escaped."""
+    x = number(value)
+    if x is None:
+        return str(value if value is not None else "").replace("|", "\\|")
+    lo, hi = number(low), number(high)
+    return f"{x:.4g} [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else f"{x:.4g}"
 
 
 def versus(row: dict, delta: str, p: str, significant: str, name: str = "") -> str:
