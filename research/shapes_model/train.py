@@ -378,9 +378,9 @@ def llava_batches(cfg: TrainConfig, tokenizer) -> SceneBatches:
 def train(cfg: TrainConfig, model_cfg: ShapesModelConfig | None = None, clip: CLIPModel | None = None):
     """Both phases from ``cfg.seed``; returns (clip, llava).
 
-    ``clip``: a CLIP pair already trained by phase 1, to run phase 2 alone (a recipe probe). Its LLaVA is
-    initialised right after seeding, whereas the full recipe's LLaVA is initialised after phase 1's draws,
-    so the two runs give different weights.
+    ``clip``: a CLIP pair already trained by phase 1, to run phase 2 alone. Phase 2 is re-seeded
+    (``cfg.seed + 1``) before its LLaVA is built, so on the CLIP that phase 1 of the same seed writes
+    (phase 1 is deterministic) it gives the full recipe's weights.
     """
     model_cfg = model_cfg or ShapesModelConfig()
     torch.set_num_threads(cfg.threads)
@@ -393,6 +393,7 @@ def train(cfg: TrainConfig, model_cfg: ShapesModelConfig | None = None, clip: CL
             SceneBatches(cfg.clip_batch, cfg.seed, 1, lambda s, rng: clip_batch(s, rng, tok)),
             cfg.clip_steps,
         )
+    L.seed_everything(cfg.seed + 1, verbose=False)  # phase 2 starts from the same state with or without phase 1
     llava = build_llava(model_cfg, clip)
     _fit(LlavaPhase(llava, cfg), llava_batches(cfg, tok), cfg.llava_steps)
     return clip.eval(), llava.eval()
