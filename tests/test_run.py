@@ -22,6 +22,7 @@ from tiny import TIMING_COLUMNS, plan
 
 from research.config import ConfigError, load_config
 from research.run import main, run
+from research.storage import weights_digest
 
 FAST = ["data.limit=6", "eval.batch_size=3", "eval.latency_samples=1", "eval.decode_tokens=2", "eval.overlays=1",
         "eval.analysis_samples=4"]
@@ -488,8 +489,9 @@ def test_a_damaged_calibration_cache_is_recomputed_with_a_warning(micro_model, e
 
     cfg = load_config(args(experiment, micro_model, tmp_path, "schedules=[{name: changepoint, samples: 4}]"))
     path = resolve(cfg).calibrations[0].cache_file
-    parts = [str(micro_model.resolve()).encode(), (micro_model / "config.json").read_bytes(), b"shapes", b"val", b"4"]
-    assert path.name == f"attention_shifts-{hashlib.sha256(b'|'.join(parts)).hexdigest()[:16]}.json"  # as before
+    parts = [str(micro_model.resolve()).encode(), (micro_model / "config.json").read_bytes(),
+             weights_digest(micro_model).encode(), b"shapes", b"val", b"4"]
+    assert path.name == f"attention_shifts-{hashlib.sha256(b'|'.join(parts)).hexdigest()[:16]}.json"
     path.parent.mkdir(parents=True)
     path.write_text("")  # a kill inside a non-atomic write
     [calibration] = resolve(cfg).calibrations
@@ -500,8 +502,6 @@ def test_a_damaged_calibration_cache_is_recomputed_with_a_warning(micro_model, e
 def test_the_weights_fingerprint_follows_the_weights_not_their_timestamps(micro_model, tmp_path):
     import os
 
-    from research.storage import weights_digest
-
     model = _copy_model(micro_model, tmp_path)
     before = weights_digest(model)
     os.utime(model / "model.safetensors", (0, 0))
@@ -510,6 +510,21 @@ def test_the_weights_fingerprint_follows_the_weights_not_their_timestamps(micro_
     data[-1] ^= 0xFF  # a retrained tensor
     (model / "model.safetensors").write_bytes(bytes(data))
     assert weights_digest(model) != before
+
+
+def test_a_retrain_in_place_is_calibrated_anew(micro_model, experiment, tmp_path):
+    """The shift histogram cached for a checkpoint is not reused once its weights change at the same path with the
+    same config.json (a stale histogram would give the changepoint schedule the old model's layers)."""
+    from research.experiment import resolve
+
+    model = _copy_model(micro_model, tmp_path)
+    cfg = load_config(args(experiment, model, tmp_path / "runs", "schedules=[{name: changepoint, samples: 4}]"))
+    before = resolve(cfg).calibrations[0].cache_file
+    assert resolve(cfg).calibrations[0].cache_file == before  # the same weights: the same cache
+    data = bytearray((model / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # a retrained tensor
+    (model / "model.safetensors").write_bytes(bytes(data))
+    assert resolve(cfg).calibrations[0].cache_file != before
 
 
 def _events(run_dir: Path) -> EventAccumulator:

@@ -24,6 +24,7 @@ from research.models.base import (
     vision_merging_refusal,
 )
 from research.registry import Registry
+from research.storage import weights_digest
 
 MODELS: Registry[Any] = Registry("model")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -59,10 +60,12 @@ class Checkpoint:
     layout: VisionLayout  # decoder layers, image tokens a budget is planned against
 
     def cache_key(self, *parts: str) -> str:
-        """A key for what is derived from this checkpoint and ``parts``: it follows the checkpoint's path and its
-        config.json (a shift histogram's cache, per dataset, split and N)."""
+        """A key for what is derived from this checkpoint and ``parts``: it follows the checkpoint's path, its
+        config.json and its weights (``weights_digest``: a retrain in place is a new key), for a shift histogram's
+        cache, per dataset, split and N."""
         config = (self.directory / "config.json").read_bytes()
-        return hashlib.sha256(b"|".join([str(self.directory.resolve()).encode(), config,
+        weights = weights_digest(self.directory).encode()
+        return hashlib.sha256(b"|".join([str(self.directory.resolve()).encode(), config, weights,
                                          *(part.encode() for part in parts)])).hexdigest()[:16]
 
 
