@@ -30,6 +30,34 @@ from research.shapes_model.vocab import build_processor
 # directory regenerates the measured sections above it and keeps the notes.
 NOTES = "<!-- Notes: written by hand, kept when research.train_offline_model rewrites this card. -->"
 KEEP_SETTINGS = {"oracle@25%": ("oracle", 0.25), "random@25%": ("random", 0.25), "random@10%": ("random", 0.10)}
+GROUNDING_BAR = (0.6, (1, 2, 3, 4), 2)  # text_prior recall >= 0.6 after at least 2 of layers 1-4
+
+
+def bars(metrics: dict) -> dict[str, dict]:
+    """The default model's bars (issue 30), each {"value", "bar", "met"}, from ``metrics.json``'s figures.
+
+    Vanilla >= 99% overall and >= 97% on every question type; oracle@25% loses <= 5 points; random@10% loses
+    >= 15 points (pruning must matter); text_prior keeping 36 of 144 after one layer recalls >= 0.6 of the
+    question's relevant patches after at least two of layers 1-4 (``research.shapes_model.grounding``).
+    """
+    vanilla = metrics["vanilla"]
+    lowest = min(QTYPES, key=lambda t: vanilla[t])
+    result = {
+        "vanilla overall": (vanilla["overall"], ">= 0.99", vanilla["overall"] >= 0.99),
+        f"vanilla lowest type ({lowest})": (vanilla[lowest], ">= 0.97", vanilla[lowest] >= 0.97),
+        "oracle@25% loss": (vanilla["overall"] - metrics["oracle@25%"]["overall"], "<= 0.05",
+                            vanilla["overall"] - metrics["oracle@25%"]["overall"] <= 0.05),
+        "random@10% loss": (vanilla["overall"] - metrics["random@10%"]["overall"], ">= 0.15",
+                            vanilla["overall"] - metrics["random@10%"]["overall"] >= 0.15),
+    }
+    if "grounding" in metrics:
+        threshold, layers, needed = GROUNDING_BAR
+        grounding = metrics["grounding"]
+        recall = dict(zip(grounding["layers"], grounding["text_prior"]["recall"]))  # layer -> recall
+        reached = [layer for layer in layers if recall.get(layer, 0.0) >= threshold]
+        result[f"text_prior recall >= {threshold} after layers {layers[0]}-{layers[-1]}"] = (
+            len(reached), f">= {needed} layers", len(reached) >= needed)
+    return {name: {"value": value, "bar": bar, "met": bool(met)} for name, (value, bar, met) in result.items()}
 
 
 def evaluate(path: Path, split: str = "test", limit: int | None = None) -> dict:
@@ -106,6 +134,15 @@ def model_card(cfg: TrainConfig, model_cfg: ShapesModelConfig, metrics: dict, mi
         "Oracle: the object patches of the cells the answer depends on (every object for negative answers),",
         "topped up with other object patches. Random: uniform per sample (seeded).",
     ]
+    lines += [
+        "",
+        "## Bars",
+        "",
+        "| bar | value | required | met |",
+        "|---|---|---|---|",
+        *[f"| {name} | {row['value']:.4g} | {row['bar']} | {'yes' if row['met'] else 'no'} |"
+          for name, row in bars(metrics).items()],
+    ]
     if "grounding" in metrics:
         grounding = metrics["grounding"]
         lines += [
@@ -139,10 +176,12 @@ def run(
     metrics = evaluate(out, limit=eval_limit)
     metrics["grounding"] = measure(out)
     metrics["train_minutes"] = minutes
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     command = "python -m research.train_offline_model" + (f" --seed {cfg.seed}" if cfg.seed else "")
     if clip_path:
         command += f" --clip {clip_path}  # phase 2 only: minutes exclude phase 1"
+    metrics["recipe"] = {"command": command, **asdict(cfg)}
+    metrics["bars"] = bars(metrics)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     card_path = out / "MODEL_CARD.md"
     previous = card_path.read_text() if card_path.exists() else ""
     notes = previous[previous.index(NOTES):] if NOTES in previous else ""
@@ -160,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     out, limit, clip = args.pop("out"), args.pop("eval_limit"), args.pop("clip")
     metrics = run(TrainConfig(**args), out, eval_limit=limit, clip_path=clip)
-    print(json.dumps({k: metrics[k] for k in ("vanilla", *KEEP_SETTINGS, "train_minutes")}, indent=2))
+    print(json.dumps({k: metrics[k] for k in ("vanilla", *KEEP_SETTINGS, "train_minutes", "bars")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ def test_micro_training_runs_the_shipped_recipe(tmp_path):
     assert all(0 <= v <= 1 for v in metrics["vanilla"].values())
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["samples"] == 10
+    assert saved["recipe"]["command"] == "python -m research.train_offline_model" and saved["recipe"]["seed"] == 0
+    assert len(saved["bars"]) == 5 and "## Bars" in (tmp_path / "MODEL_CARD.md").read_text()
     assert (tmp_path / "MODEL_CARD.md").read_text().startswith("# shapes-llava")
     adapter, _ = load_model("shapes", str(tmp_path))
     from transformers import AutoModel
@@ -62,6 +64,29 @@ def test_phase_two_alone_keeps_the_given_clip_and_the_cards_notes(tmp_path):
     text = card.read_text()
     assert text.startswith("# shapes-llava") and "--clip" in text and text.endswith(notes)
     assert "an older card" not in text
+
+
+def test_each_bar_of_the_default_model_flips_at_its_threshold():
+    from research.data.shapes import QTYPES
+    from research.train_offline_model import bars
+
+    def metrics(vanilla=0.995, lowest=0.98, oracle=0.96, random10=0.80, recall=(0.3, 0.6, 0.59, 0.61, 0.2, 0.1, 0.1)):
+        types = {t: 1.0 for t in QTYPES} | {"count": lowest}
+        return {"vanilla": {"overall": vanilla, **types}, "oracle@25%": {"overall": oracle},
+                "random@10%": {"overall": random10},
+                "grounding": {"layers": list(range(len(recall))), "text_prior": {"recall": list(recall)}}}
+
+    def met(m):
+        return [row["met"] for row in bars(m).values()]
+
+    assert met(metrics()) == [True] * 5  # recall >= 0.6 after layers 1 and 3
+    assert met(metrics(vanilla=0.985)) == [False, True, True, True, True]
+    assert met(metrics(lowest=0.965)) == [True, False, True, True, True]
+    assert met(metrics(oracle=0.94)) == [True, True, False, True, True]  # loses 5.5 points
+    assert met(metrics(random10=0.85)) == [True, True, True, False, True]  # loses 14.5 points
+    assert met(metrics(recall=(0.9, 0.6, 0.5, 0.5, 0.5, 0.9, 0.9))) == [True] * 4 + [False]  # only 1-4 count
+    assert met(metrics(recall=(0.9,))) == [True] * 4 + [False]  # a model without layers 1-4 does not meet it
+    assert bars(metrics())["vanilla lowest type (count)"]["value"] == 0.98
 
 
 def test_llava_batch_keeps_positions_and_the_needed_patches():
