@@ -62,11 +62,13 @@ class UnitScores:
     def metric(self, index: np.ndarray) -> np.ndarray:
         """The metric over the units ``index`` (``[..., m]``, global unit indices, each stratum's units
         together in the same places on every leading index) -> ``[...]``."""
-        values = self.values[index]  # [..., m, k]
+        # one 1-D take per column: ~6x faster than gathering rows of the [n, k] array on 9999 x 1200 resamples
+        columns = [np.take(self.values[:, j], index) for j in range(self.values.shape[1])]  # k x [..., m]
         if not self.strata.any():  # one stratum
-            return self.combine(values.mean(-2)[..., None, :])
+            return self.combine(np.stack([c.mean(-1) for c in columns], axis=-1)[..., None, :])  # [..., 1, k]
         strata = self.strata[index[(0,) * (index.ndim - 1)]]  # [m]: the same on every leading index
-        means = np.stack([values[..., strata == s, :].mean(-2) for s in np.unique(self.strata)], axis=-2)
+        means = np.stack([np.stack([c[..., strata == s].mean(-1) for c in columns], axis=-1)
+                          for s in np.unique(self.strata)], axis=-2)  # [..., S, k]
         return self.combine(means)
 
     def subset(self, ids: Sequence[str]) -> UnitScores:
