@@ -75,9 +75,9 @@ class TrainConfig:
     questions_per_image: int = 12
     dense_weight: float = 1.0  # dense targets through the LLM (LlavaPhase.dense_loss)
     drop_probability: float = 0.5  # share of sequences whose irrelevant image tokens are randomly dropped
-    # Grounding recipe (issue 16), off in the shipped model: see MODEL_CARD.md "Grounding recipe".
-    question_weight: float = 0.0  # language-modelling loss on the question words (LlavaPhase.training_step)
-    caption_weight: float = 0.0  # language-modelling loss on a scene caption branch (0 = no caption branch)
+    # Grounding recipe (issues 16, 30): see MODEL_CARD.md "Grounding recipe".
+    question_weight: float = 3.0  # language-modelling loss on the question words (LlavaPhase.training_step)
+    caption_weight: float = 1.0  # language-modelling loss on a scene caption branch (0 = no caption branch)
     warmup: int = 100
     threads: int = 2
 
