@@ -284,15 +284,10 @@ def tower_merge_variants(family: str, scorers: list[str], scoring: dict) -> dict
     pixels = inputs["pixel_values"]
 
     def prefill(variant: str, scorer: str | None, budget: int) -> Callable[[], object]:
-        def call() -> object:
-            with torch.no_grad():
-                if scorer is None:
-                    return model(**inputs, use_cache=False, logits_to_keep=1)
-                with PruningEngine(model, SCORERS.get(scorer)(), PruningPlan.of([-1], [budget])) as engine:
-                    model(**inputs, use_cache=False, logits_to_keep=1)
-                scoring.setdefault(variant, []).append(engine.last.scoring_seconds)
-
-        return call
+        if scorer is None:
+            return prefill_call(model, inputs)
+        return prefill_call(model, inputs, SCORERS.get(scorer)(), PruningPlan.of([-1], [budget]),
+                            lambda last: scoring.setdefault(variant, []).append(last.scoring_seconds))
 
     def tower(scorer: str | None, budget: int) -> Callable[[], object]:
         def call() -> object:
@@ -400,13 +395,15 @@ def interface_section(family: str = "llava15", image_tokens: Sequence[int] | Non
         for model in models:
             inputs = bench_inputs(model, family)
             count = int((inputs["input_ids"] == model.config.image_token_id).sum())
-            variants[count, "vanilla"] = interface_prefill(model, inputs)
+            variants[count, "vanilla"] = prefill_call(model, inputs)
             for budget in BUDGETS:
                 for name in (n for n in interface_scorers() if n not in refused):
                     variant = (count, f"{name}@{budget}")
                     keep[variant], scoring[variant] = round(budget * count / BASE_IMAGE_TOKENS), []
-                    variants[variant] = interface_prefill(model, inputs, make_scorer(name, clip),
-                                                          PruningPlan.of([-1], [keep[variant]]), scoring[variant])
+                    record = scoring[variant].append
+                    variants[variant] = prefill_call(model, inputs, make_scorer(name, clip),
+                                                     PruningPlan.of([-1], [keep[variant]]),
+                                                     lambda last, record=record: record(last.scoring_seconds))
         skipped = dict(refused)
         for variant, fn in list(variants.items()):  # warm-up
             try:
@@ -420,16 +417,19 @@ def interface_section(family: str = "llava15", image_tokens: Sequence[int] | Non
     return interface_summary(times, scoring, keep) | {"skipped": skipped}
 
 
-def interface_prefill(model: nn.Module, inputs: dict, scorer: object | None = None, plan: PruningPlan | None = None,
-                      scoring: list[float] | None = None) -> Callable[[], object]:
-    """One prefill, vanilla or with ``scorer`` pruning by ``plan``; the engine's scoring seconds go to ``scoring``."""
+def prefill_call(model: nn.Module, inputs: dict, scorer: object | None = None, plan: PruningPlan | None = None,
+                 record: Callable[[Any], None] | None = None) -> Callable[[], object]:
+    """One prefill (no cache, the last position's logits) as a call to time: vanilla when ``scorer`` is None, else
+    ``scorer`` pruning by ``plan``, then ``record(engine.last)`` (e.g. to keep its scoring or hook seconds)."""
     def call() -> object:
         with torch.no_grad():
             if scorer is None:
                 return model(**inputs, use_cache=False, logits_to_keep=1)
             with PruningEngine(model, scorer, plan) as engine:
-                model(**inputs, use_cache=False, logits_to_keep=1)
-            scoring.append(engine.last.scoring_seconds)
+                out = model(**inputs, use_cache=False, logits_to_keep=1)
+            if record is not None:
+                record(engine.last)
+            return out
 
     return call
 

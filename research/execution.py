@@ -16,7 +16,7 @@ from research.calibration import calibrate
 from research.combination import Combination
 from research.experiment import Experiment
 from research.output import SweepOutput
-from research.report.runs import combination_title, earlier_run, run_directory, run_logger, run_path
+from research.report.runs import combo_label, earlier_run, run_directory, run_logger, run_path
 from research.report.significance import (
     add_seed_spread,
     add_statistics,
@@ -106,7 +106,7 @@ class Sweep:
         for index, combo in enumerate(combos, 1):
             for task in self.tasks:
                 pair = (task.name, combo.name)
-                label = f"[{index}/{len(combos)}] {combination_title(combo)}" + (f" on {task.name}"
+                label = f"[{index}/{len(combos)}] {combo_label(combo)}" + (f" on {task.name}"
                                                                                   if task.folder else "")
                 if combo.error:
                     self.running = run_directory(output.directory, combo, task.folder)
@@ -171,7 +171,7 @@ def run_combination(
     start = time.perf_counter()
     try:
         metrics = predict_combination(experiment, combo, adapter, processor, task, vanilla, output,
-                                      label or combination_title(combo))
+                                      label or combo_label(combo))
         return {**record, **metrics, "wall_seconds": time.perf_counter() - start, "status": "ok", "error": ""}
     except StopSweep:
         raise

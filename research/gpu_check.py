@@ -55,6 +55,7 @@ from research.bench import (
     interface_scorers,
     interleaved_times,
     make_scorer,
+    prefill_call,
     refused_scorers,
 )
 from research.models import adapter_for
@@ -217,37 +218,21 @@ class Setup:
         return PruningPlan.of([-1], [self.keep[budget]])
 
 
-def prefill(model: nn.Module, inputs: dict, scorer: object | None = None, plan: PruningPlan | None = None,
-            record: dict[str, list[float]] | None = None) -> Callable[[], object]:
-    """One prefill (no cache, the last position's logits), vanilla or pruned; the engine's hook seconds to
-    ``record["hook"]``."""
-    def call() -> object:
-        with torch.no_grad():
-            if plan is None:
-                return model(**inputs, use_cache=False, logits_to_keep=1)
-            with PruningEngine(model, scorer, plan) as engine:
-                out = model(**inputs, use_cache=False, logits_to_keep=1)
-            if record is not None:
-                record.setdefault("hook", []).append(engine.last.hook_seconds)
-            return out
-
-    return call
-
-
 def prefill_variants(setup: Setup, inputs: dict, record: dict) -> tuple[dict[str, Callable[[], object]], dict]:
     """Every prefill variant (name -> call) and, per pruned variant, the ceiling it is compared with."""
     model, adapter = setup.model, setup.adapter
     full = PruningPlan.of(setup.locations, [setup.num_vision] * len(setup.locations))
-    variants = {"vanilla": prefill(model, inputs),
-                "hooks_full_budget": prefill(model, inputs, SCORERS.get("text_prior")(), full, record)}
+    variants = {"vanilla": prefill_call(model, inputs),
+                "hooks_full_budget": prefill_call(model, inputs, SCORERS.get("text_prior")(), full,
+                                             lambda last: record.setdefault("hook", []).append(last.hook_seconds))}
     ceilings: dict[str, str] = {}
     for budget in BUDGETS:
         layers, interface = setup.layer_plan(budget), setup.interface_plan(budget)
         for name in LLM_SCORERS:
-            variants[f"{name}@{budget}"] = prefill(model, inputs, SCORERS.get(name)(), layers)
+            variants[f"{name}@{budget}"] = prefill_call(model, inputs, SCORERS.get(name)(), layers)
             ceilings[f"{name}@{budget}"] = f"ceiling@{budget}"
         for name in (n for n in interface_scorers() if n not in setup.refused):
-            variants[f"{name}@{budget}"] = prefill(model, inputs, make_scorer(name, setup.clip), interface)
+            variants[f"{name}@{budget}"] = prefill_call(model, inputs, make_scorer(name, setup.clip), interface)
             ceilings[f"{name}@{budget}"] = f"ceiling_before_llm@{budget}"
         for ceiling, plan in ((f"ceiling@{budget}", layers), (f"ceiling_before_llm@{budget}", interface)):
             per_layer = plan.tokens_per_layer(setup.num_layers, setup.num_vision)
@@ -347,8 +332,8 @@ def batch_section(setup: Setup, dtype: torch.dtype, batches: tuple[int, ...], re
     rows: dict[str, dict] = {}
     for batch in batches:
         inputs = check_inputs(setup.model, setup.family, setup.size, batch, setup.device, dtype)
-        variants = {"vanilla": prefill(setup.model, inputs),
-                    PRUNED: prefill(setup.model, inputs, SCORERS.get("text_prior")(), setup.layer_plan(64))}
+        variants = {"vanilla": prefill_call(setup.model, inputs),
+                    PRUNED: prefill_call(setup.model, inputs, SCORERS.get("text_prior")(), setup.layer_plan(64))}
         times = interleaved_times(variants, few(repetitions, setup.device), Clock(setup.device).time,
                                   warmup=WARMUP[setup.device.type])
         row = {name: {"ms_per_sample": 1000 * statistics.median(samples) / batch,

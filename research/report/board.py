@@ -21,7 +21,7 @@ from typing import Any
 
 from research.combination import Combination
 from research.report.runs import combination_hparams, remove_run, run_name
-from research.report.summary import cell, number
+from research.report.summary import cell, number, with_interval
 
 STATISTICS_SUFFIX = ".statistics"
 # single-dataset summary columns written as each run's ``metrics/<column>`` (where a row has a number)
@@ -171,8 +171,7 @@ def summary_table(rows: list[dict], labels: list[str]) -> str:
     header = ["combination", "accuracy", "ratio to vanilla", "delta vs vanilla", "p vs vanilla", "reference",
               "p vs reference", "same plan as", "status", "shift layers"]
     lines = [[
-        f"`{label}`", cell(row.get("accuracy"), row.get("accuracy_ci_low"), row.get("accuracy_ci_high")),
-        cell(row.get("accuracy_ratio"), row.get("accuracy_ratio_ci_low"), row.get("accuracy_ratio_ci_high")),
+        f"`{label}`", with_interval(row, "accuracy"), with_interval(row, "accuracy_ratio"),
         cell(row.get("delta_vs_vanilla"), row.get("delta_ci_low"), row.get("delta_ci_high")),
         cell(row.get("p_vs_vanilla", "")), cell(row.get("reference", "")), p_ref_cell(row),
         cell(row.get("same_plan_as", "")), status_cell(row), cell(row.get("shift_layers", "")),
@@ -188,10 +187,10 @@ def benchmark_table(rows: list[dict], labels: list[str], benchmarks: list[str]) 
     for label, row in zip(labels, rows):
         scores = []
         for name in benchmarks:
-            score = cell(row.get(name), row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high"))
+            score = with_interval(row, name)
             p = number(row.get(f"{name}_p_vs_vanilla"))
             scores.append(score + (f" (p {p:.3g})" if p is not None else ""))
-        average = cell(row.get("avg_ratio"), row.get("avg_ratio_ci_low"), row.get("avg_ratio_ci_high"))
+        average = with_interval(row, "avg_ratio")
         lines.append([f"`{label}`", *scores, average, status_cell(row)])
     return markdown(header, lines)
 

@@ -122,6 +122,13 @@ def _style(index: int) -> dict:
     return {"color": colours[index % 10], "marker": markers[index // 10 % len(markers)]}
 
 
+def _error_lengths(values: Sequence[float], bounds: Sequence[tuple[float, float] | None]) -> list[list[float]]:
+    """``[below, above]`` error-bar lengths of each value's interval (0 where it has none). An interval that leaves
+    its estimate out (a skewed bootstrap) is drawn from the estimate to its far bound."""
+    return [[max(0.0, v - b[0]) if b else 0.0 for v, b in zip(values, bounds)],
+            [max(0.0, b[1] - v) if b else 0.0 for v, b in zip(values, bounds)]]
+
+
 def _card_figure(height: float) -> Figure:
     """A figure as wide as a TensorBoard card, its text at least :data:`FONT` pt, laid out so nothing overlaps."""
     fig = Figure(figsize=(CARD_WIDTH, height), layout="constrained")
@@ -201,9 +208,9 @@ def _accuracy_curves(results: dict[str, Sequence[Point | tuple[float, float]]], 
         xs, ys = [p.x for p in pts], [p.y for p in pts]
         (line,) = ax.plot(xs, ys, label=name, **_style(index))
         known = [p for p in pts if p.low is not None and p.high is not None]
-        if known:  # an interval that leaves its estimate out (a skewed bootstrap) is drawn to its far bound
+        if known:
             ax.errorbar([p.x for p in known], [p.y for p in known], fmt="none", capsize=3, color=line.get_color(),
-                        yerr=[[max(0.0, p.y - p.low) for p in known], [max(0.0, p.high - p.y) for p in known]])
+                        yerr=_error_lengths([p.y for p in known], [(p.low, p.high) for p in known]))
         same = [p for p in pts if p.same_as]
         if same:
             hollow = True
@@ -248,10 +255,7 @@ def accuracy_ratio_bars(ratios: dict[str, float], chance_ratio: float | None = N
     values = [ratios[k] for k in labels]
     errors = None
     if any(k in intervals for k in labels):  # a combination without an interval: no bar
-        # an interval that leaves its estimate out (a skewed bootstrap) is drawn from the estimate to its far bound
-        low = [max(0.0, v - intervals[k][0]) if k in intervals else 0.0 for k, v in zip(labels, values)]
-        high = [max(0.0, intervals[k][1] - v) if k in intervals else 0.0 for k, v in zip(labels, values)]
-        errors = [low, high]
+        errors = _error_lengths(values, [intervals.get(k) for k in labels])
     bars = ax.barh(np.arange(len(labels)), values, height=0.7, xerr=errors, capsize=3 if errors else 0)
     for bar, k in zip(bars, labels):
         if same_as.get(k):

@@ -15,13 +15,9 @@ from research.combination import Combination
 from research.report.labels import combination_labels, legacy_run_name
 
 
-def combination_title(combo: Combination) -> str:
-    """The combination's label (research.report.labels), as the progress bar and the terminal name it."""
-    return combo_label(combo)
-
-
 def combo_label(combo: Combination) -> str:
-    """``combo.label`` (set by plan_sweep), or the label it has alone when it was built by hand."""
+    """The combination's label (research.report.labels) as the progress bar, the terminal and the summary name it:
+    ``combo.label`` (set by plan_sweep), or the label it has alone when it was built by hand."""
     return combo.label or combination_labels([combo])[combo.name]
 
 
